@@ -1,0 +1,262 @@
+"""``opus.toml``: one typed, frozen settings object with one parser (SPEC §6)."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+from .lifecycle import Stage
+from .models import Priority
+
+ALL_EVENTS = ("review", "done", "failed", "blocked", "recovered", "stuck", "budget")
+AGENT_KINDS = ("command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+PositiveFloat = Annotated[float, Field(gt=0)]
+
+
+class VaultSection(_Section):
+    planned: str = "10_features/03_planned"
+    dashboard: str = "00_system/opus-dashboard.md"
+
+
+class StateSection(_Section):
+    dir: str = ".opus"
+    keep_days: int = Field(default=30, ge=0)
+
+
+class RepoSection(_Section):
+    path: Path
+    base: str = "main"
+    branch_prefix: str = "opus/"
+
+
+class PollingSection(_Section):
+    watch: bool = True
+    active: PositiveFloat = 30
+    idle_max: PositiveFloat = 300
+    backoff: float = Field(default=2.0, ge=1.0)
+    debounce_ms: int = Field(default=250, ge=0)
+
+
+class PipelineSection(_Section):
+    max_iterations: int = Field(default=3, ge=1)
+    concurrency: int = Field(default=3, ge=1)
+    stage_timeout: PositiveFloat = 1800
+    stall_timeout: PositiveFloat = 600
+    retries: int = Field(default=2, ge=0)
+    preempt: bool = True
+
+
+class AgentSection(_Section):
+    kind: Literal["command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python"]
+    command: str | list[str] | None = None
+    args: list[str] = Field(default_factory=list)
+    stdin: bool = True
+    env: dict[str, str] = Field(default_factory=dict)
+    env_passthrough: list[str] = Field(default_factory=list)
+    timeout: PositiveFloat | None = None
+    model: str | None = None
+    base_url: str | None = None
+    api_key_env: str | None = None
+    temperature: float | None = None
+    max_tokens: int | None = Field(default=None, gt=0)
+    price_in_per_mtok: float | None = Field(default=None, ge=0)
+    price_out_per_mtok: float | None = Field(default=None, ge=0)
+    callable: str | None = None
+
+    @model_validator(mode="after")
+    def _needs(self) -> AgentSection:
+        if self.kind == "command" and not self.command:
+            raise ValueError("kind = 'command' needs `command`")
+        if self.kind == "python" and not self.callable:
+            raise ValueError("kind = 'python' needs `callable` ('package.module:function')")
+        if self.kind == "python" and self.callable and ":" not in self.callable:
+            raise ValueError("`callable` must look like 'package.module:function'")
+        if self.kind == "openai" and not self.model:
+            raise ValueError("kind = 'openai' needs `model`")
+        return self
+
+
+class AgentsSection(_Section):
+    planner: AgentSection = AgentSection(kind="claude")
+    coder: AgentSection = AgentSection(kind="claude")
+    tester: AgentSection = AgentSection(kind="command", command="python -m pytest -q")
+    reviewer: AgentSection = AgentSection(kind="claude")
+
+    def for_stage(self, stage: Stage) -> AgentSection:
+        section: AgentSection = getattr(self, stage.value)
+        return section
+
+
+class ApprovalSection(_Section):
+    mode: Literal["manual", "auto"] = "manual"
+    auto_priorities: list[Priority] = Field(default_factory=list)
+    min_confidence: int = Field(default=90, ge=0, le=100)
+
+    @field_validator("auto_priorities", mode="before")
+    @classmethod
+    def _priorities(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [Priority.parse(v) for v in value]
+        return value
+
+
+class DeliverySection(_Section):
+    kind: Literal["local", "github"] = "local"
+    repository: str | None = None
+    remote: str = "origin"
+    token_env: str = "GITHUB_TOKEN"
+    api_url: str = "https://api.github.com"
+
+    @model_validator(mode="after")
+    def _needs(self) -> DeliverySection:
+        if self.kind == "github" and (not self.repository or "/" not in self.repository):
+            raise ValueError("kind = 'github' needs `repository = \"owner/name\"`")
+        return self
+
+
+class NotifySection(_Section):
+    kind: Literal["log", "desktop", "webhook", "command"] = "log"
+    events: list[Literal["review", "done", "failed", "blocked", "recovered", "stuck", "budget"]] = (
+        Field(default_factory=lambda: list(ALL_EVENTS))
+    )
+    url: str | None = None
+    format: Literal["json", "slack", "ntfy"] = "json"
+    command: str | list[str] | None = None
+    timeout: PositiveFloat = 10
+
+    @model_validator(mode="after")
+    def _needs(self) -> NotifySection:
+        if self.kind == "webhook" and not self.url:
+            raise ValueError("kind = 'webhook' needs `url`")
+        if self.kind == "command" and not self.command:
+            raise ValueError("kind = 'command' needs `command`")
+        return self
+
+
+class BudgetSection(_Section):
+    daily_usd: float = Field(default=0, ge=0)
+    monthly_usd: float = Field(default=0, ge=0)
+
+
+class ServiceSection(_Section):
+    shutdown_grace: float = Field(default=60, ge=0)
+
+
+class Config(_Section):
+    """The whole of ``opus.toml``. ``source`` is the file; paths resolve against its folder."""
+
+    source: Path
+    vault: VaultSection = VaultSection()
+    state: StateSection = StateSection()
+    repos: dict[str, RepoSection]
+    polling: PollingSection = PollingSection()
+    pipeline: PipelineSection = PipelineSection()
+    agents: AgentsSection = AgentsSection()
+    approval: ApprovalSection = ApprovalSection()
+    delivery: DeliverySection = DeliverySection()
+    notify: list[NotifySection] = Field(default_factory=lambda: [NotifySection()])
+    budget: BudgetSection = BudgetSection()
+    service: ServiceSection = ServiceSection()
+
+    @field_validator("repos")
+    @classmethod
+    def _one_repo(cls, value: dict[str, RepoSection]) -> dict[str, RepoSection]:
+        if not value:
+            raise ValueError("at least one [repos.NAME] table with a `path` is required")
+        return value
+
+    @property
+    def root(self) -> Path:
+        """The vault: the folder holding the config file."""
+        return self.source.parent
+
+    def resolve(self, path: str | Path) -> Path:
+        p = Path(path).expanduser()
+        return p if p.is_absolute() else (self.root / p)
+
+    @property
+    def planned_dir(self) -> Path:
+        return self.resolve(self.vault.planned)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.resolve(self.state.dir)
+
+    @property
+    def dashboard_path(self) -> Path | None:
+        return self.resolve(self.vault.dashboard) if self.vault.dashboard else None
+
+    @property
+    def default_repo(self) -> str:
+        return next(iter(self.repos))
+
+    def repo_path(self, name: str) -> Path:
+        return self.resolve(self.repos[name].path).resolve()
+
+    def secret_env_names(self) -> list[str]:
+        """Every environment variable a ``*_env`` key names (their values are secrets)."""
+        names = [self.delivery.token_env] if self.delivery.kind == "github" else []
+        for stage in Stage:
+            if stage is Stage.DELIVERY:
+                continue
+            key = self.agents.for_stage(stage).api_key_env
+            if key:
+                names.append(key)
+        return names
+
+    def secrets(self, environ: dict[str, str] | None = None) -> list[str]:
+        env = os.environ if environ is None else environ
+        return [env[n] for n in self.secret_env_names() if env.get(n)]
+
+
+def default_config_path() -> Path:
+    """``./opus.toml`` if it exists, else ``$OPUS_CONFIG``, else ``./opus.toml``."""
+    local = Path("opus.toml")
+    if local.exists():
+        return local
+    env = os.environ.get("OPUS_CONFIG")
+    return Path(env) if env else local
+
+
+def parse_config(data: dict[str, Any], source: Path) -> Config:
+    """Validate a parsed TOML document; a problem raises ConfigError naming key and file."""
+    try:
+        return Config.model_validate({**data, "source": source})
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(part) for part in err["loc"]) or None
+        message = err["msg"]
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "missing required value"
+        more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
+        raise ConfigError(message + more, key=key, file=source) from e
+
+
+def load_config(path: str | Path | None = None) -> Config:
+    """Read and validate ``opus.toml``. Raises ConfigError naming the key and the file."""
+    source = Path(path) if path is not None else default_config_path()
+    source = source.expanduser().absolute()
+    try:
+        text = source.read_text(encoding="utf-8")
+    except FileNotFoundError as e:
+        raise ConfigError("config file not found", file=source) from e
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"cannot read config: {e}", file=source) from e
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"invalid TOML: {e}", file=source) from e
+    return parse_config(data, source)
