@@ -1,0 +1,118 @@
+"""The liveness file ``health.json``: rewritten every tick, read by ``opus health``.
+
+Format (version 1)::
+
+    {"version": 1, "pid": 123, "started_at": "…", "last_tick": "…",
+     "running": [{…}, …], "queued": 2}
+
+Date-times are ISO 8601 strings, as given (aware or naive local time).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+__all__ = ("check_health", "write_health")
+
+VERSION = 1
+
+
+def write_health(
+    path: Path,
+    *,
+    pid: int,
+    started_at: datetime,
+    last_tick: datetime,
+    running: list[dict[str, Any]],
+    queued: int,
+) -> None:
+    """Atomically replace ``path`` with the service's liveness record (mode 0600)."""
+    record = {
+        "version": VERSION,
+        "pid": pid,
+        "started_at": started_at.isoformat(),
+        "last_tick": last_tick.isoformat(),
+        "running": running,
+        "queued": queued,
+    }
+    data = json.dumps(record, default=_default, separators=(",", ":")).encode()
+    _atomic_write(path, data + b"\n")
+
+
+def check_health(path: Path, *, now: datetime, max_age: float) -> tuple[bool, str]:
+    """Whether the service that writes ``path`` is alive and ticking, and a line saying why.
+
+    Healthy iff the file exists and parses, its pid is alive and ``now - last_tick <= max_age``.
+    """
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return False, f"no health file at {path}"
+    except OSError as e:
+        return False, f"cannot read health file {path}: {e.strerror or e}"
+    try:
+        record = json.loads(raw)
+        pid = record["pid"]
+        last_tick = datetime.fromisoformat(record["last_tick"])
+    except (ValueError, TypeError, KeyError) as e:
+        return False, f"health file {path} is unreadable: {type(e).__name__}: {e}"
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        return False, f"health file {path} holds no valid pid: {pid!r}"
+    if not _alive(pid):
+        return False, f"pid {pid} is not running"
+    age = max(0.0, _seconds_between(last_tick, now))
+    if age > max_age:
+        return False, f"last tick {age:.0f} s ago (limit {max_age:g} s)"
+    running = record.get("running")
+    count = len(running) if isinstance(running, list) else 0
+    return True, f"ok: pid {pid}, {count} running, last tick {age:.0f} s ago"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # it exists, it just is not ours
+    return True
+
+
+def _seconds_between(earlier: datetime, later: datetime) -> float:
+    """``later - earlier`` in seconds; a naive side counts as local time if the other is aware."""
+    if (earlier.tzinfo is None) != (later.tzinfo is None):
+        earlier, later = earlier.astimezone(), later.astimezone()
+    return (later - earlier).total_seconds()
+
+
+def _default(value: object) -> str:
+    return value.isoformat() if isinstance(value, datetime) else str(value)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file in the same folder, write, fsync, ``os.replace``, fsync the folder."""
+    folder = path.parent
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            os.fchmod(f.fileno(), 0o600)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            Path(tmp).unlink()
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
