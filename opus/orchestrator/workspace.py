@@ -1,0 +1,407 @@
+"""One target repository: job worktrees, commits, diffs, merges into the base, push.
+
+Every method blocks (GitPython runs ``git`` children); the caller runs them in threads.
+Every git failure is a ``WorkspaceError`` with one line — the command and git's first
+error line — chained to GitPython's error. Commits use the workspace's own identity and
+never a person's global git config; repository hooks are skipped (``--no-verify``): the
+pipeline's tester and reviewer are opus's gate. No token and no URL credentials ever
+reach a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import re
+import secrets
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import git
+from git.exc import CommandError, InvalidGitRepositoryError, NoSuchPathError
+
+from .errors import MergeConflict, WorkspaceError
+from .redact import Redactor
+
+__all__ = ("PUSH_TIMEOUT", "Created", "Workspace")
+
+log = logging.getLogger(__name__)
+
+PUSH_TIMEOUT = 300.0
+"""Seconds a ``git push`` may take before it is killed."""
+
+# Spare a maintenance child per command; keep a person's signing setup out of opus's commits.
+_QUIET = ("-c", "maintenance.auto=false", "-c", "gc.auto=0")
+_COMMIT = (*_QUIET, "-c", "commit.gpgsign=false")
+_ERROR_LINE = re.compile(r"^(fatal|error|CONFLICT|!)[: ]")
+_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
+_LOCKS: dict[str, threading.Lock] = {}
+_LOCKS_GUARD = threading.Lock()
+
+
+class Created(NamedTuple):
+    """A job's worktree: where it is, its branch, and the base commit it started from."""
+
+    path: Path
+    branch: str
+    base_commit: str
+
+
+class _Entry(NamedTuple):
+    path: str
+    branch: str | None  # "refs/heads/x"; None when detached or bare
+    bare: bool
+
+
+class Workspace:
+    """One target repository (bare or not) and its base branch. Constructing does no I/O."""
+
+    def __init__(
+        self,
+        repo_path: Path,
+        *,
+        base: str,
+        worktrees_dir: Path,
+        author: tuple[str, str] = ("opus", "opus@localhost"),
+    ) -> None:
+        self.repo_path = repo_path
+        self.base = base
+        self.worktrees_dir = worktrees_dir
+        self.author = author
+
+    # -- the repository ---------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Raise ``WorkspaceError`` unless the repository exists and has the base branch."""
+        try:
+            with git.Repo(self.repo_path):
+                pass
+        except (InvalidGitRepositoryError, NoSuchPathError) as e:
+            raise WorkspaceError(f"repository {self.repo_path}: not a git repository") from e
+        if not self._ok(
+            self.repo_path, "rev-parse", "-q", "--verify", f"{self._base_ref}^{{commit}}"
+        ):
+            raise WorkspaceError(f"base branch '{self.base}' not found in {self.repo_path}")
+
+    def base_commit(self) -> str:
+        """The commit the base branch points at."""
+        return self._git(self.repo_path, "rev-parse", "--verify", f"{self._base_ref}^{{commit}}")
+
+    def is_merged(self, branch: str) -> bool:
+        """Whether ``branch`` is an ancestor of the base (a branch equal to the base is)."""
+        ref = f"refs/heads/{branch}"
+        return self._ok(self.repo_path, "merge-base", "--is-ancestor", ref, self._base_ref)
+
+    def remote_url(self, remote: str) -> str | None:
+        """The URL of ``remote`` (may hold credentials: never log it), or None if there is none."""
+        status, out = self._call(self.repo_path, ["remote", "get-url", remote], ok=(0, 2))
+        url = _text(out).strip() if status == 0 else ""
+        return url or None
+
+    # -- worktrees --------------------------------------------------------------------------
+
+    def create(self, job_id: str, branch: str) -> Created:
+        """Add ``<worktrees_dir>/<job_id>`` on a new branch from the base.
+
+        A taken branch name gets the first free ``-2``, ``-3``, … suffix. A path that is
+        already this repository's worktree on ``branch`` (or a suffixed one) is returned
+        unchanged, with the branch's merge base as its base commit (a resumed job).
+        """
+        if not job_id or job_id in (".", "..") or "/" in job_id or os.sep in job_id:
+            raise WorkspaceError(f"invalid job id {job_id!r} for a worktree folder")
+        path = self.worktrees_dir.absolute() / job_id
+        with self._lock():
+            if path.exists() or path.is_symlink():
+                return self._existing(path, branch)
+            self._git(self.repo_path, "worktree", "prune")
+            chosen = self._free_branch(branch)
+            base = self.base_commit()
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
+        log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
+        return Created(path, chosen, base)
+
+    def remove(self, path: Path) -> None:
+        """Remove a job's worktree (uncommitted work included); its branch stays."""
+        with self._lock():
+            if path.exists():
+                self._git(self.repo_path, "worktree", "remove", "--force", str(path.absolute()))
+            self._git(self.repo_path, "worktree", "prune")
+        log.debug("removed worktree %s", path)
+
+    # -- inside a worktree ------------------------------------------------------------------
+
+    def head(self, path: Path) -> str:
+        """The worktree's HEAD commit."""
+        return self._git(path, "rev-parse", "--verify", "HEAD^{commit}")
+
+    def commit_all(self, path: Path, message: str, *, since: str) -> str | None:
+        """Stage everything and commit it if anything is staged.
+
+        Returns HEAD when it differs from ``since`` (opus's commit or the agent's own),
+        else None: nothing changed.
+        """
+        self._git(path, "add", "-A")
+        if not self._ok(path, "diff", "--cached", "--quiet"):
+            self._git(path, "commit", "-q", "--no-verify", "-m", message, opts=_COMMIT)
+        head = self.head(path)
+        return head if head != since else None
+
+    def reset(self, path: Path, commit: str) -> None:
+        """Discard work after ``commit``: ``reset --hard``, ``clean -fd`` (ignored files stay)."""
+        self._git(path, "reset", "-q", "--hard", commit)
+        self._git(path, "clean", "-q", "-fd")
+
+    def diff(self, path: Path, base_commit: str) -> str:
+        """Unified diff of the worktree's HEAD against ``base_commit``."""
+        _, out = self._call(path, ["diff", "--no-color", "--no-ext-diff", base_commit, "HEAD"])
+        return _text(out)
+
+    def diff_stat(self, path: Path, base_commit: str) -> str:
+        """``git diff --stat`` of HEAD against ``base_commit``."""
+        return self._git(path, "diff", "--no-color", "--stat", base_commit, "HEAD")
+
+    def changed_files(self, path: Path, base_commit: str) -> list[str]:
+        """Paths added, modified or deleted between ``base_commit`` and HEAD, sorted."""
+        _, out = self._call(
+            path, ["diff", "--name-only", "-z", "--no-renames", base_commit, "HEAD"]
+        )
+        return sorted(p for p in _text(out).split("\0") if p)
+
+    @staticmethod
+    def fingerprint(path: Path) -> tuple[int, int]:
+        """(entries, newest mtime_ns) under ``path``, ``.git`` skipped; (0, 0) if it is gone.
+
+        A cheap change detector for stall detection: no git, one scandir per folder.
+        """
+        try:
+            newest = path.stat().st_mtime_ns
+        except OSError:
+            return 0, 0
+        count = 0
+        stack = [os.fspath(path)]
+        while stack:
+            try:
+                with os.scandir(stack.pop()) as entries:
+                    for entry in entries:
+                        if entry.name == ".git":
+                            continue
+                        try:
+                            st = entry.stat(follow_symlinks=False)
+                            is_dir = entry.is_dir(follow_symlinks=False)
+                        except OSError:
+                            continue
+                        count += 1
+                        newest = max(newest, st.st_mtime_ns)
+                        if is_dir:
+                            stack.append(entry.path)
+            except OSError:
+                continue
+        return count, newest
+
+    # -- delivery ---------------------------------------------------------------------------
+
+    def merge(self, branch: str, message: str) -> str:
+        """Merge ``branch`` into the base (fast-forward, else a merge commit); return the new base.
+
+        Where the base is checked out, the merge runs there and that tree must be clean;
+        otherwise (or in a bare repository) it runs in a temporary detached worktree and
+        the base ref moves with a compare-and-swap ``update-ref``. A conflict aborts the
+        merge, leaves the base untouched and raises ``MergeConflict``.
+        """
+        with self._lock():
+            if not self._ok(self.repo_path, "rev-parse", "-q", "--verify", f"refs/heads/{branch}"):
+                raise WorkspaceError(f"branch '{branch}' not found in {self.repo_path}")
+            old = self.base_commit()
+            if self.is_merged(branch):
+                log.info("%s is already merged into %s", branch, self.base)
+                return old
+            checkout = self._checkout_of_base()
+            if checkout is not None:
+                new = self._merge_in_checkout(checkout, branch, message)
+            else:
+                new = self._merge_detached(old, branch, message)
+        log.info("merged %s into %s: %s → %s", branch, self.base, old[:12], new[:12])
+        return new
+
+    def push(self, path: Path, branch: str, remote: str, token: str | None) -> None:
+        """Push ``branch`` to ``remote``; a token travels in git's environment config only."""
+        env: dict[str, str] = {}
+        hidden: list[str] = []
+        if token:
+            basic = base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
+            env = {
+                "GIT_CONFIG_COUNT": "1",
+                "GIT_CONFIG_KEY_0": "http.extraheader",
+                "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}",
+            }
+            hidden = [token, basic]
+        refspec = f"refs/heads/{branch}:refs/heads/{branch}"
+        self._call(
+            path,
+            ["push", "--no-verify", remote, refspec],
+            env=env,
+            hidden=hidden,
+            timeout=PUSH_TIMEOUT,
+        )
+        log.info("pushed %s to %s", branch, remote)
+
+    # -- internals --------------------------------------------------------------------------
+
+    @property
+    def _base_ref(self) -> str:
+        return f"refs/heads/{self.base}"
+
+    def _lock(self) -> threading.Lock:
+        key = str(self.repo_path.absolute())
+        with _LOCKS_GUARD:
+            return _LOCKS.setdefault(key, threading.Lock())
+
+    def _existing(self, path: Path, branch: str) -> Created:
+        real = os.path.realpath(path)
+        entry = next((w for w in self._worktrees() if os.path.realpath(w.path) == real), None)
+        if entry is None:
+            raise WorkspaceError(f"{path} exists and is not a worktree of {self.repo_path}")
+        name = (entry.branch or "").removeprefix("refs/heads/")
+        if name != branch and not re.fullmatch(re.escape(branch) + r"-\d+", name):
+            raise WorkspaceError(f"worktree {path} is on {name or 'a detached HEAD'}, not {branch}")
+        base = self._git(path, "merge-base", self._base_ref, "HEAD")
+        log.debug("reusing worktree %s on branch %s", path, name)
+        return Created(path, name, base)
+
+    def _free_branch(self, branch: str) -> str:
+        taken = set(
+            self._git(self.repo_path, "for-each-ref", "--format=%(refname)", "refs/heads/").split()
+        )
+        name, n = branch, 1
+        while f"refs/heads/{name}" in taken:
+            n += 1
+            name = f"{branch}-{n}"
+        return name
+
+    def _worktrees(self) -> list[_Entry]:
+        entries: list[_Entry] = []
+        out = self._git(self.repo_path, "worktree", "list", "--porcelain")
+        for block in out.split("\n\n"):
+            fields: dict[str, str] = {}
+            for line in block.splitlines():
+                key, _, value = line.partition(" ")
+                fields[key] = value
+            if "worktree" in fields:
+                entries.append(_Entry(fields["worktree"], fields.get("branch"), "bare" in fields))
+        return entries
+
+    def _checkout_of_base(self) -> Path | None:
+        for entry in self._worktrees():
+            if entry.branch == self._base_ref and not entry.bare and Path(entry.path).is_dir():
+                return Path(entry.path)
+        return None
+
+    def _merge_in_checkout(self, tree: Path, branch: str, message: str) -> str:
+        if self._ok(tree, "rev-parse", "-q", "--verify", "MERGE_HEAD"):
+            raise WorkspaceError(f"cannot merge {branch}: a merge is in progress in {tree}")
+        if self._git(tree, "status", "--porcelain", "--untracked-files=no"):
+            raise WorkspaceError(
+                f"cannot merge {branch} into {self.base}: {tree} has uncommitted changes"
+            )
+        self._merge_here(tree, branch, message)
+        return self.head(tree)
+
+    def _merge_detached(self, old: str, branch: str, message: str) -> str:
+        tmp = self.worktrees_dir.absolute() / f".merge-{secrets.token_hex(4)}"
+        tmp.parent.mkdir(parents=True, exist_ok=True)
+        self._git(self.repo_path, "worktree", "add", "-q", "--detach", str(tmp), old)
+        try:
+            self._merge_here(tmp, branch, message)
+            new = self.head(tmp)
+        finally:
+            self._drop(tmp)
+        reason = f"opus: merge {branch}"
+        self._git(self.repo_path, "update-ref", "-m", reason, self._base_ref, new, old, opts=_QUIET)
+        return new
+
+    def _drop(self, tmp: Path) -> None:
+        """Remove a temporary worktree; a failure is logged, never raised over the real one."""
+        try:
+            self._git(self.repo_path, "worktree", "remove", "--force", str(tmp))
+        except WorkspaceError as e:
+            log.warning("could not remove temporary worktree %s: %s", tmp, e)
+
+    def _merge_here(self, tree: Path, branch: str, message: str) -> None:
+        args = ["merge", "-q", "--no-edit", "--no-verify", "--ff", "-m", message]
+        try:
+            self._git(tree, *args, f"refs/heads/{branch}", opts=_COMMIT)
+        except WorkspaceError as e:
+            if not self._ok(tree, "rev-parse", "-q", "--verify", "MERGE_HEAD"):
+                raise
+            _, out = self._call(tree, ["diff", "--name-only", "--diff-filter=U", "-z"])
+            paths = sorted(p for p in _text(out).split("\0") if p)
+            self._git(tree, "merge", "--abort")
+            raise MergeConflict(branch, self.base, paths) from e
+
+    def _env(self, extra: Mapping[str, str]) -> dict[str, str]:
+        name, email = self.author
+        return {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_AUTHOR_NAME": name,
+            "GIT_AUTHOR_EMAIL": email,
+            "GIT_COMMITTER_NAME": name,
+            "GIT_COMMITTER_EMAIL": email,
+            **extra,
+        }
+
+    def _git(self, cwd: Path, *args: str, opts: Sequence[str] = ()) -> str:
+        _, out = self._call(cwd, list(args), opts=opts)
+        return _text(out).rstrip("\n")
+
+    def _ok(self, cwd: Path, *args: str) -> bool:
+        """Run a yes/no command: exit 0 → True, 1 → False, anything else raises."""
+        status, _ = self._call(cwd, list(args), ok=(0, 1))
+        return status == 0
+
+    def _call(
+        self,
+        cwd: Path,
+        args: list[str],
+        *,
+        opts: Sequence[str] = (),
+        ok: Sequence[int] = (0,),
+        env: Mapping[str, str] | None = None,
+        hidden: Sequence[str] = (),
+        timeout: float | None = None,
+    ) -> tuple[int, bytes]:
+        command = ["git", "-C", os.fspath(cwd), *opts, *args]
+        try:
+            out = git.Git().execute(
+                command,
+                env=self._env(env or {}),
+                stdout_as_string=False,
+                strip_newline_in_stdout=False,
+                kill_after_timeout=timeout,
+            )
+        except CommandError as e:
+            if isinstance(e.status, int) and e.status in ok:
+                return e.status, b""
+            line = _first_error_line(e)
+            scrub = Redactor(hidden)
+            message = scrub(f"git {' '.join(args)} (in {cwd}): {line}")
+            message = _URL_CREDENTIALS.sub("***@", re.sub(r"\s+", " ", message))
+            raise WorkspaceError(message) from e
+        return 0, out
+
+
+def _text(out: bytes) -> str:
+    return out.decode("utf-8", errors="replace")
+
+
+def _first_error_line(e: CommandError) -> str:
+    """git's first error line (``fatal:``, ``error:``, ``! [rejected]``…), else its first line."""
+    if isinstance(e.status, Exception):
+        return f"{type(e.status).__name__}: {e.status}"
+    stderr = e.stderr.removeprefix("\n  stderr: '").removesuffix("'")
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    first = next((line for line in lines if _ERROR_LINE.match(line)), None)
+    return first or (lines[0] if lines else f"exit status {e.status}")
