@@ -1,0 +1,559 @@
+"""The job registry: ``registry.json``, job folders with artifacts and event logs, the archive.
+
+Layout under the state folder (SPEC §8)::
+
+    registry.json          {"version": 1, "jobs": [...]}: active and recent jobs
+    archive/YYYY-MM.jsonl  finished jobs older than keep_days, one JSON per line
+    jobs/<job_id>/         artifacts and events.jsonl (append-only)
+
+A checkpoint (:meth:`Registry.save`) is one fsynced append of the job's snapshot
+to its ``events.jsonl``, so its cost does not grow with history; ``registry.json``
+is rewritten atomically by :meth:`Registry.flush`, at most once per
+``flush_interval`` from ``save`` plus whenever the caller flushes. :meth:`open`
+replays the event logs written after the last flush, so a crash between a save
+and a flush loses nothing. Folders are 0700, files 0600.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import tempfile
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import date, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from .errors import RegistryError
+from .lifecycle import FINISHED, Status
+from .lock import cleanup_temp_files
+from .models import Job, Priority, slug
+
+__all__ = ("TEMP_PREFIX", "Registry", "atomic_write")
+
+logger = logging.getLogger(__name__)
+
+TEMP_PREFIX = ".opus-tmp-"
+"""Name prefix of every temp file the registry writes; removed by :meth:`Registry.open`."""
+VERSION = 1
+REGISTRY = "registry.json"
+EVENTS = "events.jsonl"
+ARCHIVED = "archived"
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+_STAMP = "%Y%m%dT%H%M%S"
+
+
+def _local_now() -> datetime:
+    return datetime.now().replace(microsecond=0)
+
+
+class Registry:
+    """Jobs of one state folder. Thread-safe; constructing does no I/O, :meth:`open` does.
+
+    ``jobs()``, ``get()`` and friends return the registry's own ``Job`` objects:
+    change one, then ``save()`` it.
+    """
+
+    def __init__(
+        self,
+        state_dir: Path,
+        *,
+        keep_days: int = 30,
+        now: Callable[[], datetime] = _local_now,
+        flush_interval: float = 1.0,
+    ) -> None:
+        self.state_dir = Path(state_dir)
+        self.keep_days = keep_days
+        self.flush_interval = flush_interval
+        self.repairs: list[str] = []
+        """What the last :meth:`open` repaired, one line each."""
+        self._now = now
+        self._lock = threading.Lock()
+        self._jobs: dict[str, Job] = {}
+        self._rows: dict[str, str] = {}  # id → compact JSON of the last saved snapshot
+        self._dirty = False
+        self._last_flush: datetime | None = None
+        self._open = False
+
+    @property
+    def registry_file(self) -> Path:
+        return self.state_dir / REGISTRY
+
+    @property
+    def jobs_dir(self) -> Path:
+        return self.state_dir / "jobs"
+
+    @property
+    def archive_dir(self) -> Path:
+        return self.state_dir / "archive"
+
+    # -- start-up -------------------------------------------------------------------------
+
+    def open(self) -> None:
+        """Create the folders, remove stale temp files, load and repair, then archive."""
+        with self._lock, _io(f"cannot open the registry in {self.state_dir}"):
+            self.repairs = []
+            for folder in (self.state_dir, self.jobs_dir, self.archive_dir):
+                _mkdir(folder)
+            for folder in (self.state_dir, self.archive_dir):
+                self._note_removed(cleanup_temp_files(folder, TEMP_PREFIX))
+            jobs, mtime = self._load()
+            changed = self._replay_logs(jobs, mtime)
+            ordered = sorted(jobs.values(), key=lambda j: _naive(j.created_at))
+            self._jobs = {j.id: j for j in ordered}
+            self._rows = {j.id: _dumps(j.model_dump(mode="json")) for j in ordered}
+            for job_id in self._jobs:
+                self._note_removed(cleanup_temp_files(self.jobs_dir / job_id, TEMP_PREFIX))
+            self._open = True
+            self._dirty = changed or mtime is None
+            now = self._now()
+            self._flush_locked(now)
+            self._last_flush = now
+        logger.info(
+            "registry %s: %d job(s), %d repair(s)",
+            self.state_dir,
+            len(self._jobs),
+            len(self.repairs),
+        )
+        self.archive()
+
+    def _load(self) -> tuple[dict[str, Job], int | None]:
+        """registry.json's jobs and mtime; a bad file is kept aside and ``({}, None)`` returned."""
+        path = self.registry_file
+        try:
+            with open(path, "rb") as f:
+                mtime = os.fstat(f.fileno()).st_mtime_ns
+                raw = f.read()
+        except FileNotFoundError:
+            return {}, None
+        try:
+            doc = json.loads(raw)
+            if not (isinstance(doc, dict) and doc.get("version") == VERSION):
+                raise ValueError(f'not {{"version": {VERSION}, "jobs": [...]}}')
+            rows = doc.get("jobs")
+            if not isinstance(rows, list):
+                raise ValueError('"jobs" is not a list')
+            jobs = [Job.model_validate(row) for row in rows]
+        except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, ValidationError
+            aside = _unique(path.with_name(f"{REGISTRY}.corrupt-{self._now():{_STAMP}}"))
+            os.replace(path, aside)
+            problem = str(e).splitlines()[0]
+            logger.warning(
+                "%s cannot be read (%s): kept it as %s, rebuilding from the event logs",
+                path,
+                problem,
+                aside.name,
+            )
+            self.repairs.append(f"{REGISTRY} unreadable ({problem}): kept as {aside.name}")
+            return {}, None
+        return {j.id: j for j in jobs}, mtime
+
+    def _replay_logs(self, jobs: dict[str, Job], mtime: int | None) -> bool:
+        """Apply the last snapshot of each event log newer than registry.json or unknown to it."""
+        changed = False
+        for entry in sorted(os.scandir(self.jobs_dir), key=lambda e: e.name):
+            if not entry.is_dir(follow_symlinks=False):
+                continue
+            log = Path(entry.path) / EVENTS
+            try:
+                log_mtime = log.stat().st_mtime_ns
+            except FileNotFoundError:
+                continue
+            if entry.name in jobs and mtime is not None and log_mtime < mtime:
+                continue
+            record = self._last_record(log)
+            if record is None:
+                continue
+            if record.get("event") == ARCHIVED:
+                if jobs.pop(entry.name, None) is not None:
+                    changed = True
+                    self.repairs.append(f"job {entry.name}: archived, dropped from {REGISTRY}")
+                continue
+            try:
+                job = Job.model_validate(record["job"])
+            except ValidationError as e:
+                logger.warning("%s: last snapshot is not a job (%s); skipped", log, e.errors()[0])
+                self.repairs.append(f"job {entry.name}: unreadable snapshot in {EVENTS}, skipped")
+                continue
+            if jobs.get(job.id) != job:
+                jobs[job.id] = job
+                changed = True
+                what = record.get("event")
+                self.repairs.append(f"job {job.id}: restored from {EVENTS} (last event {what})")
+        return changed
+
+    def _last_record(self, log: Path) -> dict[str, Any] | None:
+        """The last snapshot or archive marker in ``log``, cutting a torn last line first."""
+        fd = os.open(log, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                size = self._cut_torn(fd, log, size)
+            for line in _reverse_lines(fd, size):
+                record = _parse(line)
+                if record is not None and ("job" in record or record.get("event") == ARCHIVED):
+                    return record
+            return None
+        finally:
+            os.close(fd)
+
+    def _cut_torn(self, fd: int, path: Path, size: int) -> int:
+        """Move a last line without newline to ``<name>.torn-<time>``; return the new size."""
+        keep = _line_start(fd, size)
+        aside = _unique(path.with_name(f"{path.name}.torn-{self._now():{_STAMP}}"))
+        with open(aside, "xb", opener=_private_opener) as f:
+            f.write(os.pread(fd, size - keep, keep))
+            f.flush()
+            os.fsync(f.fileno())
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+        logger.warning(
+            "%s: cut a torn last line (%d bytes), kept as %s", path, size - keep, aside.name
+        )
+        self.repairs.append(f"{path.parent.name}/{path.name}: torn last line kept as {aside.name}")
+        return keep
+
+    def _note_removed(self, removed: list[Path]) -> None:
+        self.repairs.extend(f"removed stale temp file {p}" for p in removed)
+
+    # -- jobs -----------------------------------------------------------------------------
+
+    def create(
+        self,
+        *,
+        fr_id: str,
+        fr_path: str,
+        title: str,
+        priority: Priority,
+        repo: str,
+        branch: str,
+        status: Status = Status.QUEUED,
+    ) -> Job:
+        """A new job ``<YYYYmmdd-HHMMSS>-<fr-slug>-<4 hex>``, saved with event ``created``."""
+        now = self._now()
+        with self._lock:
+            while True:
+                job_id = f"{now:%Y%m%d-%H%M%S}-{slug(fr_id)}-{secrets.token_hex(2)}"
+                if job_id not in self._jobs and not (self.jobs_dir / job_id).exists():
+                    break
+        job = Job(
+            id=job_id,
+            fr_id=fr_id,
+            fr_path=fr_path,
+            title=title,
+            priority=priority,
+            status=status,
+            repo=repo,
+            branch=branch,
+            created_at=now,
+            updated_at=now,
+        )
+        self.save(job, "created")
+        return job
+
+    def save(self, job: Job, event: str, **data: Any) -> None:
+        """Stamp ``updated_at``, append ``{time, event, job, **data}`` to the job's log (fsync).
+
+        Rewrites registry.json only when the last flush is ``flush_interval`` old.
+        """
+        if "time" in data:
+            raise ValueError("'time' is reserved in an event")
+        with self._lock:
+            self._require_open()
+            now = self._now()
+            job.updated_at = now
+            row = _dumps(job.model_dump(mode="json"))
+            extra = "," + _dumps(data)[1:-1] if data else ""
+            line = (
+                f'{{"time":{_dumps(now.isoformat())},"event":{_dumps(event)},"job":{row}{extra}}}'
+            )
+            self._append_event(job.id, line)
+            self._jobs[job.id] = job
+            self._rows[job.id] = row
+            self._dirty = True
+            last = self._last_flush
+            if last is None or now < last or (now - last).total_seconds() >= self.flush_interval:
+                self._flush_locked(now)
+
+    def flush(self) -> bool:
+        """Rewrite registry.json atomically if anything changed; True if it was written."""
+        with self._lock:
+            self._require_open()
+            return self._flush_locked(self._now())
+
+    def _flush_locked(self, now: datetime) -> bool:
+        if not self._dirty:
+            return False
+        text = f'{{"version":{VERSION},"jobs":[' + ",".join(self._rows.values()) + "]}"
+        with _io(f"cannot write {self.registry_file}"):
+            atomic_write(self.registry_file, text.encode())
+        self._dirty = False
+        self._last_flush = now
+        return True
+
+    def _append_event(self, job_id: str, line: str) -> None:
+        folder = self.job_dir(job_id)
+        with _io(f"cannot append to {folder / EVENTS}"):
+            self._append(folder / EVENTS, (line + "\n").encode())
+
+    def _append(self, path: Path, data: bytes) -> None:
+        """One O_APPEND write + fsync; a torn last line left by a crash is cut off first."""
+        fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            size = os.fstat(fd).st_size
+            if size and os.pread(fd, 1, size - 1) != b"\n":
+                self._cut_torn(fd, path, size)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if size == 0:
+            _fsync_dir(path.parent)
+
+    def jobs(self) -> list[Job]:
+        """The live (not archived) jobs, in creation order."""
+        with self._lock:
+            return list(self._jobs.values())
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            return self._jobs.get(job_id)
+
+    def latest_for(self, fr_id: str) -> Job | None:
+        """The newest live job of that FR."""
+        with self._lock:
+            return next((j for j in reversed(self._jobs.values()) if j.fr_id == fr_id), None)
+
+    def active(self) -> list[Job]:
+        """Live jobs whose status is not in ``lifecycle.FINISHED``."""
+        with self._lock:
+            return [j for j in self._jobs.values() if j.status not in FINISHED]
+
+    # -- archive --------------------------------------------------------------------------
+
+    def archive(self) -> int:
+        """Move jobs finished more than ``keep_days`` ago to ``archive/YYYY-MM.jsonl``.
+
+        Order: archive line, then an ``archived`` marker in the job's log, then
+        registry.json; a crash in between duplicates a job, never loses it.
+        """
+        with self._lock:
+            self._require_open()
+            now = self._now()
+            cutoff = now - timedelta(days=self.keep_days)
+            months: dict[str, list[str]] = {}
+            for job in self._jobs.values():
+                ended = _naive(job.finished_at or job.updated_at)
+                if job.status in FINISHED and ended < cutoff:
+                    months.setdefault(f"{ended:%Y-%m}.jsonl", []).append(job.id)
+            if not months:
+                return 0
+            marker = f'{{"time":{_dumps(now.isoformat())},"event":"{ARCHIVED}","archive":'
+            for name, ids in months.items():
+                lines = "".join(self._rows[i] + "\n" for i in ids)
+                with _io(f"cannot append to {self.archive_dir / name}"):
+                    self._append(self.archive_dir / name, lines.encode())
+                for job_id in ids:
+                    self._append_event(job_id, marker + _dumps(f"archive/{name}") + "}")
+                    del self._jobs[job_id], self._rows[job_id]
+            self._dirty = True
+            self._flush_locked(now)
+            count = sum(len(ids) for ids in months.values())
+        logger.info("archived %d finished job(s)", count)
+        return count
+
+    def archived(self) -> Iterator[Job]:
+        """Every archived job, oldest month first, each id once."""
+        seen: set[str] = set()
+        for path in sorted(self.archive_dir.glob("[0-9][0-9][0-9][0-9]-[0-9][0-9].jsonl")):
+            with open(path, "rb") as f:
+                for line in f:
+                    record = _parse(line) if line.endswith(b"\n") else None
+                    if record is None:
+                        continue
+                    try:
+                        job = Job.model_validate(record)
+                    except ValidationError:
+                        logger.warning("%s: skipped a line that is not a job", path)
+                        continue
+                    if job.id not in seen:
+                        seen.add(job.id)
+                        yield job
+
+    # -- job folders ----------------------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        """``jobs/<job_id>/``, created (0700) if missing."""
+        folder = self.jobs_dir / _checked(job_id)
+        with _io(f"cannot create {folder}"):
+            _mkdir(folder)
+        return folder
+
+    def write_artifact(self, job_id: str, name: str, text: str) -> Path:
+        """Write ``jobs/<job_id>/<name>`` atomically (0600) and return its path."""
+        path = self.job_dir(job_id) / _checked_artifact(name)
+        with _io(f"cannot write {path}"):
+            atomic_write(path, text.encode())
+        return path
+
+    def read_artifact(self, job_id: str, name: str) -> str | None:
+        """The artifact's text, or None if it does not exist."""
+        path = self.jobs_dir / _checked(job_id) / _checked_artifact(name)
+        try:
+            return path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return None
+
+    def events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's complete event records, oldest first (unreadable lines skipped)."""
+        try:
+            raw = (self.jobs_dir / _checked(job_id) / EVENTS).read_bytes()
+        except FileNotFoundError:
+            return []
+        lines = raw.split(b"\n")[:-1]  # the last piece is "" or a line still being written
+        return [r for r in map(_parse, lines) if r is not None]
+
+    def _require_open(self) -> None:
+        if not self._open:
+            raise RegistryError(f"the registry in {self.state_dir} is not open (call open())")
+
+
+# -- file helpers -------------------------------------------------------------------------
+
+
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+    """Replace ``path`` with ``data``: temp file in its folder, fsync, os.replace, fsync folder."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
+    try:
+        try:
+            os.fchmod(fd, mode)
+            _write_all(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+
+
+@contextmanager
+def _io(what: str) -> Iterator[None]:
+    try:
+        yield
+    except OSError as e:
+        raise RegistryError(f"{what}: {e}") from e
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _mkdir(folder: Path) -> None:
+    try:
+        folder.mkdir(mode=0o700, parents=True)
+    except FileExistsError:
+        if not folder.is_dir():
+            raise
+    else:
+        _fsync_dir(folder.parent)
+    if folder.stat().st_mode & 0o777 != 0o700:
+        folder.chmod(0o700)
+
+
+def _private_opener(path: str, flags: int) -> int:
+    return os.open(path, flags | os.O_CLOEXEC, 0o600)
+
+
+def _unique(path: Path) -> Path:
+    candidate, n = path, 1
+    while candidate.exists():
+        candidate, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return candidate
+
+
+def _line_start(fd: int, end: int) -> int:
+    """Offset just after the last newline before ``end`` (0 if none)."""
+    pos = end
+    while pos > 0:
+        step = min(1 << 16, pos)
+        pos -= step
+        i = os.pread(fd, step, pos).rfind(b"\n")
+        if i >= 0:
+            return pos + i + 1
+    return 0
+
+
+def _reverse_lines(fd: int, end: int) -> Iterator[bytes]:
+    """The lines of the file's first ``end`` bytes (which end in a newline), last first."""
+    pos, tail, step = max(end - 1, 0), b"", 1 << 13
+    while True:
+        while (i := tail.rfind(b"\n")) >= 0:
+            yield tail[i + 1 :]
+            tail = tail[:i]
+        if pos == 0:
+            break
+        n = min(step, pos)
+        pos -= n
+        tail = os.pread(fd, n, pos) + tail
+        step = min(step * 2, 1 << 20)
+    if tail:
+        yield tail
+
+
+def _parse(line: bytes) -> dict[str, Any] | None:
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def _default(value: object) -> object:
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, set | frozenset):
+        return sorted(value, key=str)
+    raise TypeError(f"cannot store a {type(value).__name__} in an event")
+
+
+def _dumps(value: object) -> str:
+    return json.dumps(value, separators=(",", ":"), default=_default)
+
+
+def _naive(moment: datetime) -> datetime:
+    return moment.astimezone().replace(tzinfo=None) if moment.tzinfo else moment
+
+
+def _checked(job_id: str) -> str:
+    if not _NAME.fullmatch(job_id):
+        raise ValueError(f"not a job id: {job_id!r}")
+    return job_id
+
+
+def _checked_artifact(name: str) -> str:
+    if not _NAME.fullmatch(name) or name == EVENTS or name.startswith(f"{EVENTS}."):
+        raise ValueError(f"not an artifact name: {name!r}")
+    return name
