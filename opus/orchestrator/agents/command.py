@@ -1,0 +1,397 @@
+"""The ``command`` agent: any program, run under the supervisor per SPEC §5.1.
+
+Presets subclass :class:`CommandAgent` and override ``build_argv`` / ``stdin_for`` (how the
+CLI is invoked) and ``reply`` (how its output reads); the rules per stage live in ``parse``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+from pydantic import ValidationError
+
+from ..config import AgentSection
+from ..errors import AgentCrashed, AgentNotFound, AgentOutputError
+from ..lifecycle import Stage
+from ..models import Usage, Verdict
+from ..supervisor import ProcessResult, output_tail, run_process
+from .base import StageContext, StageResult
+from .environment import agent_env, opus_vars
+
+__all__ = (
+    "PLACEHOLDERS",
+    "CommandAgent",
+    "Reply",
+    "json_objects",
+    "parse_verdict",
+    "placeholder_values",
+    "priced_usage",
+    "split_command",
+    "substitute",
+    "worktree_fingerprint",
+)
+
+log = logging.getLogger(__name__)
+
+PLACEHOLDERS = ("prompt_file", "output_file", "worktree", "fr_file", "stage", "iteration", "job_id")
+_PLACEHOLDER = re.compile(r"\{(" + "|".join(PLACEHOLDERS) + r")\}")
+MAX_OUTPUT_FILE = 8 * 2**20
+"""Bytes of ``OPUS_OUTPUT_FILE`` read at most."""
+_SCAN_CHARS = 2**20
+_SCAN_CANDIDATES = 2000
+
+
+def split_command(command: str | Sequence[str] | None) -> list[str]:
+    """An argv from a ``command`` key: a list as is, a string split like a shell would."""
+    if command is None:
+        return []
+    return shlex.split(command) if isinstance(command, str) else list(command)
+
+
+def placeholder_values(ctx: StageContext) -> dict[str, str]:
+    return {
+        "prompt_file": str(ctx.prompt_file),
+        "output_file": str(ctx.output_file),
+        "worktree": str(ctx.worktree),
+        "fr_file": str(ctx.fr.path),
+        "stage": ctx.stage.value,
+        "iteration": str(ctx.iteration),
+        "job_id": ctx.job_id,
+    }
+
+
+def substitute(arg: str, values: Mapping[str, str]) -> str:
+    """Replace each ``{placeholder}`` of PLACEHOLDERS in ``arg``; other braces stay."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], arg)
+
+
+def worktree_fingerprint(root: Path) -> str:
+    """A digest of every path, size and mtime under ``root`` (``.git`` skipped)."""
+    digest = hashlib.blake2b(digest_size=16)
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name == ".git":
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            digest.update(
+                f"{entry.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="replace")
+            )
+            if is_dir:
+                stack.append(entry.path)
+    return digest.hexdigest()
+
+
+def json_objects(text: str) -> Iterator[dict[str, Any]]:
+    """Every JSON object in (the last MiB of) ``text``, scanning ``{`` from the end.
+
+    An object nested in another comes before the one holding it; fenced blocks
+    (```json … ```) need no special case.
+    """
+    text = text[-_SCAN_CHARS:]
+    decoder = json.JSONDecoder()
+    end = len(text)
+    for _ in range(_SCAN_CANDIDATES):
+        start = text.rfind("{", 0, end)
+        if start < 0:
+            return
+        end = start
+        try:
+            obj, _stop = decoder.raw_decode(text, start)
+        except ValueError:
+            continue
+        if isinstance(obj, dict):
+            yield obj
+
+
+_VERDICT_WORDS = {
+    "approve": "approve",
+    "approved": "approve",
+    "request_changes": "request_changes",
+    "changes_requested": "request_changes",
+    "request changes": "request_changes",
+    "request-changes": "request_changes",
+}
+
+
+def parse_verdict(text: str) -> Verdict:
+    """The verdict (SPEC §5.3) in ``text``: all of it as JSON, else the last object with a
+    ``verdict`` key. ValueError says why there is none."""
+    candidates: Iterator[dict[str, Any]]
+    try:
+        whole = json.loads(text)
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict) and "verdict" in whole:
+        candidates = iter([whole])
+    else:
+        candidates = (obj for obj in json_objects(text) if "verdict" in obj)
+    obj = next(candidates, None)
+    if obj is None:
+        raise ValueError("no JSON object with a `verdict` key")
+    data = dict(obj)
+    if isinstance(data["verdict"], str):
+        word = data["verdict"].strip().lower()
+        data["verdict"] = _VERDICT_WORDS.get(word, word)
+    confidence = data.get("confidence")
+    if isinstance(confidence, float) and 0 < confidence <= 1:
+        data["confidence"] = round(confidence * 100)
+    elif isinstance(confidence, float):
+        data["confidence"] = round(confidence)
+    try:
+        return Verdict.model_validate(data)
+    except ValidationError as e:
+        problems = "; ".join(
+            f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3]
+        )
+        raise ValueError(f"invalid verdict ({problems})") from e
+
+
+def priced_usage(
+    section: AgentSection, input_tokens: int, output_tokens: int, cost_usd: float | None
+) -> Usage:
+    """Usage with the backend's cost, else one estimated from the section's prices."""
+    if cost_usd is not None:
+        return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
+    estimate = (
+        input_tokens * (section.price_in_per_mtok or 0.0)
+        + output_tokens * (section.price_out_per_mtok or 0.0)
+    ) / 1e6
+    return Usage(
+        input_tokens=input_tokens,
+        output_tokens=output_tokens,
+        cost_usd=round(estimate, 6),
+        cost_estimated=True,
+    )
+
+
+def _usage_from(obj: Any, section: AgentSection) -> Usage | None:
+    """``{"usage": {input_tokens, output_tokens, cost_usd}}`` → Usage; anything else → None."""
+    usage = obj.get("usage") if isinstance(obj, dict) else None
+    if not isinstance(usage, dict):
+        return None
+    try:
+        cost = usage.get("cost_usd")
+        return priced_usage(
+            section,
+            int(usage.get("input_tokens") or 0),
+            int(usage.get("output_tokens") or 0),
+            float(cost) if cost is not None else None,
+        )
+    except (TypeError, ValueError):
+        log.debug("ignoring malformed usage %r", usage)
+        return None
+
+
+@dataclass
+class Reply:
+    """What an agent said: its final message and, when its CLI reports it, the usage."""
+
+    text: str
+    usage: Usage | None = None
+
+
+class CommandAgent:
+    """Runs ``section.command`` + ``section.args`` (or ``argv``) as a stage's agent."""
+
+    def __init__(
+        self,
+        section: AgentSection,
+        stage: Stage,
+        *,
+        argv: Sequence[str] | None = None,
+        environ: Mapping[str, str] | None = None,
+        grace: float = 5.0,
+    ) -> None:
+        self.section = section
+        self.stage = stage
+        self.argv = list(argv) if argv is not None else split_command(section.command)
+        if argv is None:
+            self.argv += section.args
+        self.environ = environ
+        self.grace = grace
+
+    # -- hooks ------------------------------------------------------------------------
+
+    def build_argv(self, ctx: StageContext) -> list[str]:
+        """The argv of one run, placeholders replaced."""
+        if not self.argv:
+            raise AgentNotFound(f"[agents.{self.stage}] has no `command`")
+        values = placeholder_values(ctx)
+        return [substitute(arg, values) for arg in self.argv]
+
+    def stdin_for(self, ctx: StageContext) -> bytes | None:
+        """The prompt, unless ``stdin = false`` (then ``/dev/null``)."""
+        return ctx.prompt.encode() if self.section.stdin else None
+
+    def build_env(self, ctx: StageContext) -> dict[str, str]:
+        return agent_env(
+            passthrough=self.section.env_passthrough,
+            extra=self.section.env,
+            opus_vars=opus_vars(ctx, ctx.fr.path),
+            environ=self.environ,
+        )
+
+    def not_found(self, exe: str) -> str:
+        """The message when ``exe`` does not exist."""
+        where = "" if os.sep in exe else " on PATH"
+        return f"`{exe}` not found{where}; install it or change [agents.{self.stage}] kind/command"
+
+    def reply(self, ctx: StageContext, result: ProcessResult) -> Reply:
+        """The agent's final message (and usage) from its output: here, all of stdout."""
+        return Reply(result.stdout)
+
+    # -- running ----------------------------------------------------------------------
+
+    async def run(self, ctx: StageContext) -> StageResult:
+        await anyio.to_thread.run_sync(self._prepare, ctx)
+        result = await self.execute(ctx, self.build_argv(ctx), self.stdin_for(ctx))
+        return await anyio.to_thread.run_sync(self.parse, ctx, result)
+
+    async def execute(
+        self,
+        ctx: StageContext,
+        argv: list[str],
+        stdin: bytes | None,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109 (the child's deadline)
+        watch: bool = True,
+    ) -> ProcessResult:
+        """Run ``argv`` in the worktree under supervision, with this agent's environment.
+
+        ``timeout`` (also the stall limit) defaults to the context's; ``watch`` = False skips
+        the worktree fingerprint (short helper runs such as ``--version``).
+        """
+        try:
+            return await run_process(
+                argv,
+                cwd=ctx.worktree,
+                env=self.build_env(ctx),
+                stdin=stdin,
+                timeout=ctx.timeout if timeout is None else timeout,
+                stall_timeout=ctx.stall_timeout if timeout is None else timeout,
+                log_file=ctx.log_file,
+                redactor=ctx.redactor,
+                activity=functools.partial(worktree_fingerprint, ctx.worktree) if watch else None,
+                on_spawn=ctx.on_spawn,
+                on_exit=ctx.on_exit,
+                grace=self.grace,
+                what=self.stage.value,
+            )
+        except AgentNotFound as e:
+            if isinstance(e.__cause__, FileNotFoundError):
+                raise AgentNotFound(self.not_found(argv[0])) from e.__cause__
+            raise
+
+    def _prepare(self, ctx: StageContext) -> None:
+        if not ctx.prompt_file.exists():
+            ctx.prompt_file.parent.mkdir(parents=True, exist_ok=True)
+            ctx.prompt_file.write_text(ctx.prompt, encoding="utf-8")
+        ctx.output_file.parent.mkdir(parents=True, exist_ok=True)
+        ctx.output_file.unlink(missing_ok=True)  # a stale answer must not pass for this one
+
+    # -- results ----------------------------------------------------------------------
+
+    def parse(self, ctx: StageContext, result: ProcessResult) -> StageResult:
+        """Turn a finished process into the stage's result (SPEC §5.1). Sync: run in a thread."""
+        file_text = self._read_output_file(ctx)
+        file_json = _load_json(file_text)
+        if self.stage is Stage.TESTER:
+            return self._tester(ctx, result, file_json)
+        self.check_exit(result)
+        reply = self.reply(ctx, result)
+        usage = _usage_from(file_json, self.section) or reply.usage
+        if self.stage is Stage.PLANNER:
+            plan = file_text if file_text.strip() else reply.text
+            if isinstance(file_json, dict):
+                given = file_json.get("plan", file_json.get("output"))
+                plan = given if isinstance(given, str) and given.strip() else reply.text
+            return StageResult(output=plan, usage=usage)
+        if self.stage is Stage.REVIEWER:
+            verdict = self._verdict(file_text, reply.text, result)
+            return StageResult(
+                output=output_tail(reply.text) or verdict.summary, verdict=verdict, usage=usage
+            )
+        return StageResult(output=output_tail(reply.text), usage=usage)
+
+    def check_exit(self, result: ProcessResult) -> None:
+        """A signal or a non-zero exit of a non-tester agent: AgentCrashed (retryable)."""
+        tail = output_tail(result.stdout, result.stderr)
+        last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        said = f": {last[:300]}" if last else ""
+        if result.signal is not None:
+            raise AgentCrashed(
+                f"{self.stage} agent was killed by signal {result.signal}{said}",
+                retryable=True,
+                output=tail,
+            )
+        if result.returncode != 0:
+            raise AgentCrashed(
+                f"{self.stage} agent exited with status {result.returncode}{said}",
+                retryable=True,
+                output=tail,
+            )
+
+    def _tester(self, ctx: StageContext, result: ProcessResult, file_json: object) -> StageResult:
+        tail = output_tail(result.stdout, result.stderr)
+        usage = _usage_from(file_json, self.section)
+        if result.returncode in (126, 127):
+            raise AgentNotFound(
+                f"tester command cannot run (exit status {result.returncode}); "
+                f"check [agents.tester] command",
+                output=tail,
+            )
+        if result.signal is not None:
+            tail += f"\n[tests killed by signal {result.signal}]"
+        return StageResult(output=tail, passed=result.returncode == 0, usage=usage)
+
+    def _verdict(self, file_text: str, message: str, result: ProcessResult) -> Verdict:
+        problems = []
+        for label, text in (("output file", file_text), ("output", message)):
+            if not text.strip():
+                continue
+            try:
+                return parse_verdict(text)
+            except ValueError as e:
+                problems.append(f"{label}: {e}")
+        raise AgentOutputError(
+            "reviewer gave no usable verdict: " + ("; ".join(problems) or "no output"),
+            output=output_tail(result.stdout, result.stderr),
+        )
+
+    def _read_output_file(self, ctx: StageContext) -> str:
+        try:
+            with open(ctx.output_file, "rb") as f:
+                raw = f.read(MAX_OUTPUT_FILE)
+        except OSError:
+            return ""
+        return ctx.redactor(raw.decode("utf-8", "replace"))
+
+
+def _load_json(text: str) -> object:
+    if not text.lstrip().startswith("{"):
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        return None

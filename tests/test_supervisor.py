@@ -1,0 +1,341 @@
+"""Supervision of real child processes: groups, timeouts, stalls, the kill ladder, retries."""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from opus.orchestrator.agents.command import worktree_fingerprint
+from opus.orchestrator.errors import (
+    AgentCrashed,
+    AgentError,
+    AgentNotFound,
+    AgentOutputError,
+    AgentStalled,
+    AgentTimeout,
+    BackendError,
+)
+from opus.orchestrator.redact import Redactor
+from opus.orchestrator.supervisor import (
+    ProcessResult,
+    group_alive,
+    kill_group,
+    output_tail,
+    run_process,
+    with_retries,
+)
+
+BEHAVE = Path(__file__).parent / "agent_scripts" / "behave.py"
+ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def gone(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return True
+    return False
+
+
+class Run:
+    """Runs behave.py in tmp_path; remembers the group ids reported."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.dir = tmp_path
+        self.log = tmp_path / "logs" / "coder-1.log"
+        self.spawned: list[int] = []
+        self.exited: list[int] = []
+
+    async def __call__(self, *args: str, **kw: Any) -> ProcessResult:
+        options: dict[str, Any] = {
+            "cwd": self.dir,
+            "env": ENV,
+            "stdin": None,
+            "timeout": 20.0,
+            "stall_timeout": 20.0,
+            "log_file": self.log,
+            "redactor": Redactor(),
+            "on_spawn": self.spawned.append,
+            "on_exit": self.exited.append,
+            "grace": 1.0,
+        }
+        options.update(kw)
+        return await run_process([sys.executable, str(BEHAVE), *args], **options)
+
+    @property
+    def pgid(self) -> int:
+        assert len(self.spawned) == 1
+        return self.spawned[0]
+
+
+@pytest.fixture
+def run(tmp_path: Path) -> Run:
+    return Run(tmp_path)
+
+
+@pytest.mark.anyio
+async def test_output_stdin_and_log(run: Run) -> None:
+    result = await run("echo", stdin=b"the prompt\nline two\n")
+    assert result.returncode == 0 and result.signal is None
+    assert result.stdout == "len=20\nthe prompt\nline two\n"
+    assert result.stderr == "to stderr\n"
+    log = run.log.read_text()
+    assert "out| the prompt\n" in log and "err| to stderr\n" in log and "exit status 0" in log
+    assert oct(run.log.stat().st_mode & 0o777) == "0o600"
+    assert run.exited == run.spawned and gone(run.pgid)
+
+
+@pytest.mark.anyio
+async def test_stdin_none_is_dev_null(run: Run) -> None:
+    result = await run("echo")
+    assert result.stdout.startswith("len=0\n")
+
+
+@pytest.mark.anyio
+async def test_a_child_that_never_reads_stdin_does_not_block_us(run: Run) -> None:
+    result = await run("exit", "0", stdin=b"x" * 2**20)
+    assert result.returncode == 0 and result.stdout == "bye\n"
+
+
+@pytest.mark.anyio
+async def test_secrets_are_redacted_in_result_and_log(run: Run) -> None:
+    result = await run("secret", "s3cr3t-value", redactor=Redactor(["s3cr3t-value"]))
+    assert result.stdout == "token is ***\n" and result.stderr == "err ***\n"
+    assert "s3cr3t-value" not in run.log.read_text().split("\n", 1)[1]
+    assert "out| token is ***" in run.log.read_text()
+
+
+@pytest.mark.anyio
+async def test_large_output_is_read_while_running(run: Run) -> None:
+    result = await run("flood", str(3 * 2**20))
+    assert len(result.stdout) == 3 * 2**20
+
+
+@pytest.mark.anyio
+async def test_non_zero_exit_and_signal(run: Run) -> None:
+    result = await run("exit", "3")
+    assert (result.returncode, result.signal) == (3, None)
+    assert result.stdout == "bye\n" and result.stderr == "failing\n"
+    other = Run(run.dir)
+    killed = await other("suicide")
+    assert killed.returncode == -signal.SIGKILL and killed.signal == signal.SIGKILL
+
+
+@pytest.mark.anyio
+async def test_timeout_kills_the_group(run: Run) -> None:
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout) as info:
+        await run("hang", timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert info.value.retryable and "timeout of 0.5 s" in str(info.value)
+    assert "started" in info.value.output
+    assert gone(run.pgid) and run.exited == [run.pgid]
+    assert "SIGTERM to process group" in run.log.read_text()
+
+
+@pytest.mark.anyio
+async def test_silence_is_a_stall(run: Run) -> None:
+    with pytest.raises(AgentStalled) as info:
+        await run(
+            "silent",
+            stall_timeout=0.4,
+            activity=functools.partial(worktree_fingerprint, run.dir),
+        )
+    assert info.value.retryable and "no output and no worktree change" in str(info.value)
+    assert gone(run.pgid)
+
+
+@pytest.mark.anyio
+async def test_writing_to_the_worktree_is_not_a_stall(run: Run) -> None:
+    result = await run(
+        "busy", "1.4", stall_timeout=0.4, activity=functools.partial(worktree_fingerprint, run.dir)
+    )
+    assert result.returncode == 0 and (run.dir / "busy.txt").exists()
+
+
+@pytest.mark.anyio
+async def test_sigterm_ignored_means_sigkill_after_grace(run: Run) -> None:
+    ready = run.dir / "ready"
+    started = time.monotonic()
+    with pytest.raises(AgentTimeout):
+        await run("stubborn", str(ready), timeout=0.8, grace=0.3)
+    assert ready.exists(), "the child got to ignore SIGTERM before the timeout"
+    assert 0.8 + 0.3 <= time.monotonic() - started < 6
+    log = run.log.read_text()
+    assert log.index("SIGTERM") < log.index("SIGKILL")
+    assert gone(run.pgid)
+
+
+@pytest.mark.anyio
+async def test_grandchild_left_behind_is_killed(run: Run) -> None:
+    marker = run.dir / "grandchild.pid"
+    started = time.monotonic()
+    result = await run("grandchild", str(marker))
+    assert result.returncode == 0 and result.stdout.startswith("grandchild ")
+    assert time.monotonic() - started < 8, "a grandchild holding stdout must not hang us"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pgid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.kill(int(marker.read_text()), 0)
+    assert run.exited == [run.pgid]
+    assert "stopping what is left of its group: SIGTERM" in run.log.read_text()
+
+
+@pytest.mark.anyio
+async def test_cancelling_the_caller_kills_the_group(run: Run) -> None:
+    marker = run.dir / "linger.pid"
+
+    async def cancel_when_ready(scope: anyio.CancelScope) -> None:
+        with anyio.fail_after(10):
+            while not marker.exists():  # noqa: ASYNC110 (a real child's file)
+                await anyio.sleep(0.02)
+        scope.cancel()
+
+    with anyio.CancelScope() as scope:
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(cancel_when_ready, scope)
+            await run("linger", str(marker))
+    assert scope.cancelled_caught
+    grandchild = int(marker.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.killpg(run.pgid, 0)
+    with pytest.raises(ProcessLookupError):
+        os.kill(grandchild, 0)
+    assert run.exited == [run.pgid]
+    assert "interrupted: SIGTERM" in run.log.read_text()
+
+
+@pytest.mark.anyio
+async def test_missing_program_is_agent_not_found(tmp_path: Path) -> None:
+    with pytest.raises(AgentNotFound) as info:
+        await run_process(
+            ["no-such-agent-cli"], cwd=tmp_path, env=ENV, stdin=None, timeout=5,
+            stall_timeout=5, log_file=tmp_path / "x.log", redactor=Redactor(), what="coder",
+        )  # fmt: skip
+    assert str(info.value) == (
+        "`no-such-agent-cli` not found on PATH; install it or change [agents.coder] kind/command"
+    )
+    assert not info.value.retryable
+
+
+@pytest.mark.anyio
+async def test_missing_worktree_is_not_agent_not_found(tmp_path: Path) -> None:
+    with pytest.raises(AgentError) as info:
+        await run_process(
+            [sys.executable, "-c", "pass"], cwd=tmp_path / "gone", env=ENV, stdin=None,
+            timeout=5, stall_timeout=5, log_file=tmp_path / "x.log", redactor=Redactor(),
+        )  # fmt: skip
+    assert not isinstance(info.value, AgentNotFound)
+    assert "working directory" in str(info.value)
+
+
+def test_kill_group_on_a_stray_group() -> None:
+    shell = subprocess.Popen(
+        ["sh", "-c", "sleep 1000 & sleep 1000 & echo $!"],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+        text=True,
+    )
+    assert shell.stdout is not None
+    orphan = int(shell.stdout.readline())
+    shell.wait(timeout=10)
+    shell.stdout.close()
+    pgid = shell.pid
+    assert group_alive(pgid)
+    assert kill_group(pgid, grace=1.0) is True
+    assert not group_alive(pgid)
+    with pytest.raises(ProcessLookupError):
+        os.kill(orphan, 0)
+    assert kill_group(pgid, grace=1.0) is False  # safe on a gone group
+
+
+def test_kill_group_refuses_our_own_group() -> None:
+    assert kill_group(os.getpgrp()) is False
+    assert kill_group(1) is False
+    assert os.getpgrp() > 0  # still here
+
+
+def test_output_tail_keeps_the_end() -> None:
+    text = "".join(f"line {i}\n" for i in range(1000))
+    tail = output_tail(text, "an error\n")
+    assert tail.splitlines()[-1] == "an error" and tail.splitlines()[0] == "line 801"
+    assert len(output_tail("x" * 100_000)) == 16 * 1024
+
+
+class Flaky:
+    """Fails with the given errors, then returns "ok"."""
+
+    def __init__(self, *errors: AgentError) -> None:
+        self.errors = list(errors)
+        self.calls: list[int] = []
+
+    async def __call__(self, n: int) -> str:
+        self.calls.append(n)
+        if self.errors:
+            raise self.errors.pop(0)
+        return "ok"
+
+
+class Sleeps:
+    def __init__(self) -> None:
+        self.delays: list[float] = []
+
+    async def __call__(self, delay: float) -> None:
+        self.delays.append(delay)
+
+
+@pytest.mark.anyio
+async def test_retryable_errors_are_retried_with_backoff_and_jitter() -> None:
+    attempt = Flaky(AgentTimeout("slow"), AgentCrashed("died", retryable=True))
+    sleep, seen = Sleeps(), []
+    result, attempts = await with_retries(
+        attempt, retries=2, base_delay=2.0, sleep=sleep, rand=lambda: 0.25,
+        on_retry=lambda n, e, d: seen.append((n, type(e).__name__, d)),
+    )  # fmt: skip
+    assert (result, attempts) == ("ok", 3)
+    assert attempt.calls == [1, 2, 3]
+    assert sleep.delays == [1.5, 3.0]  # 2·2⁰·0.75, 2·2¹·0.75
+    assert seen == [(1, "AgentTimeout", 1.5), (2, "AgentCrashed", 3.0)]
+
+
+@pytest.mark.anyio
+async def test_delay_is_capped_and_retry_after_wins() -> None:
+    attempt = Flaky(AgentOutputError("bad"), BackendError("busy", status=429, retry_after=7.0))
+    sleep = Sleeps()
+    await with_retries(
+        attempt, retries=5, base_delay=50.0, max_delay=60.0, sleep=sleep, rand=lambda: 1.0
+    )
+    assert sleep.delays == [75.0, 7.0]  # min(60, 50)·1.5, then the server's Retry-After
+
+
+@pytest.mark.anyio
+async def test_non_retryable_error_propagates_at_once() -> None:
+    attempt = Flaky(AgentNotFound("no claude"))
+    sleep = Sleeps()
+    with pytest.raises(AgentNotFound) as info:
+        await with_retries(attempt, retries=3, sleep=sleep)
+    assert info.value.attempts == 1  # type: ignore[attr-defined]
+    assert attempt.calls == [1] and sleep.delays == []
+
+
+@pytest.mark.anyio
+async def test_last_retryable_error_propagates_with_attempts() -> None:
+    attempt = Flaky(*(AgentStalled(f"stall {i}") for i in range(5)))
+    with pytest.raises(AgentStalled) as info:
+        await with_retries(attempt, retries=2, sleep=Sleeps())
+    assert info.value.attempts == 3  # type: ignore[attr-defined]
+    assert str(info.value) == "stall 2" and attempt.calls == [1, 2, 3]
