@@ -1,0 +1,431 @@
+"""The vault: which files are feature requests, reading them, and opus's writes into them.
+
+``Vault.scan()`` lists the planned folder and reparses only the notes whose
+(inode, mtime_ns, size) changed since the last scan. A broken note is a
+``NoteProblem`` (logged once per change) and never stops the others being served.
+``Vault.update()`` rewrites opus's own keys right before writing and remembers the
+hash of what it wrote, so ``is_own_write()`` tells the watcher to ignore the echo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import re
+import threading
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Literal
+
+from .config import Config
+from .errors import NoteError, NoteValueError
+from .frontmatter import (
+    TEMP_PREFIX,
+    ParsedNote,
+    edit_note,
+    effective_changes,
+    parse_note,
+    read_note,
+    read_raw,
+)
+from .lifecycle import Stage, Status
+from .models import FeatureRequest, Priority
+
+__all__ = (
+    "OPUS_KEYS",
+    "NoteProblem",
+    "Scan",
+    "Vault",
+    "is_candidate_name",
+    "read_status",
+    "to_feature_request",
+)
+
+log = logging.getLogger(__name__)
+
+OPUS_KEYS = frozenset(
+    {"status", "stage", "iteration", "job_id", "branch", "pr_url", "error", "updated_at"}
+)
+"""The only frontmatter keys opus ever writes."""
+
+_IGNORED_SUFFIXES = (".tmp", ".swp", ".part", "~")
+_IGNORED_DIRS = frozenset({".obsidian", ".opus"})
+_HEADING = re.compile(r"^# +(.+?)[ \t]*$", re.MULTILINE)
+_WIKILINK = re.compile(r"^\[\[([^\]|#]+)(?:[#|][^\]]*)?\]\]$")
+_STAGES = frozenset(s.value for s in Stage)
+StatKey = tuple[int, int, int]
+
+
+def _abs(path: str | os.PathLike[str]) -> Path:
+    """Absolute and normalized, without following symlinks."""
+    return Path(os.path.abspath(path))  # noqa: PTH100
+
+
+def is_candidate_name(name: str) -> bool:
+    """True for a file name that may be an FR note (``*.md``, not a temp or hidden file)."""
+    return (
+        name.endswith(".md")
+        and len(name) > 3
+        and not name.startswith((".", "~"))
+        and not name.endswith(_IGNORED_SUFFIXES)
+        and not name.startswith(".syncthing.")
+        and ".sync-conflict-" not in name
+        and not name.startswith(TEMP_PREFIX)
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class NoteProblem:
+    """A note opus cannot serve, and why (one line)."""
+
+    path: Path
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class Scan:
+    """One look at the planned folder: the FRs by id, and the notes that are broken."""
+
+    frs: dict[str, FeatureRequest] = field(default_factory=dict)
+    problems: list[NoteProblem] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    key: StatKey
+    fr: FeatureRequest | None
+    problem: NoteProblem | None
+
+
+class Vault:
+    """Discovery, reading and opus's writes for the notes of one vault.
+
+    Thread-safe: ``scan``, ``update`` and ``is_own_write`` may run in different threads.
+    ``parses`` counts the notes read and parsed from disk (the scan cache's misses).
+    """
+
+    def __init__(self, config: Config, *, clock: Callable[[], datetime] = datetime.now) -> None:
+        self.config = config
+        self.root = _abs(config.root)
+        self.planned_dir = _abs(config.planned_dir)
+        self.parses = 0
+        self._clock = clock
+        self._repos = frozenset(config.repos)
+        self._lock = threading.Lock()
+        self._cache: dict[str, _Entry] = {}
+        """By file name in the planned folder."""
+        self._logged: dict[Path, str] = {}
+        self._own: dict[Path, str] = {}
+        """sha256 of the bytes opus last wrote, by path."""
+
+    # --- discovery ---------------------------------------------------------------------------
+
+    def is_candidate(self, path: str | os.PathLike[str]) -> bool:
+        """True if ``path`` names a possible FR: ``*.md`` directly in the planned folder."""
+        p = _abs(path)
+        if p.parent != self.planned_dir or not is_candidate_name(p.name):
+            return False
+        try:
+            inside = p.relative_to(self.root).parts
+        except ValueError:
+            inside = p.parts
+        return not any(part in _IGNORED_DIRS for part in inside)
+
+    def scan(self) -> Scan:
+        """Every FR in the planned folder by id, and every note that cannot be served."""
+        problems: list[NoteProblem] = []
+        frs: list[FeatureRequest] = []
+        seen: set[str] = set()
+        for name, key in self._listing(problems):
+            seen.add(name)
+            entry = self._cache.get(name)
+            if entry is None or entry.key != key:
+                entry = self._load(self.planned_dir / name, key)
+            if entry.fr is not None:
+                frs.append(entry.fr)
+            elif entry.problem is not None:
+                problems.append(entry.problem)
+        with self._lock:
+            for gone in self._cache.keys() - seen:
+                del self._cache[gone]
+        by_id = _dedupe(frs, problems)
+        problems.sort(key=lambda p: p.path)
+        self._log_problems(problems)
+        return Scan(by_id, problems)
+
+    def _listing(self, problems: list[NoteProblem]) -> Iterator[tuple[str, StatKey]]:
+        try:
+            with os.scandir(self.planned_dir) as listing:
+                entries = list(listing)
+        except FileNotFoundError:
+            problems.append(NoteProblem(self.planned_dir, "the planned folder does not exist"))
+            return
+        except OSError as e:
+            problems.append(NoteProblem(self.planned_dir, f"cannot list the folder: {e.strerror}"))
+            return
+        for entry in entries:
+            name = entry.name
+            if not is_candidate_name(name):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    continue
+                st = entry.stat(follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            yield name, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _load(self, path: Path, key: StatKey) -> _Entry:
+        """Read and map one note, and cache the result under its name."""
+        self.parses += 1
+        try:
+            note = read_note(path)
+            entry = _Entry(note.stat_key or key, self._to_fr(note), None)
+        except NoteError as e:
+            entry = _Entry(key, None, NoteProblem(path, e.problem))
+        self._remember(path, entry)
+        return entry
+
+    def _remember(self, path: Path, entry: _Entry) -> None:
+        if path.parent == self.planned_dir:
+            with self._lock:
+                self._cache[path.name] = entry
+
+    def _log_problems(self, problems: list[NoteProblem]) -> None:
+        """One warning per problem, when it first appears or its message changes."""
+        now = {p.path: p.message for p in problems}
+        with self._lock:
+            for path, message in now.items():
+                if self._logged.get(path) != message:
+                    log.warning("%s: %s", path, message)
+            self._logged = now
+
+    # --- reading -----------------------------------------------------------------------------
+
+    def read(self, path: str | os.PathLike[str]) -> FeatureRequest:
+        """Read one note from disk as an FR. Raises NoteError (NoteValueError for a bad id)."""
+        p = _abs(path)
+        self.parses += 1
+        note = read_note(p)
+        fr = self._to_fr(note)
+        if note.stat_key is not None:
+            self._remember(p, _Entry(note.stat_key, fr, None))
+        return fr
+
+    def find(self, ref: str) -> Path:
+        """The note an FR id or a path (absolute, or relative to cwd or the vault) names."""
+        if ref.endswith(".md") or "/" in ref or os.sep in ref:
+            found: list[Path] = []
+            for base in (Path.cwd(), self.root, self.planned_dir):
+                p = _abs(base / Path(ref).expanduser())
+                if p.is_file() or p.is_symlink():
+                    if self.is_candidate(p):
+                        return p
+                    found.append(p)
+            if found:
+                raise NoteError(found[0], f"not a feature request: FRs live in {self.planned_dir}")
+            raise NoteError(Path(ref), "no such note")
+        frs = self.scan().frs
+        if ref in frs:
+            return frs[ref].path
+        folded = [fr for fr_id, fr in frs.items() if fr_id.casefold() == ref.casefold()]
+        if len(folded) == 1:
+            return folded[0].path
+        raise NoteError(Path(ref), f"no feature request with id {ref!r} in {self.planned_dir}")
+
+    def _to_fr(self, note: ParsedNote) -> FeatureRequest:
+        return to_feature_request(note, repos=self._repos)
+
+    # --- writing -----------------------------------------------------------------------------
+
+    def update(
+        self,
+        path: str | os.PathLike[str],
+        changes: Mapping[str, object | None],
+        *,
+        respect: frozenset[Status] = frozenset(),
+    ) -> Status | None:
+        """Write opus's keys into the note now (re-read first); returns the status as read.
+
+        ``None`` deletes a key. A ``status`` change is dropped when the status on disk is
+        in ``respect``. When any other key changes, ``updated_at`` is stamped with the
+        clock unless ``changes`` sets it; ``updated_at`` alone never causes a write.
+        Raises ValueError for a key opus does not own, NoteError for a broken note.
+        """
+        foreign = sorted(set(changes) - OPUS_KEYS)
+        if foreign:
+            raise ValueError(f"opus never writes these keys: {', '.join(foreign)}")
+        p = _abs(path)
+        on_disk: list[Status | None] = []
+
+        def decide(note: ParsedNote) -> Mapping[str, object | None]:
+            status = read_status(note.meta.get("status"))
+            on_disk.append(status)
+            wanted = {k: _one_line(v) if k == "error" else v for k, v in changes.items()}
+            if status in respect:
+                wanted.pop("status", None)
+            stamp = wanted.pop("updated_at", self._clock())
+            todo = effective_changes(note.meta, wanted)
+            return {**todo, "updated_at": stamp} if todo else {}
+
+        edit = edit_note(p, decide)
+        if edit.written is not None and edit.stat is not None:
+            key = (edit.stat.st_ino, edit.stat.st_mtime_ns, edit.stat.st_size)
+            with self._lock:
+                self._own[p] = hashlib.sha256(edit.written).hexdigest()
+            with contextlib.suppress(NoteError):  # a bad id: the next scan reports it
+                self._remember(p, _Entry(key, self._to_fr(parse_note(p, edit.written, key)), None))
+        return on_disk[-1] if on_disk else None
+
+    def is_own_write(self, path: str | os.PathLike[str]) -> bool:
+        """True while the file holds exactly the bytes opus last wrote to it."""
+        p = _abs(path)
+        with self._lock:
+            own = self._own.get(p)
+        if own is None:
+            return False
+        try:
+            raw, _ = read_raw(p)
+        except NoteError:
+            return False
+        return hashlib.sha256(raw).hexdigest() == own
+
+
+def _dedupe(frs: list[FeatureRequest], problems: list[NoteProblem]) -> dict[str, FeatureRequest]:
+    """FRs by id; of notes sharing an id, the one with a ``job_id`` wins, else the first path."""
+    by_id: dict[str, FeatureRequest] = {}
+    clashes: dict[str, list[FeatureRequest]] = {}
+    for fr in frs:
+        first = by_id.setdefault(fr.id, fr)
+        if first is not fr:
+            clashes.setdefault(fr.id, [first]).append(fr)
+    for fr_id, group in clashes.items():
+        group.sort(key=lambda fr: (fr.job_id is None, fr.path))
+        by_id[fr_id] = winner = group[0]
+        for loser in group[1:]:
+            message = f"duplicate id {fr_id}, also in {winner.path.name}"
+            problems.append(NoteProblem(loser.path, message))
+    return by_id
+
+
+# --- mapping a note to a FeatureRequest --------------------------------------------------------
+
+
+def read_status(value: object) -> Status | None:
+    """A note's status: missing → None; a person's unknown value (``draft``) → planned."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    return Status.parse(value) or Status.PLANNED
+
+
+def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRequest:
+    """Map a parsed note to an FR. A bad ``id`` raises NoteValueError; other bad values
+    of a person's keys set ``invalid`` (the first one found)."""
+    meta, path = note.meta, note.path if note.path.is_absolute() else _abs(note.path)
+    invalid: list[tuple[str, str]] = []
+    fr_id = _fr_id(path, meta.get("id"))
+    title = _text(meta.get("title")) or _heading(note.body) or path.stem
+    priority = Priority.MEDIUM
+    if meta.get("priority") is not None:
+        try:
+            priority = Priority.parse(meta["priority"])
+        except ValueError as e:
+            invalid.append(("priority", str(e)))
+    repo = _repo(meta.get("repo"), repos, invalid)
+    depends_on = _depends_on(meta.get("depends_on"), invalid)
+    approval: Literal["manual", "auto"] | None = None
+    spelled = _text(meta.get("approval"))
+    if spelled is not None:
+        if spelled.lower() == "manual":
+            approval = "manual"
+        elif spelled.lower() == "auto":
+            approval = "auto"
+        else:
+            invalid.append(("approval", f"approval must be manual or auto, not {spelled!r}"))
+    stage = _text(meta.get("stage")) or ""
+    iteration = meta.get("iteration")
+    return FeatureRequest(
+        id=fr_id,
+        title=title,
+        path=path,
+        body=note.body,
+        priority=priority,
+        repo=repo,
+        depends_on=depends_on,
+        approval=approval,
+        status=read_status(meta.get("status")),
+        job_id=_text(meta.get("job_id")),
+        stage=Stage(stage) if stage in _STAGES else None,
+        iteration=iteration
+        if isinstance(iteration, int) and not isinstance(iteration, bool)
+        else None,
+        error=_text(meta.get("error")),
+        invalid=invalid[0] if invalid else None,
+    )
+
+
+def _text(value: object) -> str | None:
+    """A scalar as text: strings stripped, numbers spelled out; None for anything else."""
+    if isinstance(value, str):
+        return value.strip() or None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _fr_id(path: Path, value: object) -> str:
+    if value is None:
+        return path.stem
+    text = _text(value)
+    if text is None:
+        if isinstance(value, str):
+            return path.stem
+        raise NoteValueError(path, "id", f"id must be a string or a number, not {value!r}")
+    return text
+
+
+def _heading(body: str) -> str | None:
+    match = _HEADING.search(body)
+    return match.group(1).strip() if match else None
+
+
+def _repo(value: object, repos: Collection[str], invalid: list[tuple[str, str]]) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        return None
+    name = _text(value)
+    if name is None:
+        invalid.append(("repo", f"repo must be a repository name, not {value!r}"))
+        return None
+    if "/" in name or "\\" in name or name.startswith((".", "~")):
+        invalid.append(("repo", f"repo must name a [repos.NAME] entry, not a path: {name!r}"))
+        return None
+    if name not in repos:
+        known = ", ".join(sorted(repos))
+        invalid.append(("repo", f"unknown repo {name!r} (known: {known})"))
+        return None
+    return name
+
+
+def _depends_on(value: object, invalid: list[tuple[str, str]]) -> tuple[str, ...]:
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    ids: list[str] = []
+    for item in items:
+        if item is None or (isinstance(item, str) and not item.strip()):
+            continue
+        if isinstance(item, list) and len(item) == 1 and isinstance(item[0], list):
+            item = f"[[{item[0][0]}]]" if len(item[0]) == 1 else item  # an unquoted [[link]]
+        text = _text(item)
+        if text is None:
+            invalid.append(("depends_on", f"depends_on must list FR ids, not {item!r}"))
+            return ()
+        link = _WIKILINK.match(text)
+        ids.append(link.group(1).strip() if link else text)
+    return tuple(ids)
+
+
+def _one_line(value: object) -> object:
+    return " ".join(value.split()) if isinstance(value, str) else value
