@@ -1,0 +1,145 @@
+"""The demo's scripted agent: a real child process that follows the command contract.
+
+Run as ``python -m opus.demo.agent STAGE``. It reads the FR id, iteration and paths from the
+``OPUS_*`` environment, and plays a fixed script per FR, so the demo shows opus at work —
+a failing test fed back to the coder, a review rejection then an approval — without any
+model. The tester is not here: the demo runs the repository's real tests.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+FAREWELL = '''
+
+def farewell(name: str) -> str:
+    return f"Goodbye, {name}!"
+'''
+FAREWELL_TEST = '''import unittest
+
+from app.greet import farewell
+
+
+class FarewellTest(unittest.TestCase):
+    def test_farewell(self) -> None:
+        self.assertEqual(farewell("Ada"), "Goodbye, Ada!")
+'''
+SHOUT_BUGGY = '''
+
+def shout(name: str) -> str:
+    return f"HELLO, {name}!"
+'''
+SHOUT = '''
+
+def shout(name: str) -> str:
+    return f"HELLO, {name.upper()}!"
+'''
+SHOUT_TEST = '''import unittest
+
+from app.greet import shout
+
+
+class ShoutTest(unittest.TestCase):
+    def test_shout(self) -> None:
+        self.assertEqual(shout("Ada"), "HELLO, ADA!")
+'''
+POLITE = '''
+
+def polite(name: str, title: str = "Dr.") -> str:
+    return f"Good day, {title} {name}."
+'''
+POLITE_TEST = '''import unittest
+
+from app.greet import polite
+
+
+class PoliteTest(unittest.TestCase):
+    def test_polite(self) -> None:
+        self.assertEqual(polite("Ada", "Ms."), "Good day, Ms. Ada.")
+'''
+WAVE = '''
+
+def wave(name: str) -> str:
+    return f"{farewell(name)} *waves*"
+'''
+WAVE_TEST = '''import unittest
+
+from app.greet import wave
+
+
+class WaveTest(unittest.TestCase):
+    def test_wave(self) -> None:
+        self.assertEqual(wave("Ada"), "Goodbye, Ada! *waves*")
+'''
+
+# FR id → iteration → (code appended to app/greet.py, {test file: content})
+SCRIPT: dict[str, dict[int, tuple[str, dict[str, str]]]] = {
+    "FR-101": {1: (FAREWELL, {"tests/test_farewell.py": FAREWELL_TEST})},
+    "FR-102": {1: (SHOUT_BUGGY, {"tests/test_shout.py": SHOUT_TEST}),
+               2: (SHOUT, {})},
+    "FR-103": {1: (POLITE, {}),
+               2: ("", {"tests/test_polite.py": POLITE_TEST})},
+    "FR-104": {1: (WAVE, {"tests/test_wave.py": WAVE_TEST})},
+}
+
+
+def plan(fr_id: str, title: str) -> str:
+    return (f"# Plan for {fr_id}: {title}\n\n1. Add the function to `app/greet.py`.\n"
+            "2. Add a unit test under `tests/`.\n3. Run the test suite.\n")
+
+
+def code(fr_id: str, iteration: int, worktree: Path) -> None:
+    step = SCRIPT.get(fr_id, {}).get(iteration)
+    if step is None:
+        return
+    addition, files = step
+    greet = worktree / "app" / "greet.py"
+    text = greet.read_text()
+    if fr_id == "FR-102" and iteration == 2:
+        text = text.replace(SHOUT_BUGGY, "")
+    greet.write_text(text + addition)
+    for name, content in files.items():
+        (worktree / name).write_text(content)
+
+
+def review(base: str, worktree: Path) -> dict[str, object]:
+    changed = subprocess.run(["git", "diff", "--name-only", base, "HEAD"], cwd=worktree,
+                             capture_output=True, text=True, check=True).stdout.split()
+    if any(p.startswith("app/") for p in changed) and not any(
+            p.startswith("tests/") for p in changed):
+        return {"verdict": "request_changes", "confidence": 80,
+                "summary": "The new function has no test.",
+                "issues": [{"severity": "major", "file": "app/greet.py",
+                            "message": "add a unit test for the new function"}]}
+    return {"verdict": "approve", "confidence": 95,
+            "summary": f"Focused change with tests ({len(changed)} file(s)).", "issues": [],
+            "usage": {"input_tokens": 1200, "output_tokens": 80, "cost_usd": 0.0}}
+
+
+def main() -> int:
+    stage = sys.argv[1]
+    env = os.environ
+    fr_id, iteration = env["OPUS_FR_ID"], int(env["OPUS_ITERATION"])
+    worktree, output = Path(env["OPUS_WORKTREE"]), Path(env["OPUS_OUTPUT_FILE"])
+    prompt = sys.stdin.read()
+    title = prompt.splitlines()[0].partition(": ")[2] if prompt else fr_id
+    if stage == "planner":
+        output.write_text(plan(fr_id, title))
+    elif stage == "coder":
+        code(fr_id, iteration, worktree)
+        print(f"{fr_id}: iteration {iteration} written")
+    elif stage == "reviewer":
+        base = prompt.split("base commit ", 1)[1].split(")", 1)[0]
+        output.write_text(json.dumps(review(base, worktree)))
+    else:
+        print(f"unknown stage {stage}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

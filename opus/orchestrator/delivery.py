@@ -1,0 +1,119 @@
+"""Delivery and approval: keep the branch or open a PR, merge when approved (SPEC §7)."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import anyio
+
+from .config import Config
+from .errors import DeliveryError, MergeConflict, WorkspaceError
+from .github import GitHub
+from .lifecycle import Outcome, Stage, Status
+from .models import FeatureRequest, Job, Verdict
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+log = logging.getLogger(__name__)
+
+
+def auto_approves(config: Config, fr: FeatureRequest, confidence: int | None) -> bool:
+    """The approval rule: the note's ``approval`` first, then the config's."""
+    if fr.approval is not None:
+        return fr.approval == "auto"
+    rule = config.approval
+    if rule.mode == "auto":
+        return True
+    return fr.priority in rule.auto_priorities and (confidence or 0) >= rule.min_confidence
+
+
+def pr_description(job: Job, fr: FeatureRequest, plan: str, diff_stat: str, review: str) -> str:
+    """The body of the pull request (``pr.md``)."""
+    summary = "\n".join(plan.strip().splitlines()[:25]) if plan.strip() else "(no plan)"
+    lines = [f"# {fr.id}: {fr.title}", "", "## Feature request", "", fr.body.strip(), "",
+             "## Plan (summary)", "", summary, "", "## Iterations", ""]
+    for cp in job.history:
+        lines.append(f"- iteration {cp.iteration} · {cp.stage}: {cp.outcome}"
+                     + (f" ({cp.attempts} attempts)" if cp.attempts > 1 else ""))
+    tests = [cp for cp in job.history if cp.stage is Stage.TESTER]
+    result = "passed" if tests and tests[-1].outcome is Outcome.OK else "not run"
+    lines += ["", "## Tests", "", f"Last run: {result} (iteration {job.iteration}).", ""]
+    lines += ["## Review", "", review or "(no review)", "", "## Diff stat", "", "```text",
+              diff_stat.rstrip() or "(no changes)", "```", "",
+              f"Branch `{job.branch}` · job `{job.id}` · opened by opus"]
+    return "\n".join(lines) + "\n"
+
+
+class Delivery:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    def _github(self) -> GitHub:
+        d = self.rt.config.delivery
+        assert d.repository is not None
+        return GitHub(d.repository, token=self.rt.environ.get(d.token_env), api_url=d.api_url,
+                      transport=self.rt.http_transport)
+
+    async def deliver(self, job: Job, fr: FeatureRequest, worktree: Path) -> tuple[Status, str | None]:
+        """Write ``pr.md``, push and open the PR if configured; merge at once if auto-approved."""
+        rt, d = self.rt, self.rt.config.delivery
+        ws = rt.workspace(job)
+        assert job.base_commit is not None
+        stat = await anyio.to_thread.run_sync(ws.diff_stat, worktree, job.base_commit)
+        plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
+        review = ""
+        raw = await anyio.to_thread.run_sync(
+            rt.registry.read_artifact, job.id, f"review-{job.iteration}.json"
+        )
+        if raw:
+            verdict = Verdict.model_validate(json.loads(raw))
+            review = f"{verdict.summary} (confidence {verdict.confidence})"
+        body = rt.redactor(pr_description(job, fr, plan or "", stat, review))
+        await anyio.to_thread.run_sync(rt.registry.write_artifact, job.id, "pr.md", body)
+        if d.kind == "github":
+            token = rt.environ.get(d.token_env)
+            await anyio.to_thread.run_sync(
+                lambda: ws.push(worktree, job.branch, d.remote, token)
+            )
+            base = rt.config.repos[job.repo].base
+            async with self._github() as gh:
+                pr = await gh.open_pr(head=job.branch, base=base, title=f"{fr.id}: {fr.title}",
+                                      body=body)
+            job.pr_url, job.pr_number = pr.url, pr.number
+            log.info("%s: opened %s", job.fr_id, pr.url)
+        if auto_approves(rt.config, fr, job.confidence):
+            return await self.merge(job)
+        return Status.REVIEW, None
+
+    async def merge(self, job: Job) -> tuple[Status, str | None]:
+        """Merge the job's branch (or PR) into the base: DONE, or BLOCKED on a conflict."""
+        rt = self.rt
+        try:
+            if rt.config.delivery.kind == "github" and job.pr_number is not None:
+                async with self._github() as gh:
+                    await gh.merge_pr(job.pr_number)
+            else:
+                message = f"opus: merge {job.branch} ({job.fr_id}: {job.title})"
+                await anyio.to_thread.run_sync(rt.workspace(job).merge, job.branch, message)
+        except MergeConflict as e:
+            return Status.BLOCKED, f"merge conflict in: {', '.join(e.paths)}"
+        except (WorkspaceError, DeliveryError) as e:
+            return Status.BLOCKED, f"could not merge: {e}"
+        log.info("%s: merged %s", job.fr_id, job.branch)
+        return Status.DONE, None
+
+    async def merged_or_closed(self, job: Job) -> Status | None:
+        """While in review: DONE if a person merged it, CANCELLED if the PR was closed."""
+        rt = self.rt
+        if rt.config.delivery.kind == "github" and job.pr_number is not None:
+            async with self._github() as gh:
+                pr = await gh.pr_state(job.pr_number)
+            if pr.merged:
+                return Status.DONE
+            return Status.CANCELLED if pr.state == "closed" else None
+        merged = await anyio.to_thread.run_sync(rt.workspace(job).is_merged, job.branch)
+        return Status.DONE if merged else None

@@ -1,0 +1,370 @@
+"""One job: planner → coder → tester → reviewer (looping) → delivery, checkpointed (SPEC §3).
+
+The next stage is derived from the job's last checkpoint alone (``next_step``), so a job
+resumed after a crash, a pause or a preemption carries on exactly where it stopped and a
+completed stage is never run again.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+
+from . import prompts
+from .agents.base import StageContext, StageResult
+from .delivery import Delivery
+from .errors import AgentError, AgentStalled, OpusError, WorkspaceError
+from .lifecycle import Outcome, Stage, Status, check_transition
+from .models import Checkpoint, FeatureRequest, Feedback, Job
+from .runtime import Control, Runtime
+from .supervisor import with_retries
+
+log = logging.getLogger(__name__)
+
+Step = tuple[Stage, int]
+BLOCK = "block"
+FINISH = "finish"
+
+
+def next_step(job: Job, max_iterations: int) -> Step | str:
+    """The stage to run next after the job's last checkpoint, or BLOCK / FINISH."""
+    last = job.last
+    if last is None:
+        return (Stage.PLANNER, 1)
+    if last.outcome is Outcome.ERROR:
+        return FINISH
+    if last.outcome is Outcome.REJECTED:
+        if last.iteration >= max_iterations:
+            return BLOCK
+        return (Stage.CODER, last.iteration + 1)
+    following = {
+        Stage.PLANNER: (Stage.CODER, 1),
+        Stage.CODER: (Stage.TESTER, last.iteration),
+        Stage.TESTER: (Stage.REVIEWER, last.iteration),
+        Stage.REVIEWER: (Stage.DELIVERY, last.iteration),
+    }
+    return following.get(last.stage, FINISH)
+
+
+class Pipeline:
+    """Runs one job from its last checkpoint to a resting status or a requested stop."""
+
+    def __init__(self, rt: Runtime, job: Job, fr: FeatureRequest, control: Control) -> None:
+        self.rt = rt
+        self.job = job
+        self.fr = fr
+        self.control = control
+        self.delivery = Delivery(rt)
+        self.worktree: Path = rt.config.state_dir / "worktrees" / job.id
+
+    @property
+    def max_iterations(self) -> int:
+        return self.rt.config.pipeline.max_iterations
+
+    async def run(self) -> Job:
+        job = self.job
+        try:
+            if not await self._prepare():
+                return job
+            while True:
+                step = next_step(job, self.max_iterations)
+                if step == FINISH:
+                    return job
+                if step == BLOCK:
+                    await self._block()
+                    return job
+                assert isinstance(step, tuple)
+                if await self._should_stop():
+                    return job
+                await self._run_stage(*step)
+                if job.status is not Status.IN_PROGRESS:
+                    return job
+        except anyio.get_cancelled_exc_class():
+            with anyio.CancelScope(shield=True):
+                await self._interrupted()
+            raise
+
+    # -- the boundaries ---------------------------------------------------------------------
+
+    async def _prepare(self) -> bool:
+        """Create (or, on resume, reset) the worktree. False when the job failed."""
+        job, ws = self.job, self.rt.workspace(self.job)
+        try:
+            if job.base_commit is None:
+                created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
+                job.branch, job.base_commit = created.branch, created.base_commit
+                self.worktree = created.path
+                await self.rt.record(job, "worktree", note=False, path=str(created.path))
+            else:
+                created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
+                self.worktree, job.branch = created.path, created.branch
+                last = job.last
+                commit = (last.commit if last and last.commit else None) or job.base_commit
+                await anyio.to_thread.run_sync(ws.reset, self.worktree, commit)
+        except WorkspaceError as e:
+            await self._finish(Status.FAILED, f"repository unusable: {e}", event="failed")
+            return False
+        return True
+
+    async def _should_stop(self) -> bool:
+        """Honour pause, preemption, shutdown and the budget at a stage boundary."""
+        reason = self.control.stop
+        if reason == "pause":
+            await self._set(Status.PAUSED, "paused")
+            log.info("%s: paused at %s (job %s)", self.job.fr_id, self.job.stage, self.job.id)
+            return True
+        if reason == "preempt":
+            await self._set(Status.QUEUED, "preempted")
+            log.info("%s: yields its slot (job %s)", self.job.fr_id, self.job.id)
+            return True
+        if reason in ("shutdown", "cancel"):
+            return True
+        why = await anyio.to_thread.run_sync(self.rt.over_budget)
+        if why:
+            await self._set(Status.QUEUED, "budget")
+            log.warning("%s: waits: %s (job %s)", self.job.fr_id, why, self.job.id)
+            return True
+        return False
+
+    async def _set(self, status: Status, event: str) -> None:
+        self.job.status = check_transition(self.job.status, status)
+        await self.rt.record(self.job, event)
+
+    async def _interrupted(self) -> None:
+        """Cancelled mid-stage: by a person (→ cancelled) or by shutdown (→ resumable)."""
+        job = self.job
+        job.pgids = []
+        if self.control.stop == "cancel":
+            await self._finish(Status.CANCELLED, None, event="cancelled")
+            await self._remove_worktree()
+        else:
+            await self.rt.record(job, "interrupted", note=False)
+        log.info("%s: interrupted (%s) in %s", job.fr_id, self.control.stop or "cancel", job.stage)
+
+    # -- one stage ----------------------------------------------------------------------------
+
+    async def _run_stage(self, stage: Stage, iteration: int) -> None:
+        job, rt = self.job, self.rt
+        job.status = check_transition(job.status, Status.IN_PROGRESS)
+        job.stage, job.iteration, job.error = stage, iteration, None
+        on_disk = await rt.record(job, "stage_started", stage=stage.value, iteration=iteration)
+        if on_disk is Status.CANCELLED:
+            self.control.request("cancel")
+            await anyio.lowlevel.checkpoint()  # a person's cancel lands here
+        elif on_disk is Status.PAUSED:
+            self.control.request("pause")
+        if await self._should_stop():
+            return
+        log.info("%s: %s, iteration %d (job %s)", job.fr_id, stage, iteration, job.id)
+        started = rt.now()
+        if stage is Stage.DELIVERY:
+            await self._deliver(started)
+            return
+        head_before = await anyio.to_thread.run_sync(rt.workspace(job).head, self.worktree)
+        ctx = await self._context(stage, iteration)
+        agent = rt.agents[stage]
+
+        async def attempt(n: int) -> StageResult:
+            if n > 1:
+                await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
+                ctx.output_file.unlink(missing_ok=True)
+            return await agent.run(ctx)
+
+        try:
+            result, attempts = await with_retries(
+                attempt,
+                retries=rt.config.pipeline.retries,
+                on_retry=lambda n, e, delay: log.warning(
+                    "%s: %s attempt %d failed (%s); retrying in %.1f s", job.fr_id, stage, n,
+                    rt.redactor(str(e)), delay,
+                ),
+            )
+        except AgentError as e:
+            attempts = getattr(e, "attempts", 1)
+            await self._checkpoint(stage, iteration, Outcome.ERROR, started, attempts, None,
+                                   error=str(e))
+            if isinstance(e, AgentStalled):
+                await rt.notify("stuck", job, f"{stage} stalled: {e}")
+                await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
+            else:
+                await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
+            return
+        for key, value in result.meta.items():
+            job.agent_versions[f"{stage}.{key}"] = value
+        if result.usage is not None:
+            job.usage = job.usage + result.usage
+        outcome, artifact = await self._judge(stage, iteration, result, head_before)
+        await self._checkpoint(stage, iteration, outcome, started, attempts, artifact,
+                               result=result)
+
+    async def _context(self, stage: Stage, iteration: int) -> StageContext:
+        job, rt = self.job, self.rt
+        folder = await anyio.to_thread.run_sync(rt.registry.job_dir, job.id)
+        plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
+        feedback = job.feedback if stage is Stage.CODER and iteration > 1 else None
+        diff = ""
+        if stage is Stage.REVIEWER:
+            assert job.base_commit is not None
+            diff = await anyio.to_thread.run_sync(
+                rt.workspace(job).diff, self.worktree, job.base_commit
+            )
+        prompt = rt.redactor(
+            prompts.render(stage, self.fr, iteration=iteration, plan=plan, feedback=feedback,
+                           base_commit=job.base_commit or "", diff=diff)
+        )
+        prompt_file = await anyio.to_thread.run_sync(
+            rt.registry.write_artifact, job.id, f"prompt-{stage}-{iteration}.md", prompt
+        )
+        feedback_file = None
+        if feedback is not None:
+            feedback_file = await anyio.to_thread.run_sync(
+                rt.registry.write_artifact, job.id, f"feedback-{iteration}.json",
+                feedback.model_dump_json(indent=2),
+            )
+        output_file = folder / f"output-{stage}-{iteration}"
+        output_file.unlink(missing_ok=True)
+        agent_cfg = rt.config.agents.for_stage(stage)
+        return StageContext(
+            stage=stage, iteration=iteration, job_id=job.id, fr=self.fr,
+            worktree=self.worktree, artifacts=folder, prompt=prompt, prompt_file=prompt_file,
+            output_file=output_file, log_file=folder / f"{stage}-{iteration}.log",
+            base_commit=job.base_commit or "", plan=plan, feedback=feedback,
+            feedback_file=feedback_file,
+            timeout=agent_cfg.timeout or rt.config.pipeline.stage_timeout,
+            stall_timeout=rt.config.pipeline.stall_timeout, redactor=rt.redactor,
+            on_spawn=self._spawned, on_exit=self._exited,
+        )
+
+    def _spawned(self, pgid: int) -> None:
+        self.job.pgids = [*self.job.pgids, pgid]
+        self.rt.registry.save(self.job, "spawned", pgid=pgid)
+
+    def _exited(self, pgid: int) -> None:
+        self.job.pgids = [p for p in self.job.pgids if p != pgid]
+
+    async def _judge(
+        self, stage: Stage, iteration: int, result: StageResult, head_before: str
+    ) -> tuple[Outcome, str | None]:
+        """Turn an agent's result into the checkpoint's outcome (and the next feedback)."""
+        job, rt = self.job, self.rt
+        write = rt.registry.write_artifact
+        if stage is Stage.PLANNER:
+            await anyio.to_thread.run_sync(write, job.id, "plan.md", rt.redactor(result.output))
+            return Outcome.OK, "plan.md"
+        if stage is Stage.CODER:
+            if not result.passed:
+                return self._reject("patch_failed", iteration,
+                                    f"The coder's change could not be applied: {result.output}")
+            message = f"opus({job.fr_id}): coder, iteration {iteration}"
+            commit = await anyio.to_thread.run_sync(
+                lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
+            )
+            if commit is None:
+                return self._reject("no_changes", iteration,
+                                    "The coder changed nothing in the working tree.")
+            return Outcome.OK, f"coder-{iteration}.log"
+        if stage is Stage.TESTER:
+            if result.passed:
+                return Outcome.OK, f"tester-{iteration}.log"
+            outcome, _ = self._reject("tests_failed", iteration, "The tests failed.",
+                                      test_output=rt.redactor(result.output))
+            return outcome, f"tester-{iteration}.log"
+        verdict = result.verdict
+        assert verdict is not None, "the reviewer returned no verdict"
+        name = f"review-{iteration}.json"
+        await anyio.to_thread.run_sync(
+            write, job.id, name, rt.redactor(verdict.model_dump_json(indent=2))
+        )
+        if verdict.verdict == "approve":
+            job.confidence = verdict.confidence
+            return Outcome.OK, name
+        self._reject("changes_requested", iteration,
+                     verdict.summary or "The reviewer requested changes.", issues=verdict.issues)
+        return Outcome.REJECTED, name
+
+    def _reject(self, reason: str, iteration: int, message: str, **more: object) -> tuple[
+        Outcome, str | None
+    ]:
+        self.job.feedback = Feedback.model_validate(
+            {"iteration": iteration, "reason": reason, "message": message, **more}
+        )
+        return Outcome.REJECTED, None
+
+    async def _checkpoint(
+        self,
+        stage: Stage,
+        iteration: int,
+        outcome: Outcome,
+        started: datetime,
+        attempts: int,
+        artifact: str | None,
+        *,
+        error: str | None = None,
+        result: StageResult | None = None,
+    ) -> None:
+        job, rt = self.job, self.rt
+        commit = await anyio.to_thread.run_sync(rt.workspace(job).head, self.worktree)
+        job.history = [*job.history, Checkpoint(
+            stage=stage, iteration=iteration, outcome=outcome, started_at=started,
+            finished_at=rt.now(), commit=commit, attempts=attempts, artifact=artifact,
+            usage=result.usage if result else None, error=rt.redactor(error) if error else None,
+        )]
+        await rt.record(job, "checkpoint", stage=stage.value, iteration=iteration,
+                        outcome=outcome.value)
+
+    # -- endings ------------------------------------------------------------------------------
+
+    async def _deliver(self, started: datetime) -> None:
+        job = self.job
+        try:
+            status, error = await self.delivery.deliver(job, self.fr, self.worktree)
+        except OpusError as e:
+            await self._checkpoint(Stage.DELIVERY, job.iteration, Outcome.ERROR, started, 1,
+                                   None, error=str(e))
+            await self._finish(Status.FAILED, f"delivery failed: {e}", "failed")
+            return
+        await self._checkpoint(Stage.DELIVERY, job.iteration, Outcome.OK, started, 1, "pr.md")
+        await self._finish(status, error, status.value)
+        if status is Status.DONE:
+            await self._remove_worktree()
+
+    async def _block(self) -> None:
+        feedback = self.job.feedback
+        reason = feedback.message if feedback else "the reviewer never approved"
+        why = {
+            "tests_failed": "tests still failing",
+            "changes_requested": "reviewer still requests changes",
+            "no_changes": "the coder changed nothing",
+            "patch_failed": "the coder's patch did not apply",
+        }.get(feedback.reason if feedback else "", "not approved")
+        error = f"{why} after {self.max_iterations} iterations: {reason}"
+        details: dict[str, str] = {}
+        if feedback is not None:
+            details["test_output"] = feedback.test_output[-4000:]
+            details["review_issues"] = json.dumps(
+                [i.model_dump(exclude_none=True) for i in feedback.issues]
+            )
+        await self._finish(Status.BLOCKED, error.splitlines()[0][:300], "blocked", **details)
+
+    async def _finish(self, status: Status, error: str | None, event: str, **details: str) -> None:
+        job = self.job
+        job.status = check_transition(job.status, status)
+        job.error = error.splitlines()[0][:500] if error else None
+        job.pgids = []
+        await self.rt.record(job, event)
+        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "",
+                 job.id)
+        if status.value in ("review", "done", "failed", "blocked"):
+            message = job.error or (f"ready for review: {job.pr_url or job.branch}"
+                                    if status is Status.REVIEW else f"merged {job.branch}")
+            await self.rt.notify(status.value, job, message, **details)
+
+    async def _remove_worktree(self) -> None:
+        try:
+            await anyio.to_thread.run_sync(self.rt.workspace(self.job).remove, self.worktree)
+        except WorkspaceError as e:
+            log.warning("%s: could not remove worktree: %s", self.job.fr_id, e)

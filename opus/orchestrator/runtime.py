@@ -1,0 +1,133 @@
+"""What every job shares: the parts opus is built from, and how a job's state is recorded.
+
+``Runtime`` is the one place that writes a job's state: to the registry (the checkpoint) and
+then into the note (the mirror), in that order, so a crash between the two is repaired from
+the registry on the next start.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Literal
+
+import anyio
+import httpx
+
+from .agents.base import Agent
+from .budget import over_budget
+from .config import Config
+from .errors import NoteError
+from .lifecycle import FINISHED, WITH_STAGE, Stage, Status
+from .models import Job
+from .notify import Notifier
+from .redact import Redactor
+from .registry import Registry
+from .vault import Vault
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+#: Statuses a person sets that opus's progress never overwrites in the note.
+RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED})
+
+StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
+
+
+@dataclass
+class Control:
+    """A request to a running job, checked at each stage boundary (``cancel`` acts at once)."""
+
+    stop: StopReason | None = None
+    scope: anyio.CancelScope | None = None
+    finished: anyio.Event = field(default_factory=anyio.Event)
+
+    def request(self, reason: StopReason) -> None:
+        if self.stop in ("cancel", "shutdown") and reason in ("pause", "preempt"):
+            return
+        self.stop = reason
+        if reason == "cancel" and self.scope is not None:
+            self.scope.cancel()
+
+
+def local_now() -> datetime:
+    return datetime.now().replace(microsecond=0)
+
+
+@dataclass
+class Runtime:
+    config: Config
+    vault: Vault
+    registry: Registry
+    agents: Mapping[Stage, Agent]
+    workspaces: Mapping[str, Workspace]
+    notifier: Notifier
+    redactor: Redactor
+    now: Callable[[], datetime] = local_now
+    environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
+    http_transport: httpx.AsyncBaseTransport | None = None
+    """For tests: where GitHub and webhook requests go."""
+    on_change: Callable[[Job], None] | None = None
+    """Called after every recorded change (the dashboard, the demo's printer)."""
+
+    def over_budget(self) -> str | None:
+        return over_budget(self.config.budget, self.registry.jobs(), self.now())
+
+    def workspace(self, job: Job) -> Workspace:
+        return self.workspaces[job.repo]
+
+    async def record(
+        self, job: Job, event: str, *, note: bool = True, **data: Any
+    ) -> Status | None:
+        """Checkpoint ``job`` in the registry, then mirror it into its note.
+
+        Returns the note's status as it was on disk (a person may have changed it).
+        """
+        job.updated_at = self.now()
+        if job.status in FINISHED and job.finished_at is None:
+            job.finished_at = job.updated_at
+        await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, **data))
+        on_disk = await self.mirror(job) if note else None
+        if self.on_change is not None:
+            self.on_change(job)
+        return on_disk
+
+    async def mirror(self, job: Job) -> Status | None:
+        """Write the job's status into its note's opus keys; a person's control status wins."""
+        changes: dict[str, object | None] = {
+            "status": job.status.value,
+            "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
+            "iteration": job.iteration if job.status in WITH_STAGE else None,
+            "job_id": job.id,
+            "branch": job.branch,
+            "pr_url": job.pr_url,
+            "error": self.redactor(job.error) if job.error else None,
+            "updated_at": self.now(),
+        }
+        path = self.config.root / job.fr_path
+        # progress never overwrites a person's control; a resting status answers it
+        respect = RESPECT if job.status in (Status.QUEUED, Status.IN_PROGRESS) else frozenset()
+        try:
+            return await anyio.to_thread.run_sync(
+                lambda: self.vault.update(path, changes, respect=respect)
+            )
+        except NoteError as e:
+            log.warning("%s: cannot update the note: %s", job.fr_id, e.problem)
+            return None
+        except FileNotFoundError:
+            log.warning("%s: its note %s is gone", job.fr_id, job.fr_path)
+            return None
+
+    async def notify(self, event: str, job: Job, message: str, **details: str) -> None:
+        await self.notifier.send(
+            event,
+            fr_id=job.fr_id,
+            title=job.title,
+            status=job.status.value,
+            message=self.redactor(message),
+            job_id=job.id,
+            details={k: self.redactor(v) for k, v in details.items()},
+        )

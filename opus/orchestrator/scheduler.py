@@ -1,0 +1,264 @@
+"""Which FR runs when: claiming notes, a person's controls, slots, priority, preemption,
+dependencies and settling what waits in review (SPEC §2.3, §4, §7)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import anyio
+from anyio.abc import TaskGroup
+
+from .delivery import Delivery
+from .errors import NoteError, WorkspaceError
+from .lifecycle import FINISHED, Status, check_transition
+from .models import FeatureRequest, Job, slug
+from .pipeline import Pipeline
+from .runtime import Control, Runtime
+from .supervisor import kill_group
+from .vault import Scan
+
+log = logging.getLogger(__name__)
+
+#: Statuses opus writes into a note; a mismatch with the registry is repaired from it.
+OPUS_SET = frozenset(
+    {Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW, Status.DONE, Status.FAILED, Status.BLOCKED}
+)
+
+
+@dataclass
+class Running:
+    job: Job
+    control: Control
+
+
+class Scheduler:
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+        self.delivery = Delivery(rt)
+        self.running: dict[str, Running] = {}
+        self.accepting = True
+        self.finished = anyio.Event()
+        """Set (and replaced) whenever a pipeline ends."""
+        self._budget_told: str | None = None
+        self.only: set[str] | None = None
+        """When set, only these FR ids are acted on (``Orchestrator.process``)."""
+
+    # -- start-up -------------------------------------------------------------------------------
+
+    async def recover(self) -> list[Job]:
+        """Kill what a dead predecessor left running; unfinished jobs go back to the queue."""
+        recovered = []
+        for job in self.rt.registry.jobs():
+            if job.status in FINISHED:
+                continue
+            for pgid in job.pgids:
+                if await anyio.to_thread.run_sync(kill_group, pgid):
+                    log.warning("%s: killed agent process group %d left by a dead opus",
+                                job.fr_id, pgid)
+            job.pgids = []
+            if job.status is Status.IN_PROGRESS:
+                job.status = Status.QUEUED
+                await self.rt.record(job, "recovered")
+                done = f"{job.last.stage} of iteration {job.last.iteration}" if job.last else "none"
+                log.info("%s: recovered job %s (last completed stage: %s)",
+                         job.fr_id, job.id, done)
+                await self.rt.notify("recovered", job,
+                                     f"resumes after {done} (job {job.id})")
+                recovered.append(job)
+        return recovered
+
+    # -- reconciling notes with jobs -----------------------------------------------------------
+
+    async def reconcile(self, scan: Scan, *, settle_reviews: bool = True) -> None:
+        for fr in scan.frs.values():
+            if self.only is not None and fr.id not in self.only:
+                continue
+            try:
+                await self._reconcile(fr, settle_reviews)
+            except (NoteError, WorkspaceError) as e:
+                log.warning("%s: %s", fr.id, e)
+        for job in self.rt.registry.jobs():
+            if job.status in (Status.QUEUED, Status.PAUSED) and job.fr_id not in scan.frs \
+                    and job.id not in self.running:
+                job.status = Status.CANCELLED
+                job.error = "the note left the planned folder"
+                await self.rt.record(job, "cancelled", note=False)
+
+    async def _reconcile(self, fr: FeatureRequest, settle_reviews: bool) -> None:
+        rt = self.rt
+        job = rt.registry.latest_for(fr.id)
+        run = self.running.get(job.id) if job else None
+        status = fr.status or Status.PLANNED
+        if fr.invalid is not None:
+            if status is Status.PLANNED:
+                key, problem = fr.invalid
+                log.warning("%s: %s: bad value for `%s`: %s", fr.id, fr.path.name, key, problem)
+                changes = {"status": "failed", "error": f"{key}: {problem}",
+                           "updated_at": rt.now()}
+                await anyio.to_thread.run_sync(lambda: rt.vault.update(fr.path, changes))
+            return
+        if status is Status.PLANNED:
+            if job is not None and job.status is Status.PAUSED:
+                job.status = Status.QUEUED
+                await rt.record(job, "resumed")
+                log.info("%s: resumed (job %s)", fr.id, job.id)
+            elif job is not None and job.status in (Status.QUEUED, Status.IN_PROGRESS):
+                await rt.mirror(job)
+            else:
+                await self._claim(fr, "queued")
+        elif status is Status.PAUSED:
+            if run is not None:
+                run.control.request("pause")
+            elif job is not None and job.status in (Status.QUEUED, Status.IN_PROGRESS):
+                job.status = Status.PAUSED
+                await rt.record(job, "paused")
+        elif status is Status.CANCELLED:
+            if run is not None:
+                run.control.request("cancel")
+            elif job is not None and job.status in (
+                Status.QUEUED, Status.IN_PROGRESS, Status.PAUSED, Status.REVIEW
+            ):
+                await self._end(job, Status.CANCELLED, None, "cancelled")
+        elif status is Status.APPROVED:
+            if job is not None and job.status is Status.REVIEW:
+                job.status = Status.APPROVED
+                result, error = await self.delivery.merge(job)
+                await self._end(job, result, error, result.value)
+        elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
+            if settle_reviews and fr.job_id == job.id:
+                result = await self.delivery.merged_or_closed(job)
+                if result is not None:
+                    await self._end(job, result, None, result.value)
+        elif status in OPUS_SET:
+            if job is None or (fr.job_id is not None and fr.job_id != job.id) or (
+                status in (Status.QUEUED, Status.IN_PROGRESS) and job.status in FINISHED
+            ):
+                if status in (Status.QUEUED, Status.IN_PROGRESS):
+                    await self._claim(fr, "requeued")
+            elif job.status is not status and run is None:
+                await rt.mirror(job)
+
+    async def _claim(self, fr: FeatureRequest, event: str) -> Job:
+        rt = self.rt
+        repo = fr.repo or rt.config.default_repo
+        prefix = rt.config.repos[repo].branch_prefix
+        rel = fr.path.relative_to(rt.config.root).as_posix()
+        job = await anyio.to_thread.run_sync(lambda: rt.registry.create(
+            fr_id=fr.id, fr_path=rel, title=fr.title, priority=fr.priority, repo=repo,
+            branch=f"{prefix}{slug(fr.id)}",
+        ))
+        await rt.record(job, event)
+        log.info("%s: %s as job %s (%s)", fr.id, event, job.id, fr.priority)
+        return job
+
+    async def _end(self, job: Job, status: Status, error: str | None, event: str) -> None:
+        job.status = check_transition(job.status, status)
+        job.stage, job.error = None, error
+        await self.rt.record(job, event)
+        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {error}" if error else "", job.id)
+        if status.value in ("done", "blocked"):
+            await self.rt.notify(status.value, job, error or f"merged {job.branch}")
+        if status in (Status.DONE, Status.CANCELLED):
+            path = self.rt.config.state_dir / "worktrees" / job.id
+            if path.exists():
+                try:
+                    await anyio.to_thread.run_sync(self.rt.workspace(job).remove, path)
+                except WorkspaceError as e:
+                    log.warning("%s: could not remove worktree: %s", job.fr_id, e)
+
+    # -- starting work ----------------------------------------------------------------------------
+
+    def waiting(self, scan: Scan) -> list[tuple[Job, FeatureRequest]]:
+        """Queued jobs whose note is present and whose dependencies are done, best first."""
+        ready = []
+        for job in self.rt.registry.jobs():
+            fr = scan.frs.get(job.fr_id)
+            if job.status is not Status.QUEUED or job.id in self.running or fr is None:
+                continue
+            if self.only is not None and job.fr_id not in self.only:
+                continue
+            if all(self._done(dep, scan) for dep in fr.depends_on):
+                ready.append((job, fr))
+        ready.sort(key=lambda pair: (pair[0].priority.rank, pair[0].created_at))
+        return ready
+
+    def _done(self, fr_id: str, scan: Scan) -> bool:
+        fr = scan.frs.get(fr_id)
+        if fr is not None and fr.status is Status.DONE:
+            return True
+        job = self.rt.registry.latest_for(fr_id)
+        return job is not None and job.status is Status.DONE
+
+    async def start_ready(self, tg: TaskGroup, scan: Scan) -> int:
+        """Start as many waiting jobs as there are free slots; preempt if one must yield."""
+        if not self.accepting:
+            return 0
+        waiting = self.waiting(scan)
+        if not waiting:
+            return 0
+        why = await anyio.to_thread.run_sync(self.rt.over_budget)
+        if why:
+            if why != self._budget_told:
+                self._budget_told = why
+                log.warning("budget: %s; %d FR(s) wait", why, len(waiting))
+                await self.rt.notify("budget", waiting[0][0], why)
+            return 0
+        self._budget_told = None
+        started = 0
+        free = self.rt.config.pipeline.concurrency - len(self.running)
+        for job, fr in waiting[: max(free, 0)]:
+            control = Control()
+            self.running[job.id] = Running(job, control)
+            tg.start_soon(self._run, job, fr, control)
+            started += 1
+        if self.rt.config.pipeline.preempt and len(waiting) > started:
+            self._preempt(waiting[started][0])
+        return started
+
+    def _preempt(self, best: Job) -> None:
+        if any(r.control.stop == "preempt" for r in self.running.values()):
+            return
+        candidates = [r for r in self.running.values() if r.control.stop is None]
+        if len(self.running) < self.rt.config.pipeline.concurrency or not candidates:
+            return
+        worst = max(candidates, key=lambda r: (r.job.priority.rank, r.job.created_at))
+        if best.priority.rank < worst.job.priority.rank:
+            log.info("%s (%s) waits: %s (%s) yields at its next stage boundary",
+                     best.fr_id, best.priority, worst.job.fr_id, worst.job.priority)
+            worst.control.request("preempt")
+
+    async def _run(self, job: Job, fr: FeatureRequest, control: Control) -> None:
+        try:
+            with anyio.CancelScope() as scope:
+                control.scope = scope
+                await Pipeline(self.rt, job, fr, control).run()
+        except Exception as e:
+            log.exception("%s: internal error in job %s", job.fr_id, job.id)
+            with anyio.CancelScope(shield=True):
+                job.status, job.error, job.pgids = Status.FAILED, f"internal error: {e!r}", []
+                await self.rt.record(job, "failed")
+        finally:
+            self.running.pop(job.id, None)
+            control.finished.set()
+            self.finished.set()
+            self.finished = anyio.Event()
+
+    # -- stopping ----------------------------------------------------------------------------------
+
+    async def drain(self, grace: float) -> None:
+        """Take no new work; let running stages finish within ``grace``; then cancel the rest."""
+        self.accepting = False
+        runs = list(self.running.values())
+        for run in runs:
+            run.control.request("shutdown")
+        with anyio.move_on_after(grace):
+            for run in runs:
+                await run.control.finished.wait()
+        for run in list(self.running.values()):
+            log.warning("%s: stage %s still running after %.0f s; stopping it",
+                        run.job.fr_id, run.job.stage, grace)
+            if run.control.scope is not None:
+                run.control.scope.cancel()
+        for run in runs:
+            await run.control.finished.wait()

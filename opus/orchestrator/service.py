@@ -1,0 +1,325 @@
+"""The Orchestrator: one vault served — recovery, the main loop, shutdown (SPEC §4, §10, §11).
+
+    async with Orchestrator(config) as orch:   # takes the lock, opens the registry, recovers
+        await orch.run()                        # serve until cancelled or ``stop()``
+        # or: await orch.run_once()             # everything to a resting status, then return
+        # or: job = await orch.process("FR-101")
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+from datetime import datetime
+from types import TracebackType
+
+import anyio
+import httpx
+from anyio.abc import TaskGroup
+from anyio.streams.memory import MemoryObjectSendStream
+
+from .agents import build_agents
+from .agents.base import Agent
+from .config import Config
+from .dashboard import write_dashboard
+from .errors import OpusError
+from .health import write_health
+from .lifecycle import Status
+from .lock import InstanceLock
+from .models import Job
+from .notify import Notifier
+from .redact import RedactingFilter, Redactor
+from .registry import Registry
+from .runtime import Runtime, local_now
+from .scheduler import Scheduler
+from .systemd import SystemdNotifier
+from .vault import Scan, Vault
+from .watcher import AdaptivePoll, Watcher
+from .workspace import Workspace
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Summary:
+    """What a ``run_once`` left behind: FR id → status."""
+
+    statuses: dict[str, str] = field(default_factory=dict)
+    problems: list[str] = field(default_factory=list)
+
+
+class Orchestrator:
+    """Serves one vault. Constructing does no I/O; entering takes the lock and recovers."""
+
+    def __init__(
+        self,
+        config: Config,
+        *,
+        agents: Mapping[str, Agent] | None = None,
+        environ: Mapping[str, str] | None = None,
+        now: Callable[[], datetime] = local_now,
+        http_transport: httpx.AsyncBaseTransport | None = None,
+        on_change: Callable[[Job], None] | None = None,
+    ) -> None:
+        self.config = config
+        self._agent_overrides = dict(agents or {})
+        self._environ = dict(os.environ if environ is None else environ)
+        self._now = now
+        self._http_transport = http_transport
+        self._on_change = on_change
+        self._lock = InstanceLock(config.state_dir / "opus.lock")
+        self._stop = anyio.Event()
+        self._started_at = now()
+        self._last_scan: Scan | None = None
+        self._log_filter: RedactingFilter | None = None
+        self._wake: MemoryObjectSendStream[str] | None = None
+        self.systemd = SystemdNotifier(self._environ)
+        self.rt: Runtime
+        self.scheduler: Scheduler
+
+    # -- lifetime ------------------------------------------------------------------------------
+
+    async def __aenter__(self) -> Orchestrator:
+        config = self.config
+        state = config.state_dir
+        await anyio.to_thread.run_sync(lambda: state.mkdir(mode=0o700, parents=True, exist_ok=True))
+        self._lock.acquire()
+        try:
+            redactor = Redactor(config.secrets(self._environ))
+            self._log_filter = RedactingFilter(redactor)
+            logging.getLogger("opus").addFilter(self._log_filter)
+            registry = Registry(state, keep_days=config.state.keep_days, now=self._now)
+            await anyio.to_thread.run_sync(registry.open)
+            self.rt = Runtime(
+                config=config,
+                vault=Vault(config),
+                registry=registry,
+                agents=build_agents(config, self._agent_overrides, environ=self._environ),
+                workspaces={
+                    name: Workspace(config.repo_path(name), base=repo.base,
+                                    worktrees_dir=state / "worktrees")
+                    for name, repo in config.repos.items()
+                },
+                notifier=Notifier(config.notify, redactor, transport=self._http_transport),
+                redactor=redactor,
+                now=self._now,
+                environ=self._environ,
+                http_transport=self._http_transport,
+                on_change=self._changed,
+            )
+            self.scheduler = Scheduler(self.rt)
+            await self.scheduler.recover()
+        except BaseException:
+            self._release()
+            raise
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(self.rt.registry.flush)
+            self.systemd.stopping()
+        self._release()
+
+    def _release(self) -> None:
+        if self._log_filter is not None:
+            logging.getLogger("opus").removeFilter(self._log_filter)
+        self._lock.release()
+
+    def _changed(self, job: Job) -> None:
+        self._dirty = True
+        if self._on_change is not None:
+            self._on_change(job)
+
+    _dirty = True
+
+    # -- one step --------------------------------------------------------------------------------
+
+    async def tick(self, tg: TaskGroup, *, settle_reviews: bool = True) -> Scan:
+        """Scan the vault, act on what changed, start what may start."""
+        scan = await anyio.to_thread.run_sync(self.rt.vault.scan)
+        self._last_scan = scan
+        await self.scheduler.reconcile(scan, settle_reviews=settle_reviews)
+        await self.scheduler.start_ready(tg, scan)
+        await anyio.to_thread.run_sync(self._write_state, scan)
+        return scan
+
+    def _write_state(self, scan: Scan) -> None:
+        self.rt.registry.flush()
+        self._heartbeat()
+        if self._dirty and self.config.dashboard_path is not None:
+            self._dirty = False
+            write_dashboard(self.config.dashboard_path, self.rt.registry.jobs(), scan,
+                            now=self._now())
+
+    def _heartbeat(self) -> None:
+        running = [
+            {"job_id": r.job.id, "fr_id": r.job.fr_id, "stage": r.job.stage,
+             "iteration": r.job.iteration}
+            for r in list(self.scheduler.running.values())
+        ]
+        queued = sum(1 for j in self.rt.registry.jobs() if j.status is Status.QUEUED)
+        write_health(self.config.state_dir / "health.json", pid=os.getpid(),
+                     started_at=self._started_at, last_tick=self._now(), running=running,
+                     queued=queued)
+        self.systemd.status(f"{len(running)} running, {queued} queued")
+
+    # -- serving -----------------------------------------------------------------------------------
+
+    def reload(self, config: Config) -> None:
+        """Take a new config (SIGHUP): agents, notifiers, budget and limits of new stages."""
+        if config.state_dir != self.config.state_dir or config.root != self.config.root:
+            raise OpusError("a reload cannot move the vault or the state folder; restart opus")
+        agents = build_agents(config, self._agent_overrides, environ=self._environ)
+        self.config = config
+        self.rt.config = config
+        self.rt.agents = agents
+        self.rt.redactor.update(config.secrets(self._environ))
+        self.rt.notifier = Notifier(config.notify, self.rt.redactor,
+                                    transport=self._http_transport)
+        self.rt.workspaces = {
+            name: self.rt.workspaces.get(name) or Workspace(
+                config.repo_path(name), base=repo.base,
+                worktrees_dir=config.state_dir / "worktrees")
+            for name, repo in config.repos.items()
+        }
+        log.info("configuration reloaded from %s", config.source)
+
+    def stop(self) -> None:
+        """Ask ``run`` to shut down gracefully (what SIGTERM does)."""
+        self._stop.set()
+        if self._wake is not None:
+            try:
+                self._wake.send_nowait("stop")
+            except anyio.WouldBlock:
+                pass
+
+    async def run(self) -> None:
+        """Serve the vault until ``stop()`` (or cancellation): watch, poll, run pipelines."""
+        polling = self.config.polling
+        poll = AdaptivePoll(polling.active, polling.idle_max, polling.backoff)
+        wake_send, wake_recv = anyio.create_memory_object_stream[str](100)
+        self._wake = wake_send
+        async with anyio.create_task_group() as tg:
+            watcher = Watcher(self.config.planned_dir, is_candidate=self.rt.vault.is_candidate,
+                              debounce=polling.debounce_ms / 1000, enabled=polling.watch)
+            async with watcher:
+                tg.start_soon(self._forward_changes, watcher, wake_send)
+                tg.start_soon(self._forward_finished, wake_send)
+                tg.start_soon(self._beat)
+                settle = True
+                first = True
+                while not self._stop.is_set():
+                    scan = await self.tick(tg, settle_reviews=settle)
+                    if first:
+                        first = False
+                        self.systemd.ready()
+                        log.info("serving %s: %d FR note(s), %d problem(s)",
+                                 self.config.root, len(scan.frs), len(scan.problems))
+                    busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
+                    settle = True
+                    with anyio.move_on_after(poll.interval(busy)):
+                        reason = await wake_recv.receive()
+                        settle = reason == "stop"
+                log.info("stopping: %d running job(s) get %.0f s to finish their stage",
+                         len(self.scheduler.running), self.config.service.shutdown_grace)
+                self.systemd.stopping()
+                await self.scheduler.drain(self.config.service.shutdown_grace)
+                tg.cancel_scope.cancel()
+
+    async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
+        vault = self.rt.vault
+        while True:
+            batch = await watcher.next_batch(3600)
+            if batch.rescan or any(not vault.is_own_write(p) for p in batch.paths):
+                try:
+                    wake.send_nowait("change")
+                except anyio.WouldBlock:
+                    pass
+
+    async def _forward_finished(self, wake: MemoryObjectSendStream[str]) -> None:
+        while True:
+            await self.scheduler.finished.wait()
+            try:
+                wake.send_nowait("finished")
+            except anyio.WouldBlock:
+                pass
+
+    async def _beat(self) -> None:
+        interval = self.systemd.watchdog_interval() or 30.0
+        while True:
+            await anyio.sleep(min(interval, 30.0))
+            self.systemd.watchdog()
+            await anyio.to_thread.run_sync(self._heartbeat)
+
+    async def run_once(self, only: set[str] | None = None) -> Summary:
+        """Settle what waits on a person, then run every eligible FR to a resting status."""
+        self.scheduler.only = only
+        async with anyio.create_task_group() as tg:
+            while True:
+                scan = await self.tick(tg)
+                if not self.scheduler.running:
+                    break
+                await self.scheduler.finished.wait()
+        self.scheduler.only = None
+        scan = await anyio.to_thread.run_sync(self.rt.vault.scan)
+        summary = Summary(problems=[f"{p.path}: {p.message}" for p in scan.problems])
+        for fr_id in sorted(scan.frs):
+            job = self.rt.registry.latest_for(fr_id)
+            fr = scan.frs[fr_id]
+            summary.statuses[fr_id] = job.status.value if job else (fr.status or "planned")
+        await anyio.to_thread.run_sync(self._write_state, scan)
+        return summary
+
+    async def process(self, ref: str) -> Job:
+        """Run one FR (an id or a note's path) to a resting status and return its job."""
+        path = await anyio.to_thread.run_sync(self.rt.vault.find, ref)
+        fr = await anyio.to_thread.run_sync(self.rt.vault.read, path)
+        await self.run_once(only={fr.id})
+        job = self.rt.registry.latest_for(fr.id)
+        if job is None:
+            raise OpusError(f"{fr.id}: no job was started (status {fr.status})")
+        return job
+
+
+async def serve(config: Config, *, once: bool = False, config_path: Any = None) -> Summary | None:
+    """``opus run``: serve with signals — SIGTERM/SIGINT drain, a second SIGINT stops at
+    once, SIGHUP re-reads the config (an invalid one is rejected, the old one kept)."""
+    import signal
+
+    from .config import load_config
+
+    async with Orchestrator(config) as orch:
+        if once:
+            return await orch.run_once()
+        async with anyio.create_task_group() as tg:
+
+            async def signals() -> None:
+                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                    async for signum in sigs:
+                        if signum == signal.SIGHUP:
+                            orch.systemd.reloading()
+                            try:
+                                orch.reload(load_config(config_path or config.source))
+                            except OpusError as e:
+                                log.error("reload rejected, keeping the old config: %s", e)
+                            orch.systemd.ready()
+                        elif orch._stop.is_set() and signum == signal.SIGINT:
+                            log.warning("second interrupt: stopping now")
+                            tg.cancel_scope.cancel()
+                        else:
+                            log.info("%s received: finishing running stages",
+                                     signal.Signals(signum).name)
+                            orch.stop()
+
+            tg.start_soon(signals)
+            await orch.run()
+            tg.cancel_scope.cancel()
+    return None

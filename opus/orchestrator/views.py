@@ -1,0 +1,299 @@
+"""Read-only views for the CLI: status, show, validate, metrics input, and note controls.
+
+Nothing here takes the service's lock: it reads the registry and the notes as they are on
+disk, and writes only a note's ``status`` (exactly what a person would do by hand).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+from collections.abc import Iterator
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from pydantic import ValidationError
+
+from .config import Config
+from .errors import NoteError, OpusError, WorkspaceError
+from .lifecycle import Stage, Status
+from .models import Job
+from .vault import Vault
+from .workspace import Workspace
+
+
+def read_jobs(state_dir: Path) -> list[Job]:
+    """The registry's jobs, brought up to date from event logs newer than registry.json."""
+    jobs: dict[str, Job] = {}
+    registry = state_dir / "registry.json"
+    mtime = 0
+    try:
+        mtime = registry.stat().st_mtime_ns
+        doc = json.loads(registry.read_bytes())
+        for row in doc.get("jobs", []):
+            job = Job.model_validate(row)
+            jobs[job.id] = job
+    except (OSError, ValueError):
+        mtime = 0
+    folder = state_dir / "jobs"
+    if folder.is_dir():
+        for entry in os.scandir(folder):
+            log = Path(entry.path) / "events.jsonl"
+            try:
+                if entry.name in jobs and log.stat().st_mtime_ns < mtime:
+                    continue
+                lines = log.read_bytes().split(b"\n")[:-1]
+            except OSError:
+                continue
+            for line in reversed(lines):
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                if record.get("event") == "archived":
+                    jobs.pop(entry.name, None)
+                    break
+                if "job" in record:
+                    try:
+                        job = Job.model_validate(record["job"])
+                    except ValidationError:
+                        break
+                    jobs[job.id] = job
+                    break
+    return sorted(jobs.values(), key=lambda j: j.created_at)
+
+
+def read_archive(state_dir: Path) -> Iterator[Job]:
+    seen: set[str] = set()
+    for path in sorted((state_dir / "archive").glob("*.jsonl")):
+        for line in path.read_bytes().split(b"\n")[:-1]:
+            try:
+                job = Job.model_validate_json(line)
+            except ValidationError:
+                continue
+            if job.id not in seen:
+                seen.add(job.id)
+                yield job
+
+
+def all_jobs(config: Config) -> list[Job]:
+    live = read_jobs(config.state_dir)
+    ids = {j.id for j in live}
+    return [*(j for j in read_archive(config.state_dir) if j.id not in ids), *live]
+
+
+def events(config: Config, job_id: str) -> list[dict[str, Any]]:
+    path = config.state_dir / "jobs" / job_id / "events.jsonl"
+    try:
+        lines = path.read_bytes().split(b"\n")[:-1]
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+def all_events(config: Config) -> dict[str, list[dict[str, Any]]]:
+    return {job.id: events(config, job.id) for job in read_jobs(config.state_dir)}
+
+
+def _age(since: datetime, now: datetime) -> str:
+    s = max(0, int((now - since).total_seconds()))
+    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 \
+        else f"{s // 86400}d"
+
+
+def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str, Any]]:
+    """One row per FR note (and per job whose note is gone), plus unreadable notes."""
+    now = now or datetime.now()
+    scan = Vault(config).scan()
+    latest: dict[str, Job] = {}
+    for job in read_jobs(config.state_dir):
+        latest[job.fr_id] = job
+    rows: list[dict[str, Any]] = []
+    for fr_id in sorted(set(scan.frs) | set(latest)):
+        fr, job = scan.frs.get(fr_id), latest.get(fr_id)
+        status = (fr.status.value if fr and fr.status else "planned") if fr else (
+            job.status.value if job else "?")
+        if job and fr and fr.status is None:
+            status = job.status.value
+        rows.append({
+            "id": fr_id,
+            "status": status,
+            "stage": (job.stage.value if job and job.stage and job.status in
+                      (Status.IN_PROGRESS, Status.QUEUED, Status.PAUSED) else None),
+            "iteration": job.iteration if job else None,
+            "age": _age(job.created_at, now) if job else None,
+            "branch": job.branch if job else None,
+            "job_id": job.id if job else None,
+            "priority": (fr.priority.value if fr else job.priority.value if job else None),
+            "title": fr.title if fr else job.title if job else "",
+            "error": (job.error if job else None) or (fr.error if fr else None),
+            "note": str(fr.path.relative_to(config.root)) if fr else (job.fr_path if job else None),
+        })
+    for problem in scan.problems:
+        rows.append({"id": None, "status": "unreadable", "stage": None, "iteration": None,
+                     "age": None, "branch": None, "job_id": None, "priority": None,
+                     "title": "", "error": problem.message,
+                     "note": str(problem.path.relative_to(config.root))})
+    return rows
+
+
+def print_status(config: Config) -> None:
+    from rich.console import Console
+
+    Console().print(status_table(config))
+
+
+def status_table(config: Config) -> Any:
+    from rich.table import Table
+
+    table = Table("id", "status", "stage", "iter", "age", "branch", "title / problem",
+                  box=None, header_style="bold")
+    for r in status_rows(config):
+        table.add_row(r["id"] or r["note"], r["status"], r["stage"] or "",
+                      str(r["iteration"] or ""), r["age"] or "", r["branch"] or "",
+                      r["error"] if r["status"] in ("unreadable", "failed", "blocked")
+                      and r["error"] else r["title"])
+    return table
+
+
+def watch_status(config: Config) -> None:
+    import time
+
+    from rich.live import Live
+
+    with Live(status_table(config), refresh_per_second=2) as live:
+        try:
+            while True:
+                time.sleep(1)
+                live.update(status_table(config))
+        except KeyboardInterrupt:
+            return
+
+
+def _job_for(config: Config, ref: str) -> tuple[str, Job | None]:
+    vault = Vault(config)
+    jobs = read_jobs(config.state_dir)
+    try:
+        fr = vault.read(vault.find(ref))
+        fr_id = fr.id
+    except NoteError:
+        if not any(j.fr_id == ref for j in jobs):
+            raise
+        fr_id = ref
+    mine = [j for j in jobs if j.fr_id == fr_id]
+    return fr_id, (mine[-1] if mine else None)
+
+
+def show_data(config: Config, ref: str) -> dict[str, Any]:
+    fr_id, job = _job_for(config, ref)
+    if job is None:
+        raise OpusError(f"{fr_id}: no job yet")
+    folder = config.state_dir / "jobs" / job.id
+    reviews = sorted(folder.glob("review-*.json"), key=lambda p: int(p.stem.split("-")[1]))
+    review = json.loads(reviews[-1].read_text()) if reviews else None
+    return {
+        "fr_id": fr_id,
+        "job": job.model_dump(mode="json"),
+        "artifacts": sorted(p.name for p in folder.iterdir()) if folder.is_dir() else [],
+        "artifacts_dir": str(folder),
+        "review": review,
+    }
+
+
+def print_show(data: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    job = data["job"]
+    console = Console()
+    console.print(f"[bold]{data['fr_id']}[/bold] {job['title']} — {job['status']}"
+                  + (f" ({job['stage']}, iteration {job['iteration']})"
+                     if job["status"] == "in-progress" else ""))
+    console.print(f"job {job['id']} · branch {job['branch']} · priority {job['priority']}"
+                  + (f" · {job['pr_url']}" if job.get("pr_url") else ""))
+    if job.get("error"):
+        console.print(f"error: {job['error']}")
+    table = Table("stage", "iter", "outcome", "attempts", "seconds", "commit", "cost $",
+                  box=None, header_style="bold")
+    for cp in job["history"]:
+        secs = (datetime.fromisoformat(cp["finished_at"])
+                - datetime.fromisoformat(cp["started_at"])).total_seconds()
+        usage = cp.get("usage") or {}
+        table.add_row(cp["stage"], str(cp["iteration"]), cp["outcome"], str(cp["attempts"]),
+                      f"{secs:.0f}", (cp.get("commit") or "")[:10],
+                      f"{usage.get('cost_usd', 0):.4f}" if usage else "")
+    console.print(table)
+    u = job["usage"]
+    console.print(f"usage: {u['input_tokens']} in / {u['output_tokens']} out tokens, "
+                  f"${u['cost_usd']:.4f}{' (estimated)' if u.get('cost_estimated') else ''}")
+    if data["review"]:
+        r = data["review"]
+        console.print(f"last review: {r['verdict']} ({r.get('confidence', 0)}): "
+                      f"{r.get('summary', '')}")
+        for issue in r.get("issues", []):
+            console.print(f"  - {issue.get('severity')}: {issue.get('message')}")
+    console.print(f"artifacts in {data['artifacts_dir']}: {', '.join(data['artifacts'])}")
+
+
+def validate(config: Config) -> list[str]:
+    """Every problem with the repositories, the agents and the notes, one line each."""
+    problems: list[str] = []
+    for name, repo in config.repos.items():
+        try:
+            Workspace(config.repo_path(name), base=repo.base,
+                      worktrees_dir=config.state_dir / "worktrees").check()
+        except WorkspaceError as e:
+            problems.append(f"{config.source}: [repos.{name}] {e}")
+    for stage in Stage:
+        if stage is Stage.DELIVERY:
+            continue
+        section = config.agents.for_stage(stage)
+        if section.kind in ("openai", "python"):
+            if section.api_key_env and not os.environ.get(section.api_key_env):
+                problems.append(f"{config.source}: [agents.{stage}] api_key_env: "
+                                f"${section.api_key_env} is not set")
+            continue
+        command = section.command
+        argv = (shlex.split(command) if isinstance(command, str) else list(command or [])) or [
+            section.kind]
+        if shutil.which(argv[0]) is None:
+            problems.append(f"{config.source}: [agents.{stage}] `{argv[0]}` not found on PATH")
+    if config.delivery.kind == "github" and not os.environ.get(config.delivery.token_env):
+        problems.append(f"{config.source}: [delivery] token_env: ${config.delivery.token_env} "
+                        "is not set")
+    scan = Vault(config).scan()
+    for p in scan.problems:
+        problems.append(f"{p.path}: {p.message}")
+    for fr in scan.frs.values():
+        if fr.invalid:
+            problems.append(f"{fr.path}: `{fr.invalid[0]}`: {fr.invalid[1]}")
+        for dep in fr.depends_on:
+            if dep not in scan.frs and dep != fr.id:
+                problems.append(f"{fr.path}: depends_on: no FR with id {dep!r} in the vault")
+            if dep == fr.id:
+                problems.append(f"{fr.path}: depends_on: an FR cannot depend on itself")
+    return problems
+
+
+def set_status(config: Config, ref: str, target: Status, allowed: frozenset[Status] | None
+               ) -> Status | None:
+    """Write a person's ``status`` into the note (what ``opus pause FR`` and friends do)."""
+    vault = Vault(config)
+    path = vault.find(ref)
+    fr = vault.read(path)
+    current = fr.status or Status.PLANNED
+    if allowed is not None and current not in allowed and current is not target:
+        raise OpusError(f"{fr.id} is {current}; this needs one of: "
+                        + ", ".join(sorted(s.value for s in allowed)))
+    vault.update(path, {"status": target.value, "updated_at": datetime.now().replace(
+        microsecond=0)})
+    return fr.status

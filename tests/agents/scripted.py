@@ -1,0 +1,77 @@
+"""A scripted agent for tests: a real child process following SPEC §5.1.
+
+``scripted.py STAGE``; behaviour from the JSON file named by ``$SCRIPT``:
+``{"FR-1": {"coder": [step_for_iteration_1, step_for_iteration_2, ...]}, "*": {...}}``
+(the last step repeats). A step is an object with any of:
+``write`` {path: text} into the worktree · ``stdout`` text · ``output`` text into
+``OPUS_OUTPUT_FILE`` · ``verdict`` object (written as JSON to the output file) · ``usage`` ·
+``exit`` code · ``hang`` (sleep until killed) · ``wait_for`` a file path to appear.
+Every start and end is appended to ``$CALLS`` as a JSON line.
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+DEFAULTS = {
+    "planner": {"output": "# Plan\n\n1. Do it.\n"},
+    "coder": {"write": {"{fr}.txt": "change of iteration {iteration}\n"}},
+    "tester": {"exit": 0, "stdout": "1 passed"},
+    "reviewer": {"verdict": {"verdict": "approve", "confidence": 95, "summary": "Looks good."}},
+}
+
+
+def main() -> int:
+    stage = sys.argv[1]
+    env = os.environ
+    fr, iteration = env["OPUS_FR_ID"], int(env["OPUS_ITERATION"])
+    script = json.loads(Path(env["SCRIPT"]).read_text()) if env.get("SCRIPT") else {}
+    steps = script.get(fr, {}).get(stage) or script.get("*", {}).get(stage)
+    step = steps[min(iteration, len(steps)) - 1] if steps else DEFAULTS[stage]
+    calls = Path(env["CALLS"]) if env.get("CALLS") else None
+
+    def record(event: str) -> None:
+        if calls:
+            line = {
+                "event": event,
+                "stage": stage,
+                "fr": fr,
+                "iteration": iteration,
+                "pid": os.getpid(),
+                "pgid": os.getpgid(0),
+                "feedback": env.get("OPUS_FEEDBACK_FILE"),
+            }
+            with open(calls, "a") as f:
+                f.write(json.dumps(line) + "\n")
+
+    record("start")
+    sys.stdin.read()
+    if "wait_for" in step:
+        while not Path(step["wait_for"]).exists():
+            time.sleep(0.02)
+    if step.get("hang"):
+        time.sleep(1000)
+    worktree = Path(env["OPUS_WORKTREE"])
+    for name, text in step.get("write", {}).items():
+        path = worktree / name.format(fr=fr, iteration=iteration)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text.format(fr=fr, iteration=iteration))
+    output = Path(env["OPUS_OUTPUT_FILE"])
+    if "output" in step:
+        output.write_text(step["output"])
+    if "verdict" in step:
+        output.write_text(
+            json.dumps({**step["verdict"], **({"usage": step["usage"]} if "usage" in step else {})})
+        )
+    elif "usage" in step:
+        output.write_text(json.dumps({"usage": step["usage"]}))
+    if "stdout" in step:
+        print(step["stdout"])
+    record("end")
+    return int(step.get("exit", 0))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,179 @@
+"""The real CLI over a real vault and a real git repository, with scripted agents."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from opus import __version__
+from opus.cli import main
+
+from .conftest import Vault, git
+
+
+def opus(vault: Vault, *args: str) -> tuple[int, str]:
+    result = CliRunner().invoke(main, [*args, "--config", str(vault.config)])
+    return result.exit_code, result.output
+
+
+def meta(path: Path) -> dict[str, object]:
+    text = path.read_text()
+    return yaml.safe_load(text.split("---\n")[1]) or {}
+
+
+FR = """\
+---
+id: FR-1
+title: Add a thing
+priority: high
+tags: [x]   # a person's comment
+---
+# Add a thing
+
+Please add a thing.
+"""
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(main, ["--version"])
+    assert result.exit_code == 0
+    assert __version__ in result.output
+
+
+def test_fr_moved_in_reaches_review_with_the_coders_commit(vault: Vault) -> None:
+    note = vault.note("FR-1.md", FR)
+    base_before = git(vault.repo, "rev-parse", "main")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert "FR-1\treview" in out
+    data = meta(note)
+    assert data["status"] == "review"
+    assert data["branch"] == "opus/fr-1"
+    assert str(data["job_id"]).endswith(tuple("0123456789abcdef"))
+    assert "stage" not in data and "error" not in data
+    # the person's lines are untouched
+    assert "tags: [x]   # a person's comment" in note.read_text()
+    assert note.read_text().endswith("# Add a thing\n\nPlease add a thing.\n")
+    # the branch holds the coder's commit; the base did not move
+    assert git(vault.repo, "rev-parse", "main") == base_before
+    log = git(vault.repo, "log", "--format=%s", "main..opus/fr-1")
+    assert log == "opus(FR-1): coder, iteration 1"
+    assert git(vault.repo, "show", "opus/fr-1:FR-1.txt") == "change of iteration 1"
+    # each stage ran once; artifacts are there
+    assert [c["stage"] for c in vault.calls() if c["event"] == "end"] == [
+        "planner",
+        "coder",
+        "tester",
+        "reviewer",
+    ]
+    jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["review"]
+    assert [(c["stage"], c["outcome"]) for c in jobs[0]["history"]] == [
+        ("planner", "ok"),
+        ("coder", "ok"),
+        ("tester", "ok"),
+        ("reviewer", "ok"),
+        ("delivery", "ok"),
+    ]
+    folder = vault.state / "jobs" / jobs[0]["id"]
+    for name in (
+        "plan.md",
+        "pr.md",
+        "review-1.json",
+        "prompt-coder-1.md",
+        "events.jsonl",
+        "coder-1.log",
+    ):
+        assert (folder / name).exists(), name
+    assert "Add a thing" in (folder / "pr.md").read_text()
+    # the dashboard lists it
+    assert "FR-1" in (vault.root / "00_system" / "opus-dashboard.md").read_text()
+
+
+def test_failing_stage_ends_failed_with_error(vault: Vault) -> None:
+    vault.script({"FR-1": {"planner": [{"exit": 3, "stdout": "boom"}]}})
+    note = vault.note("FR-1.md", FR)
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    data = meta(note)
+    assert data["status"] == "failed"
+    assert "planner failed" in str(data["error"])
+    # retries = 1: two attempts
+    assert len(vault.runs("planner")) == 2
+
+
+def test_broken_notes_stay_byte_identical_while_good_ones_are_served(vault: Vault) -> None:
+    broken = {
+        "bad-yaml.md": b"---\ntitle: [unclosed\n---\nbody\n",
+        "binary.md": b"---\nid: B\n---\n\x00\x01\x02",
+        "dup-a.md": b"---\nid: FR-1\n---\nsame id as the good one\n",
+    }
+    note = vault.note("FR-1.md", FR)
+    for name, data in broken.items():
+        (vault.planned / name).write_bytes(data)
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "review"
+    for name, data in broken.items():
+        assert (vault.planned / name).read_bytes() == data, name
+    code, out = opus(vault, "validate")
+    assert code == 1
+    for name in broken:
+        assert name in out
+    code, out = opus(vault, "status", "--json")
+    rows = json.loads(out)
+    assert {r["note"].split("/")[-1] for r in rows if r["status"] == "unreadable"} == set(broken)
+
+
+def test_bad_values_fail_the_fr_naming_the_key(vault: Vault) -> None:
+    note = vault.note("FR-9.md", "---\npriority: urgent\n---\n# Nine\n")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    data = meta(note)
+    assert data["status"] == "failed"
+    assert str(data["error"]).startswith("priority:")
+    assert vault.calls() == []
+
+
+def test_validate_ok_and_problems(vault: Vault) -> None:
+    vault.note("FR-1.md", FR)
+    code, out = opus(vault, "validate")
+    assert code == 0, out
+    vault.note("FR-2.md", "---\nrepo: ../etc\ndepends_on: [FR-404]\n---\n# Two\n")
+    code, out = opus(vault, "validate", "--json")
+    assert code == 1
+    problems = json.loads(out)["problems"]
+    assert any("`repo`" in p for p in problems)
+    assert any("FR-404" in p for p in problems)
+
+
+def test_config_error_names_the_key_and_file(vault: Vault) -> None:
+    vault.config.write_text(
+        vault.config.read_text().replace("[pipeline]\n", "[pipeline]\nconcurency = 3\n")
+    )
+    for command in (["run", "--once"], ["status"], ["validate"]):
+        code, out = opus(vault, *command)
+        assert code == 2, command
+        assert "pipeline.concurency" in out and str(vault.config) in out
+    assert not vault.state.exists()  # nothing was touched
+
+
+def test_status_json_lists_frs(vault: Vault) -> None:
+    vault.note("FR-1.md", FR)
+    opus(vault, "run", "--once")
+    code, out = opus(vault, "status", "--json")
+    assert code == 0
+    (row,) = json.loads(out)
+    assert row["id"] == "FR-1" and row["status"] == "review" and row["branch"] == "opus/fr-1"
+
+
+def test_init_scaffolds_a_vault(tmp_path: Path) -> None:
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "v")])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "v" / "opus.toml").exists()
+    assert (tmp_path / "v" / "10_features" / "03_planned").is_dir()
+    again = CliRunner().invoke(main, ["init", str(tmp_path / "v")])
+    assert again.exit_code == 1 and "already exists" in again.output

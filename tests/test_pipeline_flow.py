@@ -1,0 +1,222 @@
+"""The full pipeline through the real CLI: feedback loop, blocking, approval, merges,
+dependencies, retry and a person's controls (SPEC §3, §7, §2.3)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .conftest import Vault, git
+from .test_cli_basics import meta, opus
+
+FR = "---\nid: {id}\ntitle: Thing {id}\npriority: {priority}\n{extra}---\n# Thing\n\nDo {id}.\n"
+
+
+def fr(vault: Vault, fr_id: str, priority: str = "medium", extra: str = "") -> Path:
+    return vault.note(f"{fr_id}.md", FR.format(id=fr_id, priority=priority, extra=extra))
+
+
+def registry(vault: Vault) -> list[dict[str, object]]:
+    return json.loads((vault.state / "registry.json").read_text())["jobs"]  # type: ignore[no-any-return]
+
+
+def test_failing_tests_feed_back_to_the_coder(vault: Vault) -> None:
+    vault.script(
+        {"FR-1": {"tester": [{"exit": 1, "stdout": "FAILED test_x - assert 1 == 2"}, {"exit": 0}]}}
+    )
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "review"
+    coders = vault.runs("coder")
+    assert [c["iteration"] for c in coders] == [1, 2]
+    assert coders[0]["feedback"] is None
+    feedback = json.loads(Path(coders[1]["feedback"]).read_text())
+    assert feedback["reason"] == "tests_failed"
+    assert "assert 1 == 2" in feedback["test_output"]
+    assert [c["iteration"] for c in vault.runs("reviewer")] == [2]  # skipped in iteration 1
+    (job,) = registry(vault)
+    prompt = (vault.state / "jobs" / str(job["id"]) / "prompt-coder-2.md").read_text()
+    assert "assert 1 == 2" in prompt
+    assert git(vault.repo, "log", "--format=%s", "main..opus/fr-1").splitlines() == [
+        "opus(FR-1): coder, iteration 2",
+        "opus(FR-1): coder, iteration 1",
+    ]
+
+
+def test_review_rejection_then_approval(vault: Vault) -> None:
+    reject = {
+        "verdict": "request_changes",
+        "confidence": 70,
+        "summary": "Needs a test.",
+        "issues": [{"severity": "major", "message": "add a test", "file": "x.py"}],
+    }
+    approve = {"verdict": "approve", "confidence": 93, "summary": "Good now."}
+    vault.script({"FR-1": {"reviewer": [{"verdict": reject}, {"verdict": approve}]}})
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "review"
+    feedback = json.loads(Path(vault.runs("coder")[1]["feedback"]).read_text())
+    assert feedback["reason"] == "changes_requested"
+    assert feedback["issues"][0]["message"] == "add a test"
+    (job,) = registry(vault)
+    folder = vault.state / "jobs" / str(job["id"])
+    assert json.loads((folder / "review-1.json").read_text())["verdict"] == "request_changes"
+    assert json.loads((folder / "review-2.json").read_text())["verdict"] == "approve"
+    assert [(c["stage"], c["iteration"], c["outcome"]) for c in job["history"]][-3:] == [
+        ("tester", 2, "ok"),
+        ("reviewer", 2, "ok"),
+        ("delivery", 2, "ok"),
+    ]
+
+
+def test_blocked_after_exactly_max_iterations(vault: Vault) -> None:
+    reject = {
+        "verdict": "request_changes",
+        "confidence": 50,
+        "summary": "Still wrong.",
+        "issues": [{"severity": "blocker", "message": "wrong answer"}],
+    }
+    vault.script({"FR-1": {"reviewer": [{"verdict": reject}]}})
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    data = meta(note)
+    assert data["status"] == "blocked"
+    assert "reviewer still requests changes after 3 iterations" in str(data["error"])
+    assert len(vault.runs("coder")) == 3
+    assert "stage" not in data
+
+
+def test_coder_that_changes_nothing_fails_the_iteration(vault: Vault) -> None:
+    vault.script({"FR-1": {"coder": [{"stdout": "did nothing"}, {"write": {"a.txt": "now"}}]}})
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(note)["status"] == "review"
+    feedback = json.loads(Path(vault.runs("coder")[1]["feedback"]).read_text())
+    assert feedback["reason"] == "no_changes"
+    assert len(vault.runs("tester")) == 1
+
+
+def test_auto_approval_by_priority_and_confidence(vault: Vault) -> None:
+    vault.write_config(approval='auto_priorities = ["low"]\nmin_confidence = 90')
+    vault.script({"FR-2": {"reviewer": [{"verdict": {"verdict": "approve", "confidence": 80}}]}})
+    low_sure = fr(vault, "FR-1", "low")
+    low_unsure = fr(vault, "FR-2", "low")
+    high = fr(vault, "FR-3", "high")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(low_sure)["status"] == "done"
+    assert meta(low_unsure)["status"] == "review"
+    assert meta(high)["status"] == "review"
+    assert git(vault.repo, "show", "main:FR-1.txt") == "change of iteration 1"
+    assert not (vault.state / "worktrees" / str(meta(low_sure)["job_id"])).exists()
+    assert "opus/fr-1" in git(vault.repo, "branch", "--list", "opus/fr-1")
+
+
+def test_note_approval_auto_overrides_config(vault: Vault) -> None:
+    note = fr(vault, "FR-1", extra="approval: auto\n")
+    opus(vault, "run", "--once")
+    assert meta(note)["status"] == "done"
+
+
+def test_a_persons_merge_is_detected(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(note)["status"] == "review"
+    git(vault.repo, "merge", "-q", "--no-ff", "-m", "merge by a person", "opus/fr-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "done"
+
+
+def test_approved_is_merged_into_base(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    code, out = opus(vault, "approve", "FR-1")
+    assert code == 0, out
+    assert meta(note)["status"] == "approved"
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "done"
+    assert git(vault.repo, "show", "main:FR-1.txt") == "change of iteration 1"
+
+
+def test_approved_with_a_conflict_is_blocked_naming_the_paths(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    (vault.repo / "FR-1.txt").write_text("a person's version\n")
+    git(vault.repo, "add", "-A")
+    git(vault.repo, "commit", "-q", "-m", "conflicting")
+    opus(vault, "approve", "FR-1")
+    opus(vault, "run", "--once")
+    data = meta(note)
+    assert data["status"] == "blocked"
+    assert "FR-1.txt" in str(data["error"])
+    assert git(vault.repo, "show", "main:FR-1.txt") == "a person's version"
+
+
+def test_dependencies_wait_until_done(vault: Vault) -> None:
+    first = fr(vault, "FR-1")
+    second = fr(vault, "FR-2", extra="depends_on: [FR-1]\n")
+    opus(vault, "run", "--once")
+    assert meta(first)["status"] == "review"
+    assert meta(second)["status"] == "queued"
+    assert vault.runs("planner", "FR-2") == []
+    opus(vault, "approve", "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(first)["status"] == "done"
+    assert meta(second)["status"] == "review"
+
+
+def test_retry_starts_a_fresh_job(vault: Vault) -> None:
+    vault.script({"FR-1": {"planner": [{"exit": 1}]}})
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(note)["status"] == "failed"
+    first_job = meta(note)["job_id"]
+    vault.script({})
+    code, out = opus(vault, "retry", "FR-1")
+    assert code == 0, out
+    opus(vault, "run", "--once")
+    data = meta(note)
+    assert data["status"] == "review" and data["job_id"] != first_job
+    assert "error" not in data
+    code, out = opus(vault, "retry", "FR-1")
+    assert code == 1 and "review" in out
+
+
+def test_metrics_and_show(vault: Vault) -> None:
+    vault.script(
+        {
+            "*": {
+                "reviewer": [
+                    {
+                        "verdict": {"verdict": "approve", "confidence": 91},
+                        "usage": {"input_tokens": 1000, "output_tokens": 50, "cost_usd": 0.25},
+                    }
+                ]
+            }
+        }
+    )
+    fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    code, out = opus(vault, "show", "FR-1", "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    assert [c["stage"] for c in data["job"]["history"]] == [
+        "planner",
+        "coder",
+        "tester",
+        "reviewer",
+        "delivery",
+    ]
+    assert data["review"]["confidence"] == 91
+    assert data["job"]["usage"]["cost_usd"] == 0.25
+    code, out = opus(vault, "metrics", "--json")
+    assert code == 0, out
+    m = json.loads(out)
+    assert m["jobs"] == 1 and m["success_rate"] == 1.0
+    assert m["tokens"] == {"input": 1000, "output": 50} and m["cost_usd"] == 0.25
+    assert m["iterations_per_job"]["mean"] == 1.0
