@@ -66,6 +66,11 @@ class Printer:
         where = f"{job.stage}, iteration {job.iteration}" if job.status.value in (
             "in-progress", "queued") and job.stage else ""
         more = f" — {job.error}" if job.error else ""
+        if job.stage is not None and job.stage.value == "coder" and job.iteration > 1 \
+                and job.feedback is not None:
+            more = f" ← {job.feedback.message}"
+            if job.feedback.test_output:
+                more += " " + job.feedback.test_output.strip().splitlines()[-1]
         self.echo(f"  {job.fr_id:8} {job.status.value:12} {where}{more}")
 
 

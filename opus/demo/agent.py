@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -133,8 +134,12 @@ def main() -> int:
         code(fr_id, iteration, worktree)
         print(f"{fr_id}: iteration {iteration} written")
     elif stage == "reviewer":
-        base = prompt.split("base commit ", 1)[1].split(")", 1)[0]
-        output.write_text(json.dumps(review(base, worktree)))
+        base = re.search(r"against base commit ([0-9a-f]+)\)", prompt)
+        if base is None:
+            print("no base commit in the prompt", file=sys.stderr)
+            return 2
+        output.write_text(json.dumps(review(base.group(1), worktree)))
+        return 0
     else:
         print(f"unknown stage {stage}", file=sys.stderr)
         return 2

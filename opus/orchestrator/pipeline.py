@@ -78,7 +78,7 @@ class Pipeline:
                     await self._block()
                     return job
                 assert isinstance(step, tuple)
-                if await self._should_stop():
+                if await self._should_stop(step):
                     return job
                 await self._run_stage(*step)
                 if job.status is not Status.IN_PROGRESS:
@@ -110,9 +110,14 @@ class Pipeline:
             return False
         return True
 
-    async def _should_stop(self) -> bool:
-        """Honour pause, preemption, shutdown and the budget at a stage boundary."""
+    async def _should_stop(self, step: Step) -> bool:
+        """Honour pause, preemption, shutdown and the budget before ``step`` starts.
+
+        A job that stops here shows ``step`` as its stage: where it will resume.
+        """
         reason = self.control.stop
+        if reason in ("pause", "preempt") or reason is None:
+            self.job.stage, self.job.iteration = step
         if reason == "pause":
             await self._set(Status.PAUSED, "paused")
             log.info("%s: paused at %s (job %s)", self.job.fr_id, self.job.stage, self.job.id)
@@ -157,7 +162,7 @@ class Pipeline:
             await anyio.lowlevel.checkpoint()  # a person's cancel lands here
         elif on_disk is Status.PAUSED:
             self.control.request("pause")
-        if await self._should_stop():
+        if await self._should_stop((stage, iteration)):
             return
         log.info("%s: %s, iteration %d (job %s)", job.fr_id, stage, iteration, job.id)
         started = rt.now()
@@ -172,7 +177,11 @@ class Pipeline:
             if n > 1:
                 await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
                 ctx.output_file.unlink(missing_ok=True)
-            return await agent.run(ctx)
+            try:
+                return await agent.run(ctx)
+            except AgentStalled as e:
+                await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
+                raise
 
         try:
             result, attempts = await with_retries(
@@ -188,7 +197,6 @@ class Pipeline:
             await self._checkpoint(stage, iteration, Outcome.ERROR, started, attempts, None,
                                    error=str(e))
             if isinstance(e, AgentStalled):
-                await rt.notify("stuck", job, f"{stage} stalled: {e}")
                 await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
             else:
                 await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")

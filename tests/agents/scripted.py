@@ -5,7 +5,8 @@
 (the last step repeats). A step is an object with any of:
 ``write`` {path: text} into the worktree · ``stdout`` text · ``output`` text into
 ``OPUS_OUTPUT_FILE`` · ``verdict`` object (written as JSON to the output file) · ``usage`` ·
-``exit`` code · ``hang`` (sleep until killed) · ``wait_for`` a file path to appear.
+``exit`` code · ``hang`` (sleep until killed) · ``wait_for`` a file path to appear ·
+``write_before`` {path: text} written before waiting (``{pid}`` in the name).
 Every start and end is appended to ``$CALLS`` as a JSON line.
 """
 
@@ -48,6 +49,8 @@ def main() -> int:
 
     record("start")
     sys.stdin.read()
+    for name, text in step.get("write_before", {}).items():
+        Path(env["OPUS_WORKTREE"], name.format(pid=os.getpid())).write_text(text)
     if "wait_for" in step:
         while not Path(step["wait_for"]).exists():
             time.sleep(0.02)

@@ -1,0 +1,239 @@
+"""``opus run`` as a real process: pickup through the watcher, the lock, health, a person's
+controls while a stage runs, SIGTERM, and SIGKILL at every stage followed by a restart."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from .conftest import Vault, git
+from .test_cli_basics import meta, opus
+from .test_pipeline_flow import fr
+
+DEFAULT = {
+    "planner": {"output": "# Plan\n"},
+    "coder": {"write": {"{fr}.txt": "change of iteration {iteration}\n"}},
+    "tester": {"exit": 0},
+    "reviewer": {"verdict": {"verdict": "approve", "confidence": 95, "summary": "ok"}},
+}
+
+
+def wait(predicate: Callable[[], object], what: str, timeout: float = 30.0) -> None:
+    """Poll a real process's effect on disk, bounded (never a fixed sleep)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def status_of(note: Path) -> object:
+    try:
+        return meta(note).get("status")
+    except Exception:  # a half-written file is never seen, but be safe while polling
+        return None
+
+
+def alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    # zombies of reaped-late orphans count as gone
+    try:
+        stat = Path(f"/proc/{pgid}/stat").read_text()
+        return stat.split(")")[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+class Service:
+    """``opus run`` in a child process; its log goes to a file (a pipe could fill up)."""
+
+    def __init__(self, vault: Vault, *args: str) -> None:
+        self.vault = vault
+        self.log = vault.root.parent / f"opus-{time.monotonic_ns()}.log"
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "opus", "run", "--config", str(vault.config), *args],
+                stdout=subprocess.DEVNULL, stderr=log,
+            )
+
+    def wait(self, timeout: float = 60) -> tuple[int, str]:
+        code = self.proc.wait(timeout)
+        return code, self.log.read_text()
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> tuple[int, str]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        return self.wait(timeout)
+
+
+@pytest.fixture
+def service(vault: Vault) -> Iterator[Callable[..., Service]]:
+    started: list[Service] = []
+
+    def start(*args: str) -> Service:
+        s = Service(vault, *args)
+        started.append(s)
+        return s
+
+    yield start
+    for s in started:
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()
+    for call in vault.calls():
+        if alive(call["pgid"]):
+            os.killpg(call["pgid"], signal.SIGKILL)
+
+
+def started(vault: Vault, stage: str, count: int = 1) -> Callable[[], bool]:
+    return lambda: sum(1 for c in vault.calls()
+                       if c["event"] == "start" and c["stage"] == stage) >= count
+
+
+def test_service_picks_up_a_moved_note_and_reports_health(vault: Vault, service) -> None:
+    vault.write_config(polling="active = 30\nidle_max = 300\ndebounce_ms = 50")
+    s = service()
+    wait(lambda: (vault.state / "health.json").exists(), "health.json")
+    code, out = opus(vault, "health")
+    assert code == 0, out
+    note = fr(vault, "FR-1")
+    # the adaptive poll is 30 s: only the watcher can make this fast
+    wait(lambda: status_of(note) == "review", "FR-1 in review", timeout=20)
+    second = subprocess.run([sys.executable, "-m", "opus", "run", "--config", str(vault.config)],
+                            capture_output=True, text=True, timeout=30)
+    assert second.returncode == 1
+    assert f"pid {s.proc.pid}" in second.stderr
+    code, err = s.stop()
+    assert code == 0, err
+    code, out = opus(vault, "health")
+    assert code == 1 and "not running" in out
+
+
+def test_pause_at_the_next_boundary_then_resume_from_the_checkpoint(
+        vault: Vault, service, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
+    s = service()
+    note = fr(vault, "FR-1")
+    wait(started(vault, "coder"), "the coder to start")
+    code, out = opus(vault, "pause", "FR-1")
+    assert code == 0, out
+    gate.touch()
+    wait(lambda: meta(note).get("stage") == "tester" and status_of(note) == "paused",
+         "paused before the tester")
+    assert vault.runs("tester") == []
+    code, out = opus(vault, "resume", "FR-1")
+    assert code == 0, out
+    wait(lambda: status_of(note) == "review", "review after resume")
+    assert len(vault.runs("coder")) == 1 and len(vault.runs("planner")) == 1
+    assert s.stop()[0] == 0
+
+
+def test_cancel_kills_the_agent_keeps_the_branch_and_frees_the_slot(
+        vault: Vault, service) -> None:
+    vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
+    vault.script({"FR-1": {"coder": [{"write_before": {"half.txt": "x"}, "hang": True}]}})
+    s = service()
+    first = fr(vault, "FR-1", "high")
+    second = fr(vault, "FR-2", "low")
+    wait(started(vault, "coder"), "the coder to start")
+    (coder,) = [c for c in vault.calls() if c["stage"] == "coder"]
+    assert alive(coder["pgid"])
+    code, out = opus(vault, "cancel", "FR-1")
+    assert code == 0, out
+    wait(lambda: not alive(coder["pgid"]), "the agent's group to die", timeout=15)
+    wait(lambda: status_of(second) == "review", "FR-2 to use the freed slot")
+    data = meta(first)
+    assert data["status"] == "cancelled" and "stage" not in data
+    assert git(vault.repo, "branch", "--list", "opus/fr-1").strip() == "opus/fr-1"
+    assert s.stop()[0] == 0
+
+
+def test_a_persons_edit_during_a_run_is_kept(vault: Vault, service, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
+    s = service()
+    note = fr(vault, "FR-1")
+    wait(started(vault, "coder"), "the coder to start")
+    text = note.read_text()
+    edited = text.replace("priority: medium\n", "priority: medium\nowner: ada  # me\n") + \
+        "\nA line the person added while the job ran.\n"
+    note.write_text(edited)
+    gate.touch()
+    wait(lambda: status_of(note) == "review", "review")
+    final = note.read_text()
+    assert "owner: ada  # me\n" in final
+    assert final.endswith("\nA line the person added while the job ran.\n")
+    assert s.stop()[0] == 0
+
+
+def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
+        vault: Vault, service, tmp_path: Path) -> None:
+    gate = tmp_path / "gate"
+    vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
+    s = service()
+    note = fr(vault, "FR-1")
+    wait(started(vault, "coder"), "the coder to start")
+    s.proc.send_signal(signal.SIGTERM)
+    time.sleep(0.3)  # the signal is in; the stage is still running
+    assert s.proc.poll() is None
+    gate.touch()
+    code, err = s.stop()
+    assert code == 0, err
+    assert len(vault.runs("coder")) == 1
+    jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
+    assert [c["stage"] for c in jobs[0]["history"]] == ["planner", "coder"]
+    assert vault.runs("tester") == []
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert status_of(note) == "review"
+    assert len(vault.runs("coder")) == 1 and len(vault.runs("planner")) == 1
+
+
+@pytest.mark.parametrize("stage", ["planner", "coder", "tester", "reviewer"])
+def test_sigkill_mid_stage_then_restart_runs_every_stage_exactly_once(
+        vault: Vault, service, tmp_path: Path, stage: str) -> None:
+    gate = tmp_path / "gate"
+    step = {**DEFAULT[stage], "wait_for": str(gate), "write_before": {"half-{pid}.tmp": "x"}}
+    vault.script({"FR-1": {stage: [step]}})
+    note = fr(vault, "FR-1")
+    first = service("--once")
+    wait(started(vault, stage), f"the {stage} to start")
+    first.proc.kill()
+    first.proc.wait()
+    (stale,) = [c for c in vault.calls() if c["event"] == "start" and c["stage"] == stage]
+    assert alive(stale["pgid"])  # the orphaned agent is still running
+    second = service("--once")
+    wait(started(vault, stage, 2), f"the {stage} to run again")
+    wait(lambda: not alive(stale["pgid"]), "the stale agent to be killed", timeout=15)
+    gate.touch()
+    code, err = second.wait()
+    assert code == 0, err
+    assert status_of(note) == "review"
+    for each in ("planner", "coder", "tester", "reviewer"):
+        assert len(vault.runs(each)) == 1, each
+    assert all(c["pid"] != stale["pid"] for c in vault.runs(stage))
+    jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
+    assert [j["status"] for j in jobs] == ["review"]
+    assert [c["stage"] for c in jobs[0]["history"]] == [
+        "planner", "coder", "tester", "reviewer", "delivery"]
+    assert meta(note)["job_id"] == jobs[0]["id"]
+    branch_files = git(vault.repo, "ls-tree", "-r", "--name-only", "opus/fr-1").split()
+    halves = [f for f in branch_files if f.startswith("half-")]
+    assert halves == [] or halves == [f"half-{vault.runs(stage)[0]['pid']}.tmp"]
+    assert not any(alive(c["pgid"]) for c in vault.calls())
+    events = [json.loads(x)["event"] for x in
+              (vault.state / "jobs" / jobs[0]["id"] / "events.jsonl").read_text().splitlines()]
+    assert "recovered" in events
