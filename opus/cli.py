@@ -24,7 +24,10 @@ F = TypeVar("F", bound=Callable[..., Any])
 
 def config_option(f: F) -> F:
     return click.option(
-        "--config", "config_path", type=click.Path(path_type=Path), default=None,
+        "--config",
+        "config_path",
+        type=click.Path(path_type=Path),
+        default=None,
         help="opus.toml to use (default: ./opus.toml, else $OPUS_CONFIG).",
     )(f)
 
@@ -55,9 +58,12 @@ class _LineFormatter(logging.Formatter):
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        data = {"time": datetime.now().isoformat(timespec="milliseconds"),
-                "level": record.levelname.lower(), "logger": record.name,
-                "message": record.getMessage()}
+        data = {
+            "time": datetime.now().isoformat(timespec="milliseconds"),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         if record.exc_info:
             data["exception"] = self.formatException(record.exc_info)
         return json.dumps(data)
@@ -80,8 +86,13 @@ def main() -> None:
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), default=".")
-@click.option("--repo", "repo", default="../app", show_default=True,
-              help="Path of the target git repository (relative to DIR).")
+@click.option(
+    "--repo",
+    "repo",
+    default="../app",
+    show_default=True,
+    help="Path of the target git repository (relative to DIR).",
+)
 @click.option("--force", is_flag=True, help="Overwrite an existing opus.toml.")
 def init(directory: Path, repo: str, force: bool) -> None:
     """Scaffold a vault in DIR: folders, opus.toml and an FR template."""
@@ -200,30 +211,53 @@ def _control(name: str, target: Status, allowed: frozenset[Status] | None, doc: 
 
 
 _S = Status
-_control("retry", _S.PLANNED, frozenset({_S.FAILED, _S.BLOCKED, _S.CANCELLED}),
-         "Start a fresh job for a failed, blocked or cancelled FR (status: planned).")
-_control("pause", _S.PAUSED, frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS}),
-         "Stop the FR at its next stage boundary, keeping its checkpoint (status: paused).")
-_control("resume", _S.PLANNED, frozenset({_S.PAUSED}),
-         "Resume a paused FR from its checkpoint (status: planned).")
-_control("cancel", _S.CANCELLED,
-         frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS, _S.PAUSED, _S.REVIEW}),
-         "Stop the FR now, killing its agent; the branch is kept (status: cancelled).")
-_control("approve", _S.APPROVED, frozenset({_S.REVIEW}),
-         "Approve an FR in review: opus merges it (status: approved).")
+_control(
+    "retry",
+    _S.PLANNED,
+    frozenset({_S.FAILED, _S.BLOCKED, _S.CANCELLED}),
+    "Start a fresh job for a failed, blocked or cancelled FR (status: planned).",
+)
+_control(
+    "pause",
+    _S.PAUSED,
+    frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS}),
+    "Stop the FR at its next stage boundary, keeping its checkpoint (status: paused).",
+)
+_control(
+    "resume",
+    _S.PLANNED,
+    frozenset({_S.PAUSED}),
+    "Resume a paused FR from its checkpoint (status: planned).",
+)
+_control(
+    "cancel",
+    _S.CANCELLED,
+    frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS, _S.PAUSED, _S.REVIEW}),
+    "Stop the FR now, killing its agent; the branch is kept (status: cancelled).",
+)
+_control(
+    "approve",
+    _S.APPROVED,
+    frozenset({_S.REVIEW}),
+    "Approve an FR in review: opus merges it (status: approved).",
+)
 
 
 @main.command()
 @config_option
-@click.option("--max-age", type=float, default=120.0, show_default=True,
-              help="Seconds since the last tick still counted as healthy.")
+@click.option(
+    "--max-age",
+    type=float,
+    default=120.0,
+    show_default=True,
+    help="Seconds since the last tick still counted as healthy.",
+)
 def health(config_path: Path | None, max_age: float) -> None:
     """Exit 0 if a service is running and its last tick is recent, else 1."""
     from .orchestrator.health import check_health
 
     config = load(config_path)
-    ok, why = check_health(config.state_dir / "health.json", now=datetime.now(),
-                           max_age=max_age)
+    ok, why = check_health(config.state_dir / "health.json", now=datetime.now(), max_age=max_age)
     click.echo(why)
     sys.exit(0 if ok else 1)
 
@@ -231,13 +265,20 @@ def health(config_path: Path | None, max_age: float) -> None:
 @main.command()
 @config_option
 @json_option
-@click.option("--since", "days", type=int, default=30, show_default=True,
-              help="Only jobs created in the last DAYS days.")
+@click.option(
+    "--since",
+    "days",
+    type=int,
+    default=30,
+    show_default=True,
+    help="Only jobs created in the last DAYS days.",
+)
 def metrics(config_path: Path | None, as_json: bool, days: int) -> None:
     """Throughput, success rate, durations, iterations, utilization, tokens and cost."""
     from .orchestrator.metrics import compute, render
 
     config = load(config_path)
-    data = compute(insp.all_jobs(config), insp.all_events(config), since_days=days,
-                   now=datetime.now())
+    data = compute(
+        insp.all_jobs(config), insp.all_events(config), since_days=days, now=datetime.now()
+    )
     click.echo(json.dumps(data, indent=2) if as_json else render(data))

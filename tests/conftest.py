@@ -98,18 +98,20 @@ class Vault:
         return dst
 
     def write_config(self, **sections: str) -> None:
+        script, calls = json.dumps(str(self.script_file)), json.dumps(str(self.calls_file))
         agents = "\n".join(
             textwrap.dedent(f"""
             [agents.{stage}]
             kind = "command"
             command = [{json.dumps(sys.executable)}, {json.dumps(str(AGENT))}, "{stage}"]
-            env = {{ SCRIPT = {json.dumps(str(self.script_file))}, CALLS = {json.dumps(str(self.calls_file))} }}
+            env = {{ SCRIPT = {script}, CALLS = {calls} }}
             """)
             for stage in ("planner", "coder", "tester", "reviewer")
             if f"agents.{stage}" not in sections
         )
         base = {
-            "vault": 'planned = "10_features/03_planned"\ndashboard = "00_system/opus-dashboard.md"',
+            "vault": 'planned = "10_features/03_planned"\n'
+            'dashboard = "00_system/opus-dashboard.md"',
             "repos.app": f'path = {json.dumps(str(self.repo))}\nbase = "main"',
             "polling": "active = 0.2\nidle_max = 1\ndebounce_ms = 50",
             "pipeline": "stage_timeout = 60\nstall_timeout = 30\nretries = 1",

@@ -107,10 +107,11 @@ def test_auto_approval_by_priority_and_confidence(vault: Vault) -> None:
     high = fr(vault, "FR-3", "high")
     code, out = opus(vault, "run", "--once")
     assert code == 0, out
-    assert meta(low_sure)["status"] == "done"
-    assert meta(low_unsure)["status"] == "review"
-    assert meta(high)["status"] == "review"
-    assert git(vault.repo, "show", "main:FR-1.txt") == "change of iteration 1"
+    history = json.dumps(registry(vault), indent=1)
+    assert meta(low_sure)["status"] == "done", history
+    assert meta(low_unsure)["status"] == "review", history
+    assert meta(high)["status"] == "review", history
+    assert git(vault.repo, "show", "main:FR-1.txt") == "change of iteration 1", history
     assert not (vault.state / "worktrees" / str(meta(low_sure)["job_id"])).exists()
     assert "opus/fr-1" in git(vault.repo, "branch", "--list", "opus/fr-1")
 

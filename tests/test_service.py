@@ -65,7 +65,8 @@ class Service:
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "opus", "run", "--config", str(vault.config), *args],
-                stdout=subprocess.DEVNULL, stderr=log,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
             )
 
     def wait(self, timeout: float = 60) -> tuple[int, str]:
@@ -98,8 +99,9 @@ def service(vault: Vault) -> Iterator[Callable[..., Service]]:
 
 
 def started(vault: Vault, stage: str, count: int = 1) -> Callable[[], bool]:
-    return lambda: sum(1 for c in vault.calls()
-                       if c["event"] == "start" and c["stage"] == stage) >= count
+    return lambda: (
+        sum(1 for c in vault.calls() if c["event"] == "start" and c["stage"] == stage) >= count
+    )
 
 
 def test_service_picks_up_a_moved_note_and_reports_health(vault: Vault, service) -> None:
@@ -111,8 +113,12 @@ def test_service_picks_up_a_moved_note_and_reports_health(vault: Vault, service)
     note = fr(vault, "FR-1")
     # the adaptive poll is 30 s: only the watcher can make this fast
     wait(lambda: status_of(note) == "review", "FR-1 in review", timeout=20)
-    second = subprocess.run([sys.executable, "-m", "opus", "run", "--config", str(vault.config)],
-                            capture_output=True, text=True, timeout=30)
+    second = subprocess.run(
+        [sys.executable, "-m", "opus", "run", "--config", str(vault.config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
     assert second.returncode == 1
     assert f"pid {s.proc.pid}" in second.stderr
     code, err = s.stop()
@@ -122,7 +128,8 @@ def test_service_picks_up_a_moved_note_and_reports_health(vault: Vault, service)
 
 
 def test_pause_at_the_next_boundary_then_resume_from_the_checkpoint(
-        vault: Vault, service, tmp_path: Path) -> None:
+    vault: Vault, service, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
     s = service()
@@ -131,8 +138,10 @@ def test_pause_at_the_next_boundary_then_resume_from_the_checkpoint(
     code, out = opus(vault, "pause", "FR-1")
     assert code == 0, out
     gate.touch()
-    wait(lambda: meta(note).get("stage") == "tester" and status_of(note) == "paused",
-         "paused before the tester")
+    wait(
+        lambda: meta(note).get("stage") == "tester" and status_of(note) == "paused",
+        "paused before the tester",
+    )
     assert vault.runs("tester") == []
     code, out = opus(vault, "resume", "FR-1")
     assert code == 0, out
@@ -141,8 +150,7 @@ def test_pause_at_the_next_boundary_then_resume_from_the_checkpoint(
     assert s.stop()[0] == 0
 
 
-def test_cancel_kills_the_agent_keeps_the_branch_and_frees_the_slot(
-        vault: Vault, service) -> None:
+def test_cancel_kills_the_agent_keeps_the_branch_and_frees_the_slot(vault: Vault, service) -> None:
     vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
     vault.script({"FR-1": {"coder": [{"write_before": {"half.txt": "x"}, "hang": True}]}})
     s = service()
@@ -168,8 +176,10 @@ def test_a_persons_edit_during_a_run_is_kept(vault: Vault, service, tmp_path: Pa
     note = fr(vault, "FR-1")
     wait(started(vault, "coder"), "the coder to start")
     text = note.read_text()
-    edited = text.replace("priority: medium\n", "priority: medium\nowner: ada  # me\n") + \
-        "\nA line the person added while the job ran.\n"
+    edited = (
+        text.replace("priority: medium\n", "priority: medium\nowner: ada  # me\n")
+        + "\nA line the person added while the job ran.\n"
+    )
     note.write_text(edited)
     gate.touch()
     wait(lambda: status_of(note) == "review", "review")
@@ -180,7 +190,8 @@ def test_a_persons_edit_during_a_run_is_kept(vault: Vault, service, tmp_path: Pa
 
 
 def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
-        vault: Vault, service, tmp_path: Path) -> None:
+    vault: Vault, service, tmp_path: Path
+) -> None:
     gate = tmp_path / "gate"
     vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
     s = service()
@@ -204,7 +215,8 @@ def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
 
 @pytest.mark.parametrize("stage", ["planner", "coder", "tester", "reviewer"])
 def test_sigkill_mid_stage_then_restart_runs_every_stage_exactly_once(
-        vault: Vault, service, tmp_path: Path, stage: str) -> None:
+    vault: Vault, service, tmp_path: Path, stage: str
+) -> None:
     gate = tmp_path / "gate"
     step = {**DEFAULT[stage], "wait_for": str(gate), "write_before": {"half-{pid}.tmp": "x"}}
     vault.script({"FR-1": {stage: [step]}})
@@ -228,12 +240,19 @@ def test_sigkill_mid_stage_then_restart_runs_every_stage_exactly_once(
     jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
     assert [j["status"] for j in jobs] == ["review"]
     assert [c["stage"] for c in jobs[0]["history"]] == [
-        "planner", "coder", "tester", "reviewer", "delivery"]
+        "planner",
+        "coder",
+        "tester",
+        "reviewer",
+        "delivery",
+    ]
     assert meta(note)["job_id"] == jobs[0]["id"]
     branch_files = git(vault.repo, "ls-tree", "-r", "--name-only", "opus/fr-1").split()
     halves = [f for f in branch_files if f.startswith("half-")]
     assert halves == [] or halves == [f"half-{vault.runs(stage)[0]['pid']}.tmp"]
     assert not any(alive(c["pgid"]) for c in vault.calls())
-    events = [json.loads(x)["event"] for x in
-              (vault.state / "jobs" / jobs[0]["id"] / "events.jsonl").read_text().splitlines()]
+    events = [
+        json.loads(x)["event"]
+        for x in (vault.state / "jobs" / jobs[0]["id"] / "events.jsonl").read_text().splitlines()
+    ]
     assert "recovered" in events

@@ -24,14 +24,28 @@ def example_vault() -> Path:
         candidate = parent / "vault.example"
         if (candidate / "opus.toml").is_file():
             return candidate
-    raise OpusError("vault.example not found: run `opus demo` from an install of the source "
-                    "checkout (pip install -e .)")
+    raise OpusError(
+        "vault.example not found: run `opus demo` from an install of the source "
+        "checkout (pip install -e .)"
+    )
 
 
 def _git(repo: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=opus demo", "-c", "user.email=demo@localhost",
-                    "-c", "init.defaultBranch=main", *args], cwd=repo, check=True,
-                   capture_output=True)
+    subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.name=opus demo",
+            "-c",
+            "user.email=demo@localhost",
+            "-c",
+            "init.defaultBranch=main",
+            *args,
+        ],
+        cwd=repo,
+        check=True,
+        capture_output=True,
+    )
 
 
 def prepare(directory: Path) -> Path:
@@ -46,8 +60,9 @@ def prepare(directory: Path) -> Path:
     _git(repo, "commit", "-q", "-m", "demo app: greet()")
     config = vault / "opus.toml"
     text = config.read_text(encoding="utf-8")
-    config.write_text(text.replace('command = "python ', f'command = "{sys.executable} '),
-                      encoding="utf-8")
+    config.write_text(
+        text.replace('command = "python ', f'command = "{sys.executable} '), encoding="utf-8"
+    )
     return config
 
 
@@ -63,11 +78,18 @@ class Printer:
         if self.seen.get(job.fr_id) == key:
             return
         self.seen[job.fr_id] = key
-        where = f"{job.stage}, iteration {job.iteration}" if job.status.value in (
-            "in-progress", "queued") and job.stage else ""
+        where = (
+            f"{job.stage}, iteration {job.iteration}"
+            if job.status.value in ("in-progress", "queued") and job.stage
+            else ""
+        )
         more = f" — {job.error}" if job.error else ""
-        if job.stage is not None and job.stage.value == "coder" and job.iteration > 1 \
-                and job.feedback is not None:
+        if (
+            job.stage is not None
+            and job.stage.value == "coder"
+            and job.iteration > 1
+            and job.feedback is not None
+        ):
             more = f" ← {job.feedback.message}"
             if job.feedback.test_output:
                 more += " " + job.feedback.test_output.strip().splitlines()[-1]

@@ -15,12 +15,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-FAREWELL = '''
+FAREWELL = """
 
 def farewell(name: str) -> str:
     return f"Goodbye, {name}!"
-'''
-FAREWELL_TEST = '''import unittest
+"""
+FAREWELL_TEST = """import unittest
 
 from app.greet import farewell
 
@@ -28,18 +28,18 @@ from app.greet import farewell
 class FarewellTest(unittest.TestCase):
     def test_farewell(self) -> None:
         self.assertEqual(farewell("Ada"), "Goodbye, Ada!")
-'''
-SHOUT_BUGGY = '''
+"""
+SHOUT_BUGGY = """
 
 def shout(name: str) -> str:
     return f"HELLO, {name}!"
-'''
-SHOUT = '''
+"""
+SHOUT = """
 
 def shout(name: str) -> str:
     return f"HELLO, {name.upper()}!"
-'''
-SHOUT_TEST = '''import unittest
+"""
+SHOUT_TEST = """import unittest
 
 from app.greet import shout
 
@@ -47,13 +47,13 @@ from app.greet import shout
 class ShoutTest(unittest.TestCase):
     def test_shout(self) -> None:
         self.assertEqual(shout("Ada"), "HELLO, ADA!")
-'''
-POLITE = '''
+"""
+POLITE = """
 
 def polite(name: str, title: str = "Dr.") -> str:
     return f"Good day, {title} {name}."
-'''
-POLITE_TEST = '''import unittest
+"""
+POLITE_TEST = """import unittest
 
 from app.greet import polite
 
@@ -61,13 +61,13 @@ from app.greet import polite
 class PoliteTest(unittest.TestCase):
     def test_polite(self) -> None:
         self.assertEqual(polite("Ada", "Ms."), "Good day, Ms. Ada.")
-'''
-WAVE = '''
+"""
+WAVE = """
 
 def wave(name: str) -> str:
     return f"{farewell(name)} *waves*"
-'''
-WAVE_TEST = '''import unittest
+"""
+WAVE_TEST = """import unittest
 
 from app.greet import wave
 
@@ -75,22 +75,22 @@ from app.greet import wave
 class WaveTest(unittest.TestCase):
     def test_wave(self) -> None:
         self.assertEqual(wave("Ada"), "Goodbye, Ada! *waves*")
-'''
+"""
 
 # FR id → iteration → (code appended to app/greet.py, {test file: content})
 SCRIPT: dict[str, dict[int, tuple[str, dict[str, str]]]] = {
     "FR-101": {1: (FAREWELL, {"tests/test_farewell.py": FAREWELL_TEST})},
-    "FR-102": {1: (SHOUT_BUGGY, {"tests/test_shout.py": SHOUT_TEST}),
-               2: (SHOUT, {})},
-    "FR-103": {1: (POLITE, {}),
-               2: ("", {"tests/test_polite.py": POLITE_TEST})},
+    "FR-102": {1: (SHOUT_BUGGY, {"tests/test_shout.py": SHOUT_TEST}), 2: (SHOUT, {})},
+    "FR-103": {1: (POLITE, {}), 2: ("", {"tests/test_polite.py": POLITE_TEST})},
     "FR-104": {1: (WAVE, {"tests/test_wave.py": WAVE_TEST})},
 }
 
 
 def plan(fr_id: str, title: str) -> str:
-    return (f"# Plan for {fr_id}: {title}\n\n1. Add the function to `app/greet.py`.\n"
-            "2. Add a unit test under `tests/`.\n3. Run the test suite.\n")
+    return (
+        f"# Plan for {fr_id}: {title}\n\n1. Add the function to `app/greet.py`.\n"
+        "2. Add a unit test under `tests/`.\n3. Run the test suite.\n"
+    )
 
 
 def code(fr_id: str, iteration: int, worktree: Path) -> None:
@@ -108,17 +108,35 @@ def code(fr_id: str, iteration: int, worktree: Path) -> None:
 
 
 def review(base: str, worktree: Path) -> dict[str, object]:
-    changed = subprocess.run(["git", "diff", "--name-only", base, "HEAD"], cwd=worktree,
-                             capture_output=True, text=True, check=True).stdout.split()
+    changed = subprocess.run(
+        ["git", "diff", "--name-only", base, "HEAD"],
+        cwd=worktree,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     if any(p.startswith("app/") for p in changed) and not any(
-            p.startswith("tests/") for p in changed):
-        return {"verdict": "request_changes", "confidence": 80,
-                "summary": "The new function has no test.",
-                "issues": [{"severity": "major", "file": "app/greet.py",
-                            "message": "add a unit test for the new function"}]}
-    return {"verdict": "approve", "confidence": 95,
-            "summary": f"Focused change with tests ({len(changed)} file(s)).", "issues": [],
-            "usage": {"input_tokens": 1200, "output_tokens": 80, "cost_usd": 0.0}}
+        p.startswith("tests/") for p in changed
+    ):
+        return {
+            "verdict": "request_changes",
+            "confidence": 80,
+            "summary": "The new function has no test.",
+            "issues": [
+                {
+                    "severity": "major",
+                    "file": "app/greet.py",
+                    "message": "add a unit test for the new function",
+                }
+            ],
+        }
+    return {
+        "verdict": "approve",
+        "confidence": 95,
+        "summary": f"Focused change with tests ({len(changed)} file(s)).",
+        "issues": [],
+        "usage": {"input_tokens": 1200, "output_tokens": 80, "cost_usd": 0.0},
+    }
 
 
 def main() -> int:

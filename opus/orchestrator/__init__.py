@@ -1,10 +1,10 @@
 """opus.orchestrator — the library core. Importing it starts nothing and does no I/O.
 
-    from opus.orchestrator import Orchestrator, load_config
+from opus.orchestrator import Orchestrator, load_config
 
-    config = load_config("vault/opus.toml")
-    async with Orchestrator(config) as orch:
-        await orch.run_once()
+config = load_config("vault/opus.toml")
+async with Orchestrator(config) as orch:
+    await orch.run_once()
 """
 
 from .agents import build_agent, build_agents

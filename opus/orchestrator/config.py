@@ -13,7 +13,10 @@ from .errors import ConfigError
 from .lifecycle import Stage
 from .models import Priority
 
-ALL_EVENTS = ("review", "done", "failed", "blocked", "recovered", "stuck", "budget")
+Event = Literal["review", "done", "failed", "blocked", "recovered", "stuck", "budget"]
+ALL_EVENTS: tuple[Event, ...] = (
+    "review", "done", "failed", "blocked", "recovered", "stuck", "budget"
+)
 AGENT_KINDS = ("command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python")
 
 
@@ -127,9 +130,7 @@ class DeliverySection(_Section):
 
 class NotifySection(_Section):
     kind: Literal["log", "desktop", "webhook", "command"] = "log"
-    events: list[Literal["review", "done", "failed", "blocked", "recovered", "stuck", "budget"]] = (
-        Field(default_factory=lambda: list(ALL_EVENTS))
-    )
+    events: list[Event] = Field(default_factory=lambda: list(ALL_EVENTS))
     url: str | None = None
     format: Literal["json", "slack", "ntfy"] = "json"
     command: str | list[str] | None = None

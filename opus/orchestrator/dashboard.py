@@ -27,8 +27,11 @@ def render_dashboard(jobs: Sequence[Job], scan: Scan, *, now: datetime) -> str:
     running = [j for j in jobs if j.status is Status.IN_PROGRESS]
     queued = [j for j in jobs if j.status in (Status.QUEUED, Status.PAUSED)]
     review = [j for j in jobs if j.status is Status.REVIEW]
-    recent = sorted((j for j in jobs if j.status in FINISHED),
-                    key=lambda j: j.finished_at or j.updated_at, reverse=True)[:10]
+    recent = sorted(
+        (j for j in jobs if j.status in FINISHED),
+        key=lambda j: j.finished_at or j.updated_at,
+        reverse=True,
+    )[:10]
     today, month = spent(jobs, now)
     lines = [
         "---",
@@ -42,17 +45,27 @@ def render_dashboard(jobs: Sequence[Job], scan: Scan, *, now: datetime) -> str:
         "## Running",
         "",
     ]
-    lines += [f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.stage}, iteration "
-              f"{j.iteration}, {_age(j.created_at, now)}" for j in running] or ["(none)"]
+    lines += [
+        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.stage}, iteration "
+        f"{j.iteration}, {_age(j.created_at, now)}"
+        for j in running
+    ] or ["(none)"]
     lines += ["", "## Queued", ""]
-    lines += [f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.status}, {j.priority}"
-              for j in queued] or ["(none)"]
+    lines += [
+        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.status}, {j.priority}"
+        for j in queued
+    ] or ["(none)"]
     lines += ["", "## Awaiting review", ""]
-    lines += [f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — `{j.branch}`"
-              + (f" {j.pr_url}" if j.pr_url else "") for j in review] or ["(none)"]
+    lines += [
+        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — `{j.branch}`"
+        + (f" {j.pr_url}" if j.pr_url else "")
+        for j in review
+    ] or ["(none)"]
     lines += ["", "## Recent outcomes", ""]
-    lines += [f"- {j.fr_id} {j.title} — **{j.status}**" + (f": {j.error}" if j.error else "")
-              for j in recent] or ["(none)"]
+    lines += [
+        f"- {j.fr_id} {j.title} — **{j.status}**" + (f": {j.error}" if j.error else "")
+        for j in recent
+    ] or ["(none)"]
     if scan.problems:
         lines += ["", "## Notes opus cannot read", ""]
         lines += [f"- `{p.path.name}`: {p.message}" for p in scan.problems]

@@ -34,17 +34,41 @@ def auto_approves(config: Config, fr: FeatureRequest, confidence: int | None) ->
 def pr_description(job: Job, fr: FeatureRequest, plan: str, diff_stat: str, review: str) -> str:
     """The body of the pull request (``pr.md``)."""
     summary = "\n".join(plan.strip().splitlines()[:25]) if plan.strip() else "(no plan)"
-    lines = [f"# {fr.id}: {fr.title}", "", "## Feature request", "", fr.body.strip(), "",
-             "## Plan (summary)", "", summary, "", "## Iterations", ""]
+    lines = [
+        f"# {fr.id}: {fr.title}",
+        "",
+        "## Feature request",
+        "",
+        fr.body.strip(),
+        "",
+        "## Plan (summary)",
+        "",
+        summary,
+        "",
+        "## Iterations",
+        "",
+    ]
     for cp in job.history:
-        lines.append(f"- iteration {cp.iteration} · {cp.stage}: {cp.outcome}"
-                     + (f" ({cp.attempts} attempts)" if cp.attempts > 1 else ""))
+        lines.append(
+            f"- iteration {cp.iteration} · {cp.stage}: {cp.outcome}"
+            + (f" ({cp.attempts} attempts)" if cp.attempts > 1 else "")
+        )
     tests = [cp for cp in job.history if cp.stage is Stage.TESTER]
     result = "passed" if tests and tests[-1].outcome is Outcome.OK else "not run"
     lines += ["", "## Tests", "", f"Last run: {result} (iteration {job.iteration}).", ""]
-    lines += ["## Review", "", review or "(no review)", "", "## Diff stat", "", "```text",
-              diff_stat.rstrip() or "(no changes)", "```", "",
-              f"Branch `{job.branch}` · job `{job.id}` · opened by opus"]
+    lines += [
+        "## Review",
+        "",
+        review or "(no review)",
+        "",
+        "## Diff stat",
+        "",
+        "```text",
+        diff_stat.rstrip() or "(no changes)",
+        "```",
+        "",
+        f"Branch `{job.branch}` · job `{job.id}` · opened by opus",
+    ]
     return "\n".join(lines) + "\n"
 
 
@@ -55,10 +79,16 @@ class Delivery:
     def _github(self) -> GitHub:
         d = self.rt.config.delivery
         assert d.repository is not None
-        return GitHub(d.repository, token=self.rt.environ.get(d.token_env), api_url=d.api_url,
-                      transport=self.rt.http_transport)
+        return GitHub(
+            d.repository,
+            token=self.rt.environ.get(d.token_env),
+            api_url=d.api_url,
+            transport=self.rt.http_transport,
+        )
 
-    async def deliver(self, job: Job, fr: FeatureRequest, worktree: Path) -> tuple[Status, str | None]:
+    async def deliver(
+        self, job: Job, fr: FeatureRequest, worktree: Path
+    ) -> tuple[Status, str | None]:
         """Write ``pr.md``, push and open the PR if configured; merge at once if auto-approved."""
         rt, d = self.rt, self.rt.config.delivery
         ws = rt.workspace(job)
@@ -76,13 +106,12 @@ class Delivery:
         await anyio.to_thread.run_sync(rt.registry.write_artifact, job.id, "pr.md", body)
         if d.kind == "github":
             token = rt.environ.get(d.token_env)
-            await anyio.to_thread.run_sync(
-                lambda: ws.push(worktree, job.branch, d.remote, token)
-            )
+            await anyio.to_thread.run_sync(lambda: ws.push(worktree, job.branch, d.remote, token))
             base = rt.config.repos[job.repo].base
             async with self._github() as gh:
-                pr = await gh.open_pr(head=job.branch, base=base, title=f"{fr.id}: {fr.title}",
-                                      body=body)
+                pr = await gh.open_pr(
+                    head=job.branch, base=base, title=f"{fr.id}: {fr.title}", body=body
+                )
             job.pr_url, job.pr_number = pr.url, pr.number
             log.info("%s: opened %s", job.fr_id, pr.url)
         if auto_approves(rt.config, fr, job.confidence):

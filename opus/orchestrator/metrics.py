@@ -23,8 +23,12 @@ def _pct(values: Sequence[float], q: float) -> float:
 def _summary(values: Sequence[float]) -> dict[str, float]:
     if not values:
         return {"count": 0, "mean": 0.0, "p50": 0.0, "p95": 0.0}
-    return {"count": len(values), "mean": round(statistics.fmean(values), 3),
-            "p50": _pct(values, 0.5), "p95": _pct(values, 0.95)}
+    return {
+        "count": len(values),
+        "mean": round(statistics.fmean(values), 3),
+        "p50": _pct(values, 0.5),
+        "p95": _pct(values, 0.95),
+    }
 
 
 def compute(
@@ -56,12 +60,14 @@ def compute(
             last = cp.finished_at if last is None else max(last, cp.finished_at)
         delivered = [cp for cp in job.history if cp.stage is Stage.DELIVERY]
         if delivered and job.history:
-            durations.append((delivered[-1].finished_at - job.history[0].started_at)
-                             .total_seconds())
+            durations.append(
+                (delivered[-1].finished_at - job.history[0].started_at).total_seconds()
+            )
             iterations.append(float(delivered[-1].iteration))
     span = (last - first).total_seconds() if first and last else 0.0
-    recovered = sum(1 for j in chosen for e in events.get(j.id, [])
-                    if e.get("event") == "recovered")
+    recovered = sum(
+        1 for j in chosen for e in events.get(j.id, []) if e.get("event") == "recovered"
+    )
     usage_in = sum(j.usage.input_tokens for j in chosen)
     usage_out = sum(j.usage.output_tokens for j in chosen)
     return {
@@ -85,15 +91,17 @@ def render(data: Mapping[str, Any]) -> str:
     lines = [
         f"jobs in the last {data['since_days']} day(s): {data['jobs']}  "
         + "  ".join(f"{k}={v}" for k, v in data["statuses"].items()),
-        "jobs per day: " + (", ".join(f"{d} {n}" for d, n in data["jobs_per_day"].items())
-                            or "none"),
-        "success rate: " + (f"{data['success_rate']:.0%}" if data["success_rate"] is not None
-                            else "n/a"),
+        "jobs per day: "
+        + (", ".join(f"{d} {n}" for d, n in data["jobs_per_day"].items()) or "none"),
+        "success rate: "
+        + (f"{data['success_rate']:.0%}" if data["success_rate"] is not None else "n/a"),
         f"pipeline duration: mean {p['mean']:.1f} s, p50 {p['p50']:.1f} s, "
         f"p95 {p['p95']:.1f} s over {p['count']} delivered job(s)",
         f"iterations per job: mean {data['iterations_per_job']['mean']:.2f}",
-        "stage durations (mean / p95 s): " + ", ".join(
-            f"{s} {v['mean']:.1f}/{v['p95']:.1f}" for s, v in data["stage_seconds"].items()),
+        "stage durations (mean / p95 s): "
+        + ", ".join(
+            f"{s} {v['mean']:.1f}/{v['p95']:.1f}" for s, v in data["stage_seconds"].items()
+        ),
         f"agent utilization: {data['agent_utilization']:.0%}",
         f"recoveries: {data['recoveries']}",
         f"tokens: {data['tokens']['input']} in, {data['tokens']['output']} out; "

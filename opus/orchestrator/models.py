@@ -27,7 +27,7 @@ class Priority(StrEnum):
 
     @classmethod
     def parse(cls, value: object) -> Priority:
-        """Accept ``critical``…``low`` (any case), ``P0``–``P3`` and ``0``–``3``; else ValueError."""
+        """Accept ``critical``…``low`` (any case), ``P0``–``P3``, ``0``–``3``; else ValueError."""
         if isinstance(value, bool):
             raise ValueError(f"unknown priority {value!r}")
         if isinstance(value, int):
@@ -40,7 +40,9 @@ class Priority(StrEnum):
         match = re.fullmatch(r"p?([0-3])", text)
         if match:
             return _BY_RANK[int(match.group(1))]
-        raise ValueError(f"unknown priority {value!r} (use critical, high, medium, low, P0–P3 or 0–3)")
+        raise ValueError(
+            f"unknown priority {value!r} (use critical, high, medium, low, P0–P3 or 0–3)"
+        )
 
 
 _RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.MEDIUM: 2, Priority.LOW: 3}

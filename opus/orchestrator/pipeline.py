@@ -188,14 +188,19 @@ class Pipeline:
                 attempt,
                 retries=rt.config.pipeline.retries,
                 on_retry=lambda n, e, delay: log.warning(
-                    "%s: %s attempt %d failed (%s); retrying in %.1f s", job.fr_id, stage, n,
-                    rt.redactor(str(e)), delay,
+                    "%s: %s attempt %d failed (%s); retrying in %.1f s",
+                    job.fr_id,
+                    stage,
+                    n,
+                    rt.redactor(str(e)),
+                    delay,
                 ),
             )
         except AgentError as e:
             attempts = getattr(e, "attempts", 1)
-            await self._checkpoint(stage, iteration, Outcome.ERROR, started, attempts, None,
-                                   error=str(e))
+            await self._checkpoint(
+                stage, iteration, Outcome.ERROR, started, attempts, None, error=str(e)
+            )
             if isinstance(e, AgentStalled):
                 await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
             else:
@@ -206,8 +211,9 @@ class Pipeline:
         if result.usage is not None:
             job.usage = job.usage + result.usage
         outcome, artifact = await self._judge(stage, iteration, result, head_before)
-        await self._checkpoint(stage, iteration, outcome, started, attempts, artifact,
-                               result=result)
+        await self._checkpoint(
+            stage, iteration, outcome, started, attempts, artifact, result=result
+        )
 
     async def _context(self, stage: Stage, iteration: int) -> StageContext:
         job, rt = self.job, self.rt
@@ -221,8 +227,15 @@ class Pipeline:
                 rt.workspace(job).diff, self.worktree, job.base_commit
             )
         prompt = rt.redactor(
-            prompts.render(stage, self.fr, iteration=iteration, plan=plan, feedback=feedback,
-                           base_commit=job.base_commit or "", diff=diff)
+            prompts.render(
+                stage,
+                self.fr,
+                iteration=iteration,
+                plan=plan,
+                feedback=feedback,
+                base_commit=job.base_commit or "",
+                diff=diff,
+            )
         )
         prompt_file = await anyio.to_thread.run_sync(
             rt.registry.write_artifact, job.id, f"prompt-{stage}-{iteration}.md", prompt
@@ -230,21 +243,34 @@ class Pipeline:
         feedback_file = None
         if feedback is not None:
             feedback_file = await anyio.to_thread.run_sync(
-                rt.registry.write_artifact, job.id, f"feedback-{iteration}.json",
+                rt.registry.write_artifact,
+                job.id,
+                f"feedback-{iteration}.json",
                 feedback.model_dump_json(indent=2),
             )
         output_file = folder / f"output-{stage}-{iteration}"
         output_file.unlink(missing_ok=True)
         agent_cfg = rt.config.agents.for_stage(stage)
         return StageContext(
-            stage=stage, iteration=iteration, job_id=job.id, fr=self.fr,
-            worktree=self.worktree, artifacts=folder, prompt=prompt, prompt_file=prompt_file,
-            output_file=output_file, log_file=folder / f"{stage}-{iteration}.log",
-            base_commit=job.base_commit or "", plan=plan, feedback=feedback,
+            stage=stage,
+            iteration=iteration,
+            job_id=job.id,
+            fr=self.fr,
+            worktree=self.worktree,
+            artifacts=folder,
+            prompt=prompt,
+            prompt_file=prompt_file,
+            output_file=output_file,
+            log_file=folder / f"{stage}-{iteration}.log",
+            base_commit=job.base_commit or "",
+            plan=plan,
+            feedback=feedback,
             feedback_file=feedback_file,
             timeout=agent_cfg.timeout or rt.config.pipeline.stage_timeout,
-            stall_timeout=rt.config.pipeline.stall_timeout, redactor=rt.redactor,
-            on_spawn=self._spawned, on_exit=self._exited,
+            stall_timeout=rt.config.pipeline.stall_timeout,
+            redactor=rt.redactor,
+            on_spawn=self._spawned,
+            on_exit=self._exited,
         )
 
     def _spawned(self, pgid: int) -> None:
@@ -265,21 +291,29 @@ class Pipeline:
             return Outcome.OK, "plan.md"
         if stage is Stage.CODER:
             if not result.passed:
-                return self._reject("patch_failed", iteration,
-                                    f"The coder's change could not be applied: {result.output}")
+                return self._reject(
+                    "patch_failed",
+                    iteration,
+                    f"The coder's change could not be applied: {result.output}",
+                )
             message = f"opus({job.fr_id}): coder, iteration {iteration}"
             commit = await anyio.to_thread.run_sync(
                 lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
             )
             if commit is None:
-                return self._reject("no_changes", iteration,
-                                    "The coder changed nothing in the working tree.")
+                return self._reject(
+                    "no_changes", iteration, "The coder changed nothing in the working tree."
+                )
             return Outcome.OK, f"coder-{iteration}.log"
         if stage is Stage.TESTER:
             if result.passed:
                 return Outcome.OK, f"tester-{iteration}.log"
-            outcome, _ = self._reject("tests_failed", iteration, "The tests failed.",
-                                      test_output=rt.redactor(result.output))
+            outcome, _ = self._reject(
+                "tests_failed",
+                iteration,
+                "The tests failed.",
+                test_output=rt.redactor(result.output),
+            )
             return outcome, f"tester-{iteration}.log"
         verdict = result.verdict
         assert verdict is not None, "the reviewer returned no verdict"
@@ -290,13 +324,17 @@ class Pipeline:
         if verdict.verdict == "approve":
             job.confidence = verdict.confidence
             return Outcome.OK, name
-        self._reject("changes_requested", iteration,
-                     verdict.summary or "The reviewer requested changes.", issues=verdict.issues)
+        self._reject(
+            "changes_requested",
+            iteration,
+            verdict.summary or "The reviewer requested changes.",
+            issues=verdict.issues,
+        )
         return Outcome.REJECTED, name
 
-    def _reject(self, reason: str, iteration: int, message: str, **more: object) -> tuple[
-        Outcome, str | None
-    ]:
+    def _reject(
+        self, reason: str, iteration: int, message: str, **more: object
+    ) -> tuple[Outcome, str | None]:
         self.job.feedback = Feedback.model_validate(
             {"iteration": iteration, "reason": reason, "message": message, **more}
         )
@@ -316,13 +354,24 @@ class Pipeline:
     ) -> None:
         job, rt = self.job, self.rt
         commit = await anyio.to_thread.run_sync(rt.workspace(job).head, self.worktree)
-        job.history = [*job.history, Checkpoint(
-            stage=stage, iteration=iteration, outcome=outcome, started_at=started,
-            finished_at=rt.now(), commit=commit, attempts=attempts, artifact=artifact,
-            usage=result.usage if result else None, error=rt.redactor(error) if error else None,
-        )]
-        await rt.record(job, "checkpoint", stage=stage.value, iteration=iteration,
-                        outcome=outcome.value)
+        job.history = [
+            *job.history,
+            Checkpoint(
+                stage=stage,
+                iteration=iteration,
+                outcome=outcome,
+                started_at=started,
+                finished_at=rt.now(),
+                commit=commit,
+                attempts=attempts,
+                artifact=artifact,
+                usage=result.usage if result else None,
+                error=rt.redactor(error) if error else None,
+            ),
+        ]
+        await rt.record(
+            job, "checkpoint", stage=stage.value, iteration=iteration, outcome=outcome.value
+        )
 
     # -- endings ------------------------------------------------------------------------------
 
@@ -331,8 +380,9 @@ class Pipeline:
         try:
             status, error = await self.delivery.deliver(job, self.fr, self.worktree)
         except OpusError as e:
-            await self._checkpoint(Stage.DELIVERY, job.iteration, Outcome.ERROR, started, 1,
-                                   None, error=str(e))
+            await self._checkpoint(
+                Stage.DELIVERY, job.iteration, Outcome.ERROR, started, 1, None, error=str(e)
+            )
             await self._finish(Status.FAILED, f"delivery failed: {e}", "failed")
             return
         await self._checkpoint(Stage.DELIVERY, job.iteration, Outcome.OK, started, 1, "pr.md")
@@ -364,11 +414,13 @@ class Pipeline:
         job.error = error.splitlines()[0][:500] if error else None
         job.pgids = []
         await self.rt.record(job, event)
-        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "",
-                 job.id)
+        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "", job.id)
         if status.value in ("review", "done", "failed", "blocked"):
-            message = job.error or (f"ready for review: {job.pr_url or job.branch}"
-                                    if status is Status.REVIEW else f"merged {job.branch}")
+            message = job.error or (
+                f"ready for review: {job.pr_url or job.branch}"
+                if status is Status.REVIEW
+                else f"merged {job.branch}"
+            )
             await self.rt.notify(status.value, job, message, **details)
 
     async def _remove_worktree(self) -> None:

@@ -70,8 +70,13 @@ What should change, and why. Be specific: the agents read exactly this.
 - …
 """
 
-FOLDERS = ("00_system", "10_features/01_inbox", "10_features/03_planned",
-           "10_features/04_done", "templates")
+FOLDERS = (
+    "00_system",
+    "10_features/01_inbox",
+    "10_features/03_planned",
+    "10_features/04_done",
+    "templates",
+)
 
 
 def init_vault(directory: Path, *, repo: str = "../app", force: bool = False) -> list[Path]:

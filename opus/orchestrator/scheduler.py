@@ -54,17 +54,16 @@ class Scheduler:
                 continue
             for pgid in job.pgids:
                 if await anyio.to_thread.run_sync(kill_group, pgid):
-                    log.warning("%s: killed agent process group %d left by a dead opus",
-                                job.fr_id, pgid)
+                    log.warning(
+                        "%s: killed agent process group %d left by a dead opus", job.fr_id, pgid
+                    )
             job.pgids = []
             if job.status is Status.IN_PROGRESS:
                 job.status = Status.QUEUED
                 await self.rt.record(job, "recovered")
                 done = f"{job.last.stage} of iteration {job.last.iteration}" if job.last else "none"
-                log.info("%s: recovered job %s (last completed stage: %s)",
-                         job.fr_id, job.id, done)
-                await self.rt.notify("recovered", job,
-                                     f"resumes after {done} (job {job.id})")
+                log.info("%s: recovered job %s (last completed stage: %s)", job.fr_id, job.id, done)
+                await self.rt.notify("recovered", job, f"resumes after {done} (job {job.id})")
                 recovered.append(job)
         return recovered
 
@@ -79,8 +78,11 @@ class Scheduler:
             except (NoteError, WorkspaceError) as e:
                 log.warning("%s: %s", fr.id, e)
         for job in self.rt.registry.jobs():
-            if job.status in (Status.QUEUED, Status.PAUSED) and job.fr_id not in scan.frs \
-                    and job.id not in self.running:
+            if (
+                job.status in (Status.QUEUED, Status.PAUSED)
+                and job.fr_id not in scan.frs
+                and job.id not in self.running
+            ):
                 job.status = Status.CANCELLED
                 job.error = "the note left the planned folder"
                 await self.rt.record(job, "cancelled", note=False)
@@ -94,8 +96,7 @@ class Scheduler:
             if status is Status.PLANNED:
                 key, problem = fr.invalid
                 log.warning("%s: %s: bad value for `%s`: %s", fr.id, fr.path.name, key, problem)
-                changes = {"status": "failed", "error": f"{key}: {problem}",
-                           "updated_at": rt.now()}
+                changes = {"status": "failed", "error": f"{key}: {problem}", "updated_at": rt.now()}
                 await anyio.to_thread.run_sync(lambda: rt.vault.update(fr.path, changes))
             return
         if status is Status.PLANNED:
@@ -117,7 +118,10 @@ class Scheduler:
             if run is not None:
                 run.control.request("cancel")
             elif job is not None and job.status in (
-                Status.QUEUED, Status.IN_PROGRESS, Status.PAUSED, Status.REVIEW
+                Status.QUEUED,
+                Status.IN_PROGRESS,
+                Status.PAUSED,
+                Status.REVIEW,
             ):
                 await self._end(job, Status.CANCELLED, None, "cancelled")
         elif status is Status.APPROVED:
@@ -127,12 +131,14 @@ class Scheduler:
                 await self._end(job, result, error, result.value)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
             if settle_reviews and fr.job_id == job.id:
-                result = await self.delivery.merged_or_closed(job)
-                if result is not None:
-                    await self._end(job, result, None, result.value)
+                settled = await self.delivery.merged_or_closed(job)
+                if settled is not None:
+                    await self._end(job, settled, None, settled.value)
         elif status in OPUS_SET:
-            if job is None or (fr.job_id is not None and fr.job_id != job.id) or (
-                status in (Status.QUEUED, Status.IN_PROGRESS) and job.status in FINISHED
+            if (
+                job is None
+                or (fr.job_id is not None and fr.job_id != job.id)
+                or (status in (Status.QUEUED, Status.IN_PROGRESS) and job.status in FINISHED)
             ):
                 if status in (Status.QUEUED, Status.IN_PROGRESS):
                     await self._claim(fr, "requeued")
@@ -144,10 +150,16 @@ class Scheduler:
         repo = fr.repo or rt.config.default_repo
         prefix = rt.config.repos[repo].branch_prefix
         rel = fr.path.relative_to(rt.config.root).as_posix()
-        job = await anyio.to_thread.run_sync(lambda: rt.registry.create(
-            fr_id=fr.id, fr_path=rel, title=fr.title, priority=fr.priority, repo=repo,
-            branch=f"{prefix}{slug(fr.id)}",
-        ))
+        job = await anyio.to_thread.run_sync(
+            lambda: rt.registry.create(
+                fr_id=fr.id,
+                fr_path=rel,
+                title=fr.title,
+                priority=fr.priority,
+                repo=repo,
+                branch=f"{prefix}{slug(fr.id)}",
+            )
+        )
         await rt.record(job, event)
         log.info("%s: %s as job %s (%s)", fr.id, event, job.id, fr.priority)
         return job
@@ -224,8 +236,13 @@ class Scheduler:
             return
         worst = max(candidates, key=lambda r: (r.job.priority.rank, r.job.created_at))
         if best.priority.rank < worst.job.priority.rank:
-            log.info("%s (%s) waits: %s (%s) yields at its next stage boundary",
-                     best.fr_id, best.priority, worst.job.fr_id, worst.job.priority)
+            log.info(
+                "%s (%s) waits: %s (%s) yields at its next stage boundary",
+                best.fr_id,
+                best.priority,
+                worst.job.fr_id,
+                worst.job.priority,
+            )
             worst.control.request("preempt")
 
     async def _run(self, job: Job, fr: FeatureRequest, control: Control) -> None:
@@ -256,8 +273,12 @@ class Scheduler:
             for run in runs:
                 await run.control.finished.wait()
         for run in list(self.running.values()):
-            log.warning("%s: stage %s still running after %.0f s; stopping it",
-                        run.job.fr_id, run.job.stage, grace)
+            log.warning(
+                "%s: stage %s still running after %.0f s; stopping it",
+                run.job.fr_id,
+                run.job.stage,
+                grace,
+            )
             if run.control.scope is not None:
                 run.control.scope.cancel()
         for run in runs:

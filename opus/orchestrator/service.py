@@ -1,9 +1,9 @@
 """The Orchestrator: one vault served — recovery, the main loop, shutdown (SPEC §4, §10, §11).
 
-    async with Orchestrator(config) as orch:   # takes the lock, opens the registry, recovers
-        await orch.run()                        # serve until cancelled or ``stop()``
-        # or: await orch.run_once()             # everything to a resting status, then return
-        # or: job = await orch.process("FR-101")
+async with Orchestrator(config) as orch:   # takes the lock, opens the registry, recovers
+    await orch.run()                        # serve until cancelled or ``stop()``
+    # or: await orch.run_once()             # everything to a resting status, then return
+    # or: job = await orch.process("FR-101")
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import logging
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
 from datetime import datetime
 from types import TracebackType
+from typing import Any
 
 import anyio
 import httpx
@@ -99,8 +99,9 @@ class Orchestrator:
                 registry=registry,
                 agents=build_agents(config, self._agent_overrides, environ=self._environ),
                 workspaces={
-                    name: Workspace(config.repo_path(name), base=repo.base,
-                                    worktrees_dir=state / "worktrees")
+                    name: Workspace(
+                        config.repo_path(name), base=repo.base, worktrees_dir=state / "worktrees"
+                    )
                     for name, repo in config.repos.items()
                 },
                 notifier=Notifier(config.notify, redactor, transport=self._http_transport),
@@ -156,19 +157,29 @@ class Orchestrator:
         self._heartbeat()
         if self._dirty and self.config.dashboard_path is not None:
             self._dirty = False
-            write_dashboard(self.config.dashboard_path, self.rt.registry.jobs(), scan,
-                            now=self._now())
+            write_dashboard(
+                self.config.dashboard_path, self.rt.registry.jobs(), scan, now=self._now()
+            )
 
     def _heartbeat(self) -> None:
         running = [
-            {"job_id": r.job.id, "fr_id": r.job.fr_id, "stage": r.job.stage,
-             "iteration": r.job.iteration}
+            {
+                "job_id": r.job.id,
+                "fr_id": r.job.fr_id,
+                "stage": r.job.stage,
+                "iteration": r.job.iteration,
+            }
             for r in list(self.scheduler.running.values())
         ]
         queued = sum(1 for j in self.rt.registry.jobs() if j.status is Status.QUEUED)
-        write_health(self.config.state_dir / "health.json", pid=os.getpid(),
-                     started_at=self._started_at, last_tick=self._now(), running=running,
-                     queued=queued)
+        write_health(
+            self.config.state_dir / "health.json",
+            pid=os.getpid(),
+            started_at=self._started_at,
+            last_tick=self._now(),
+            running=running,
+            queued=queued,
+        )
         self.systemd.status(f"{len(running)} running, {queued} queued")
 
     # -- serving -----------------------------------------------------------------------------------
@@ -182,12 +193,12 @@ class Orchestrator:
         self.rt.config = config
         self.rt.agents = agents
         self.rt.redactor.update(config.secrets(self._environ))
-        self.rt.notifier = Notifier(config.notify, self.rt.redactor,
-                                    transport=self._http_transport)
+        self.rt.notifier = Notifier(config.notify, self.rt.redactor, transport=self._http_transport)
         self.rt.workspaces = {
-            name: self.rt.workspaces.get(name) or Workspace(
-                config.repo_path(name), base=repo.base,
-                worktrees_dir=config.state_dir / "worktrees")
+            name: self.rt.workspaces.get(name)
+            or Workspace(
+                config.repo_path(name), base=repo.base, worktrees_dir=config.state_dir / "worktrees"
+            )
             for name, repo in config.repos.items()
         }
         log.info("configuration reloaded from %s", config.source)
@@ -208,8 +219,12 @@ class Orchestrator:
         wake_send, wake_recv = anyio.create_memory_object_stream[str](100)
         self._wake = wake_send
         async with anyio.create_task_group() as tg:
-            watcher = Watcher(self.config.planned_dir, is_candidate=self.rt.vault.is_candidate,
-                              debounce=polling.debounce_ms / 1000, enabled=polling.watch)
+            watcher = Watcher(
+                self.config.planned_dir,
+                is_candidate=self.rt.vault.is_candidate,
+                debounce=polling.debounce_ms / 1000,
+                enabled=polling.watch,
+            )
             async with watcher:
                 tg.start_soon(self._forward_changes, watcher, wake_send)
                 tg.start_soon(self._forward_finished, wake_send)
@@ -221,15 +236,22 @@ class Orchestrator:
                     if first:
                         first = False
                         self.systemd.ready()
-                        log.info("serving %s: %d FR note(s), %d problem(s)",
-                                 self.config.root, len(scan.frs), len(scan.problems))
+                        log.info(
+                            "serving %s: %d FR note(s), %d problem(s)",
+                            self.config.root,
+                            len(scan.frs),
+                            len(scan.problems),
+                        )
                     busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
                     settle = True
                     with anyio.move_on_after(poll.interval(busy)):
                         reason = await wake_recv.receive()
                         settle = reason == "stop"
-                log.info("stopping: %d running job(s) get %.0f s to finish their stage",
-                         len(self.scheduler.running), self.config.service.shutdown_grace)
+                log.info(
+                    "stopping: %d running job(s) get %.0f s to finish their stage",
+                    len(self.scheduler.running),
+                    self.config.service.shutdown_grace,
+                )
                 self.systemd.stopping()
                 await self.scheduler.drain(self.config.service.shutdown_grace)
                 tg.cancel_scope.cancel()
@@ -302,7 +324,9 @@ async def serve(config: Config, *, once: bool = False, config_path: Any = None) 
         async with anyio.create_task_group() as tg:
 
             async def signals() -> None:
-                with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                with anyio.open_signal_receiver(
+                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
+                ) as sigs:
                     async for signum in sigs:
                         if signum == signal.SIGHUP:
                             orch.systemd.reloading()
@@ -315,8 +339,9 @@ async def serve(config: Config, *, once: bool = False, config_path: Any = None) 
                             log.warning("second interrupt: stopping now")
                             tg.cancel_scope.cancel()
                         else:
-                            log.info("%s received: finishing running stages",
-                                     signal.Signals(signum).name)
+                            log.info(
+                                "%s received: finishing running stages", signal.Signals(signum).name
+                            )
                             orch.stop()
 
             tg.start_soon(signals)

@@ -106,43 +106,71 @@ def all_events(config: Config) -> dict[str, list[dict[str, Any]]]:
 
 def _age(since: datetime, now: datetime) -> str:
     s = max(0, int((now - since).total_seconds()))
-    return f"{s}s" if s < 120 else f"{s // 60}m" if s < 7200 else f"{s // 3600}h" if s < 172800 \
+    return (
+        f"{s}s"
+        if s < 120
+        else f"{s // 60}m"
+        if s < 7200
+        else f"{s // 3600}h"
+        if s < 172800
         else f"{s // 86400}d"
+    )
 
 
 def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str, Any]]:
     """One row per FR note (and per job whose note is gone), plus unreadable notes."""
     now = now or datetime.now()
     scan = Vault(config).scan()
-    latest: dict[str, Job] = {}
-    for job in read_jobs(config.state_dir):
-        latest[job.fr_id] = job
+    latest = {job.fr_id: job for job in read_jobs(config.state_dir)}
     rows: list[dict[str, Any]] = []
     for fr_id in sorted(set(scan.frs) | set(latest)):
         fr, job = scan.frs.get(fr_id), latest.get(fr_id)
-        status = (fr.status.value if fr and fr.status else "planned") if fr else (
-            job.status.value if job else "?")
+        status = (
+            (fr.status.value if fr and fr.status else "planned")
+            if fr
+            else (job.status.value if job else "?")
+        )
         if job and fr and fr.status is None:
             status = job.status.value
-        rows.append({
-            "id": fr_id,
-            "status": status,
-            "stage": (job.stage.value if job and job.stage and job.status in
-                      (Status.IN_PROGRESS, Status.QUEUED, Status.PAUSED) else None),
-            "iteration": job.iteration if job else None,
-            "age": _age(job.created_at, now) if job else None,
-            "branch": job.branch if job else None,
-            "job_id": job.id if job else None,
-            "priority": (fr.priority.value if fr else job.priority.value if job else None),
-            "title": fr.title if fr else job.title if job else "",
-            "error": (job.error if job else None) or (fr.error if fr else None),
-            "note": str(fr.path.relative_to(config.root)) if fr else (job.fr_path if job else None),
-        })
+        rows.append(
+            {
+                "id": fr_id,
+                "status": status,
+                "stage": (
+                    job.stage.value
+                    if job
+                    and job.stage
+                    and job.status in (Status.IN_PROGRESS, Status.QUEUED, Status.PAUSED)
+                    else None
+                ),
+                "iteration": job.iteration if job else None,
+                "age": _age(job.created_at, now) if job else None,
+                "branch": job.branch if job else None,
+                "job_id": job.id if job else None,
+                "priority": (fr.priority.value if fr else job.priority.value if job else None),
+                "title": fr.title if fr else job.title if job else "",
+                "error": (job.error if job else None) or (fr.error if fr else None),
+                "note": str(fr.path.relative_to(config.root))
+                if fr
+                else (job.fr_path if job else None),
+            }
+        )
     for problem in scan.problems:
-        rows.append({"id": None, "status": "unreadable", "stage": None, "iteration": None,
-                     "age": None, "branch": None, "job_id": None, "priority": None,
-                     "title": "", "error": problem.message,
-                     "note": str(problem.path.relative_to(config.root))})
+        rows.append(
+            {
+                "id": None,
+                "status": "unreadable",
+                "stage": None,
+                "iteration": None,
+                "age": None,
+                "branch": None,
+                "job_id": None,
+                "priority": None,
+                "title": "",
+                "error": problem.message,
+                "note": str(problem.path.relative_to(config.root)),
+            }
+        )
     return rows
 
 
@@ -155,13 +183,29 @@ def print_status(config: Config) -> None:
 def status_table(config: Config) -> Any:
     from rich.table import Table
 
-    table = Table("id", "status", "stage", "iter", "age", "branch", "title / problem",
-                  box=None, header_style="bold")
+    table = Table(
+        "id",
+        "status",
+        "stage",
+        "iter",
+        "age",
+        "branch",
+        "title / problem",
+        box=None,
+        header_style="bold",
+    )
     for r in status_rows(config):
-        table.add_row(r["id"] or r["note"], r["status"], r["stage"] or "",
-                      str(r["iteration"] or ""), r["age"] or "", r["branch"] or "",
-                      r["error"] if r["status"] in ("unreadable", "failed", "blocked")
-                      and r["error"] else r["title"])
+        table.add_row(
+            r["id"] or r["note"],
+            r["status"],
+            r["stage"] or "",
+            str(r["iteration"] or ""),
+            r["age"] or "",
+            r["branch"] or "",
+            r["error"]
+            if r["status"] in ("unreadable", "failed", "blocked") and r["error"]
+            else r["title"],
+        )
     return table
 
 
@@ -215,30 +259,56 @@ def print_show(data: dict[str, Any]) -> None:
 
     job = data["job"]
     console = Console()
-    console.print(f"[bold]{data['fr_id']}[/bold] {job['title']} — {job['status']}"
-                  + (f" ({job['stage']}, iteration {job['iteration']})"
-                     if job["status"] == "in-progress" else ""))
-    console.print(f"job {job['id']} · branch {job['branch']} · priority {job['priority']}"
-                  + (f" · {job['pr_url']}" if job.get("pr_url") else ""))
+    console.print(
+        f"[bold]{data['fr_id']}[/bold] {job['title']} — {job['status']}"
+        + (
+            f" ({job['stage']}, iteration {job['iteration']})"
+            if job["status"] == "in-progress"
+            else ""
+        )
+    )
+    console.print(
+        f"job {job['id']} · branch {job['branch']} · priority {job['priority']}"
+        + (f" · {job['pr_url']}" if job.get("pr_url") else "")
+    )
     if job.get("error"):
         console.print(f"error: {job['error']}")
-    table = Table("stage", "iter", "outcome", "attempts", "seconds", "commit", "cost $",
-                  box=None, header_style="bold")
+    table = Table(
+        "stage",
+        "iter",
+        "outcome",
+        "attempts",
+        "seconds",
+        "commit",
+        "cost $",
+        box=None,
+        header_style="bold",
+    )
     for cp in job["history"]:
-        secs = (datetime.fromisoformat(cp["finished_at"])
-                - datetime.fromisoformat(cp["started_at"])).total_seconds()
+        secs = (
+            datetime.fromisoformat(cp["finished_at"]) - datetime.fromisoformat(cp["started_at"])
+        ).total_seconds()
         usage = cp.get("usage") or {}
-        table.add_row(cp["stage"], str(cp["iteration"]), cp["outcome"], str(cp["attempts"]),
-                      f"{secs:.0f}", (cp.get("commit") or "")[:10],
-                      f"{usage.get('cost_usd', 0):.4f}" if usage else "")
+        table.add_row(
+            cp["stage"],
+            str(cp["iteration"]),
+            cp["outcome"],
+            str(cp["attempts"]),
+            f"{secs:.0f}",
+            (cp.get("commit") or "")[:10],
+            f"{usage.get('cost_usd', 0):.4f}" if usage else "",
+        )
     console.print(table)
     u = job["usage"]
-    console.print(f"usage: {u['input_tokens']} in / {u['output_tokens']} out tokens, "
-                  f"${u['cost_usd']:.4f}{' (estimated)' if u.get('cost_estimated') else ''}")
+    console.print(
+        f"usage: {u['input_tokens']} in / {u['output_tokens']} out tokens, "
+        f"${u['cost_usd']:.4f}{' (estimated)' if u.get('cost_estimated') else ''}"
+    )
     if data["review"]:
         r = data["review"]
-        console.print(f"last review: {r['verdict']} ({r.get('confidence', 0)}): "
-                      f"{r.get('summary', '')}")
+        console.print(
+            f"last review: {r['verdict']} ({r.get('confidence', 0)}): {r.get('summary', '')}"
+        )
         for issue in r.get("issues", []):
             console.print(f"  - {issue.get('severity')}: {issue.get('message')}")
     console.print(f"artifacts in {data['artifacts_dir']}: {', '.join(data['artifacts'])}")
@@ -249,8 +319,9 @@ def validate(config: Config) -> list[str]:
     problems: list[str] = []
     for name, repo in config.repos.items():
         try:
-            Workspace(config.repo_path(name), base=repo.base,
-                      worktrees_dir=config.state_dir / "worktrees").check()
+            Workspace(
+                config.repo_path(name), base=repo.base, worktrees_dir=config.state_dir / "worktrees"
+            ).check()
         except WorkspaceError as e:
             problems.append(f"{config.source}: [repos.{name}] {e}")
     for stage in Stage:
@@ -259,17 +330,21 @@ def validate(config: Config) -> list[str]:
         section = config.agents.for_stage(stage)
         if section.kind in ("openai", "python"):
             if section.api_key_env and not os.environ.get(section.api_key_env):
-                problems.append(f"{config.source}: [agents.{stage}] api_key_env: "
-                                f"${section.api_key_env} is not set")
+                problems.append(
+                    f"{config.source}: [agents.{stage}] api_key_env: "
+                    f"${section.api_key_env} is not set"
+                )
             continue
         command = section.command
         argv = (shlex.split(command) if isinstance(command, str) else list(command or [])) or [
-            section.kind]
+            section.kind
+        ]
         if shutil.which(argv[0]) is None:
             problems.append(f"{config.source}: [agents.{stage}] `{argv[0]}` not found on PATH")
     if config.delivery.kind == "github" and not os.environ.get(config.delivery.token_env):
-        problems.append(f"{config.source}: [delivery] token_env: ${config.delivery.token_env} "
-                        "is not set")
+        problems.append(
+            f"{config.source}: [delivery] token_env: ${config.delivery.token_env} is not set"
+        )
     scan = Vault(config).scan()
     for p in scan.problems:
         problems.append(f"{p.path}: {p.message}")
@@ -284,16 +359,20 @@ def validate(config: Config) -> list[str]:
     return problems
 
 
-def set_status(config: Config, ref: str, target: Status, allowed: frozenset[Status] | None
-               ) -> Status | None:
+def set_status(
+    config: Config, ref: str, target: Status, allowed: frozenset[Status] | None
+) -> Status | None:
     """Write a person's ``status`` into the note (what ``opus pause FR`` and friends do)."""
     vault = Vault(config)
     path = vault.find(ref)
     fr = vault.read(path)
     current = fr.status or Status.PLANNED
     if allowed is not None and current not in allowed and current is not target:
-        raise OpusError(f"{fr.id} is {current}; this needs one of: "
-                        + ", ".join(sorted(s.value for s in allowed)))
-    vault.update(path, {"status": target.value, "updated_at": datetime.now().replace(
-        microsecond=0)})
+        raise OpusError(
+            f"{fr.id} is {current}; this needs one of: "
+            + ", ".join(sorted(s.value for s in allowed))
+        )
+    vault.update(
+        path, {"status": target.value, "updated_at": datetime.now().replace(microsecond=0)}
+    )
     return fr.status
