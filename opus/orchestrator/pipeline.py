@@ -68,6 +68,12 @@ class Pipeline:
     async def run(self) -> Job:
         job = self.job
         try:
+            first = next_step(job, self.max_iterations)
+            if isinstance(first, tuple) and self.control.stop is None:
+                # say so in the note at once; the worktree takes a while
+                job.status = check_transition(job.status, Status.IN_PROGRESS)
+                job.stage, job.iteration = first
+                await self.rt.record(job, "started")
             if not await self._prepare():
                 return job
             while True:

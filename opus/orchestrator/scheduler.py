@@ -70,11 +70,16 @@ class Scheduler:
     # -- reconciling notes with jobs -----------------------------------------------------------
 
     async def reconcile(self, scan: Scan, *, settle_reviews: bool = True) -> None:
+        """Act on every note whose status and job disagree (cheap for notes at rest)."""
+        latest = {job.fr_id: job for job in self.rt.registry.jobs()}
         for fr in scan.frs.values():
             if self.only is not None and fr.id not in self.only:
                 continue
+            job = latest.get(fr.id)
+            if self._at_rest(fr, job):
+                continue
             try:
-                await self._reconcile(fr, settle_reviews)
+                await self._reconcile(fr, job, settle_reviews)
             except (NoteError, WorkspaceError) as e:
                 log.warning("%s: %s", fr.id, e)
         for job in self.rt.registry.jobs():
@@ -87,9 +92,17 @@ class Scheduler:
                 job.error = "the note left the planned folder"
                 await self.rt.record(job, "cancelled", note=False)
 
-    async def _reconcile(self, fr: FeatureRequest, settle_reviews: bool) -> None:
+    def _at_rest(self, fr: FeatureRequest, job: Job | None) -> bool:
+        """A note resting at a status its job agrees with (or that has no job): nothing to do."""
+        status = fr.status
+        if status in (Status.DONE, Status.FAILED, Status.BLOCKED):
+            return job is None or job.status is status
+        if status is Status.CANCELLED:
+            return job is None or (job.status in FINISHED and job.id not in self.running)
+        return False
+
+    async def _reconcile(self, fr: FeatureRequest, job: Job | None, settle_reviews: bool) -> None:
         rt = self.rt
-        job = rt.registry.latest_for(fr.id)
         run = self.running.get(job.id) if job else None
         status = fr.status or Status.PLANNED
         if fr.invalid is not None:

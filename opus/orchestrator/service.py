@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -76,6 +77,8 @@ class Orchestrator:
         self._last_scan: Scan | None = None
         self._log_filter: RedactingFilter | None = None
         self._wake: MemoryObjectSendStream[str] | None = None
+        self._changed_paths: set[Path] = set()
+        self._rescan = False
         self.systemd = SystemdNotifier(self._environ)
         self.rt: Runtime
         self.scheduler: Scheduler
@@ -143,9 +146,11 @@ class Orchestrator:
 
     # -- one step --------------------------------------------------------------------------------
 
-    async def tick(self, tg: TaskGroup, *, settle_reviews: bool = True) -> Scan:
-        """Scan the vault, act on what changed, start what may start."""
-        scan = await anyio.to_thread.run_sync(self.rt.vault.scan)
+    async def tick(
+        self, tg: TaskGroup, *, settle_reviews: bool = True, changed: set[Path] | None = None
+    ) -> Scan:
+        """Scan the vault (only ``changed`` notes, when given), act on it, start what may."""
+        scan = await anyio.to_thread.run_sync(self.rt.vault.scan, changed)
         self._last_scan = scan
         await self.scheduler.reconcile(scan, settle_reviews=settle_reviews)
         await self.scheduler.start_ready(tg, scan)
@@ -229,10 +234,10 @@ class Orchestrator:
                 tg.start_soon(self._forward_changes, watcher, wake_send)
                 tg.start_soon(self._forward_finished, wake_send)
                 tg.start_soon(self._beat)
-                settle = True
-                first = True
+                settle, first = True, True
+                changed: set[Path] | None = None
                 while not self._stop.is_set():
-                    scan = await self.tick(tg, settle_reviews=settle)
+                    scan = await self.tick(tg, settle_reviews=settle, changed=changed)
                     if first:
                         first = False
                         self.systemd.ready()
@@ -243,10 +248,15 @@ class Orchestrator:
                             len(scan.problems),
                         )
                     busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
-                    settle = True
+                    settle, changed = True, None
                     with anyio.move_on_after(poll.interval(busy)):
                         reason = await wake_recv.receive()
-                        settle = reason == "stop"
+                        settle = False  # merges are looked for on the poll only
+                        if reason == "change" and not self._rescan:
+                            changed = self._changed_paths
+                        elif reason == "finished":
+                            changed = set()
+                        self._changed_paths, self._rescan = set(), False
                 log.info(
                     "stopping: %d running job(s) get %.0f s to finish their stage",
                     len(self.scheduler.running),
@@ -257,14 +267,19 @@ class Orchestrator:
                 tg.cancel_scope.cancel()
 
     async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
+        """Watcher batches (minus opus's own writes) wake the loop with the paths to look at."""
         vault = self.rt.vault
         while True:
             batch = await watcher.next_batch(3600)
-            if batch.rescan or any(not vault.is_own_write(p) for p in batch.paths):
-                try:
-                    wake.send_nowait("change")
-                except anyio.WouldBlock:
-                    pass
+            paths = {p for p in batch.paths if not vault.is_own_write(p)}
+            if not (batch.rescan or paths):
+                continue
+            self._changed_paths |= paths
+            self._rescan = self._rescan or batch.rescan
+            try:
+                wake.send_nowait("change")
+            except anyio.WouldBlock:
+                pass
 
     async def _forward_finished(self, wake: MemoryObjectSendStream[str]) -> None:
         while True:

@@ -14,6 +14,7 @@ import hashlib
 import logging
 import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -135,12 +136,17 @@ class Vault:
             inside = p.parts
         return not any(part in _IGNORED_DIRS for part in inside)
 
-    def scan(self) -> Scan:
-        """Every FR in the planned folder by id, and every note that cannot be served."""
+    def scan(self, changed: Collection[Path] | None = None) -> Scan:
+        """Every FR in the planned folder by id, and every note that cannot be served.
+
+        With ``changed`` (paths the watcher reported), only those notes are looked at
+        again and the rest come from the cache: no listing of the folder.
+        """
         problems: list[NoteProblem] = []
         frs: list[FeatureRequest] = []
         seen: set[str] = set()
-        for name, key in self._listing(problems):
+        listing = self._listing(problems) if changed is None else self._changed(changed)
+        for name, key in listing:
             seen.add(name)
             entry = self._cache.get(name)
             if entry is None or entry.key != key:
@@ -176,6 +182,23 @@ class Vault:
                     continue
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
+                continue
+            yield name, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+    def _changed(self, paths: Collection[Path]) -> Iterator[tuple[str, StatKey]]:
+        """The cached listing, with the given paths stat-ed afresh."""
+        names = {Path(p).name for p in paths if Path(p).parent == self.planned_dir}
+        with self._lock:
+            cached = [(name, e.key) for name, e in self._cache.items() if name not in names]
+        yield from cached
+        for name in names:
+            if not is_candidate_name(name):
+                continue
+            try:
+                st = (self.planned_dir / name).lstat()
+            except (FileNotFoundError, NotADirectoryError):
+                continue
+            if stat.S_ISDIR(st.st_mode):
                 continue
             yield name, (st.st_ino, st.st_mtime_ns, st.st_size)
 
