@@ -78,18 +78,26 @@ class FakeGitHub:
                 return self.fail_create, {"message": "Server Error"}
             if seen.method == "POST" and path == PULLS:
                 data = json.loads(seen.body)
-                if any(p["head"]["ref"] == data["head"] and p["state"] == "open"
-                       for p in self.prs.values()):
-                    return 422, {"message": "Validation Failed",
-                                 "errors": [{"message": "A pull request already exists"}]}
-                pr = self.add(data["head"], title=data["title"], body=data["body"],
-                              base={"ref": data["base"]})
+                if any(
+                    p["head"]["ref"] == data["head"] and p["state"] == "open"
+                    for p in self.prs.values()
+                ):
+                    return 422, {
+                        "message": "Validation Failed",
+                        "errors": [{"message": "A pull request already exists"}],
+                    }
+                pr = self.add(
+                    data["head"], title=data["title"], body=data["body"], base={"ref": data["base"]}
+                )
                 return 201, pr
             if seen.method == "GET" and path == PULLS:
                 owner_head = query.get("head", [""])[0]
                 state = query.get("state", ["open"])[0]
-                return 200, [p for p in self.prs.values()
-                             if p["head"]["label"] == owner_head and p["state"] == state]
+                return 200, [
+                    p
+                    for p in self.prs.values()
+                    if p["head"]["label"] == owner_head and p["state"] == state
+                ]
             match = re.fullmatch(PULLS + r"/(\d+)(/merge)?", path)
             if match and int(match.group(1)) in self.prs:
                 pr = self.prs[int(match.group(1))]

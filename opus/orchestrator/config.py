@@ -15,7 +15,13 @@ from .models import Priority
 
 Event = Literal["review", "done", "failed", "blocked", "recovered", "stuck", "budget"]
 ALL_EVENTS: tuple[Event, ...] = (
-    "review", "done", "failed", "blocked", "recovered", "stuck", "budget"
+    "review",
+    "done",
+    "failed",
+    "blocked",
+    "recovered",
+    "stuck",
+    "budget",
 )
 AGENT_KINDS = ("command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python")
 

@@ -134,6 +134,8 @@ class Pipeline:
             return True
         if reason in ("shutdown", "cancel"):
             return True
+        if step[0] is Stage.DELIVERY:
+            return False  # delivery spends nothing: never held back by the budget
         why = await anyio.to_thread.run_sync(self.rt.over_budget)
         if why:
             await self._set(Status.QUEUED, "budget")
@@ -188,6 +190,8 @@ class Pipeline:
             except AgentStalled as e:
                 await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
                 raise
+            finally:
+                await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
 
         try:
             result, attempts = await with_retries(
@@ -279,6 +283,18 @@ class Pipeline:
             on_exit=self._exited,
         )
 
+    def _scrub(self, path: Path) -> None:
+        """Redact secrets from what an agent left in the artifact folder."""
+        if not self.rt.redactor:
+            return
+        try:
+            text = path.read_text(encoding="utf-8", errors="replace")
+        except FileNotFoundError:
+            return
+        clean = self.rt.redactor(text)
+        if clean != text:
+            self.rt.registry.write_artifact(self.job.id, path.name, clean)
+
     def _spawned(self, pgid: int) -> None:
         self.job.pgids = [*self.job.pgids, pgid]
         self.rt.registry.save(self.job, "spawned", pgid=pgid)
@@ -341,8 +357,11 @@ class Pipeline:
     def _reject(
         self, reason: str, iteration: int, message: str, **more: object
     ) -> tuple[Outcome, str | None]:
-        self.job.feedback = Feedback.model_validate(
+        feedback = Feedback.model_validate(
             {"iteration": iteration, "reason": reason, "message": message, **more}
+        )
+        self.job.feedback = Feedback.model_validate_json(
+            self.rt.redactor(feedback.model_dump_json())
         )
         return Outcome.REJECTED, None
 
@@ -417,7 +436,7 @@ class Pipeline:
     async def _finish(self, status: Status, error: str | None, event: str, **details: str) -> None:
         job = self.job
         job.status = check_transition(job.status, status)
-        job.error = error.splitlines()[0][:500] if error else None
+        job.error = self.rt.redactor(error.splitlines()[0][:500]) if error else None
         job.pgids = []
         await self.rt.record(job, event)
         log.info("%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "", job.id)

@@ -72,7 +72,7 @@ class Scheduler:
     async def reconcile(self, scan: Scan, *, settle_reviews: bool = True) -> None:
         """Act on every note whose status and job disagree (cheap for notes at rest)."""
         latest = {job.fr_id: job for job in self.rt.registry.jobs()}
-        for fr in scan.frs.values():
+        for fr in sorted(scan.frs.values(), key=lambda f: (f.priority.rank, f.id)):
             if self.only is not None and fr.id not in self.only:
                 continue
             job = latest.get(fr.id)
@@ -148,14 +148,15 @@ class Scheduler:
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
         elif status in OPUS_SET:
-            if (
-                job is None
-                or (fr.job_id is not None and fr.job_id != job.id)
-                or (status in (Status.QUEUED, Status.IN_PROGRESS) and job.status in FINISHED)
-            ):
+            # the note may be older than the job (scanned before a pipeline moved on):
+            # the registry decides whether a job still claims it
+            claimed = job is not None and (
+                fr.job_id in (None, job.id) or job.status not in FINISHED
+            )
+            if not claimed:
                 if status in (Status.QUEUED, Status.IN_PROGRESS):
                     await self._claim(fr, "requeued")
-            elif job.status is not status and run is None:
+            elif job is not None and job.status is not status and run is None:
                 await rt.mirror(job)
 
     async def _claim(self, fr: FeatureRequest, event: str) -> Job:

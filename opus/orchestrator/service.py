@@ -22,8 +22,7 @@ import httpx
 from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
-from .agents import build_agents
-from .agents.base import Agent
+from .agents import AgentLike, build_agents
 from .config import Config
 from .dashboard import write_dashboard
 from .errors import OpusError
@@ -44,6 +43,12 @@ from .workspace import Workspace
 log = logging.getLogger(__name__)
 
 
+def _opus_loggers() -> list[logging.Logger]:
+    """Every logger of the package (a filter applies only to its own logger's records)."""
+    names = [n for n in logging.root.manager.loggerDict if n == "opus" or n.startswith("opus.")]
+    return [logging.getLogger(n) for n in ["opus", *names]]
+
+
 @dataclass
 class Summary:
     """What a ``run_once`` left behind: FR id → status."""
@@ -59,7 +64,7 @@ class Orchestrator:
         self,
         config: Config,
         *,
-        agents: Mapping[str, Agent] | None = None,
+        agents: Mapping[str, AgentLike] | None = None,
         environ: Mapping[str, str] | None = None,
         now: Callable[[], datetime] = local_now,
         http_transport: httpx.AsyncBaseTransport | None = None,
@@ -93,7 +98,8 @@ class Orchestrator:
         try:
             redactor = Redactor(config.secrets(self._environ))
             self._log_filter = RedactingFilter(redactor)
-            logging.getLogger("opus").addFilter(self._log_filter)
+            for logger in _opus_loggers():
+                logger.addFilter(self._log_filter)
             registry = Registry(state, keep_days=config.state.keep_days, now=self._now)
             await anyio.to_thread.run_sync(registry.open)
             self.rt = Runtime(
@@ -107,7 +113,9 @@ class Orchestrator:
                     )
                     for name, repo in config.repos.items()
                 },
-                notifier=Notifier(config.notify, redactor, transport=self._http_transport),
+                notifier=Notifier(
+                    config.notify, redactor, transport=self._http_transport, environ=self._environ
+                ),
                 redactor=redactor,
                 now=self._now,
                 environ=self._environ,
@@ -134,7 +142,9 @@ class Orchestrator:
 
     def _release(self) -> None:
         if self._log_filter is not None:
-            logging.getLogger("opus").removeFilter(self._log_filter)
+            for logger in _opus_loggers():
+                logger.removeFilter(self._log_filter)
+        self.systemd.close()
         self._lock.release()
 
     def _changed(self, job: Job) -> None:
@@ -198,7 +208,9 @@ class Orchestrator:
         self.rt.config = config
         self.rt.agents = agents
         self.rt.redactor.update(config.secrets(self._environ))
-        self.rt.notifier = Notifier(config.notify, self.rt.redactor, transport=self._http_transport)
+        self.rt.notifier = Notifier(
+            config.notify, self.rt.redactor, transport=self._http_transport, environ=self._environ
+        )
         self.rt.workspaces = {
             name: self.rt.workspaces.get(name)
             or Workspace(

@@ -18,10 +18,10 @@ import secrets
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
-import git
-from git.exc import CommandError, InvalidGitRepositoryError, NoSuchPathError
+if TYPE_CHECKING:  # GitPython runs `git version` when imported: import it on first use
+    from git.exc import CommandError
 
 from .errors import MergeConflict, WorkspaceError
 from .redact import Redactor
@@ -76,6 +76,9 @@ class Workspace:
 
     def check(self) -> None:
         """Raise ``WorkspaceError`` unless the repository exists and has the base branch."""
+        import git
+        from git.exc import InvalidGitRepositoryError, NoSuchPathError
+
         try:
             with git.Repo(self.repo_path):
                 pass
@@ -373,6 +376,9 @@ class Workspace:
         hidden: Sequence[str] = (),
         timeout: float | None = None,
     ) -> tuple[int, bytes]:
+        import git
+        from git.exc import CommandError
+
         command = ["git", "-C", os.fspath(cwd), *opts, *args]
         try:
             out = git.Git().execute(

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 from ..config import AgentSection, Config
 from ..lifecycle import Stage
@@ -31,23 +32,30 @@ def build_agent(
     return build_command_agent(section, stage, environ=environ)
 
 
+AgentLike = Agent | Callable[[StageContext], Any]
+"""An agent, or a plain (sync or async) function taking the stage context."""
+
+
 def build_agents(
     config: Config,
-    overrides: Mapping[str, Agent] | None = None,
+    overrides: Mapping[str, AgentLike] | None = None,
     *,
     environ: Mapping[str, str] | None = None,
 ) -> dict[Stage, Agent]:
     """One agent per pipeline stage; ``overrides`` (by stage name) win over the config."""
-    overrides = dict(overrides or {})
-    unknown = set(overrides) - {s.value for s in PIPELINE_STAGES}
+    given = dict(overrides or {})
+    unknown = set(given) - {s.value for s in PIPELINE_STAGES}
     if unknown:
         raise ValueError(f"no such stage: {', '.join(sorted(unknown))}")
     agents: dict[Stage, Agent] = {}
     for stage in PIPELINE_STAGES:
-        given = overrides.get(stage.value)
-        if given is not None and not isinstance(given, Agent):
+        agent = given.get(stage.value)
+        if agent is None:
+            agents[stage] = build_agent(config.agents.for_stage(stage), stage, environ=environ)
+        elif isinstance(agent, Agent):
+            agents[stage] = agent
+        else:
             from .python import CallableAgent
 
-            given = CallableAgent(given)
-        agents[stage] = given or build_agent(config.agents.for_stage(stage), stage, environ=environ)
+            agents[stage] = CallableAgent(agent)
     return agents

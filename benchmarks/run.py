@@ -1,0 +1,172 @@
+"""Measure the performance figures of SPEC §12 in one run.
+
+    python benchmarks/run.py            # full sizes, ~2–4 minutes on 2 cores
+    python benchmarks/run.py --quick    # tiny sizes, a smoke run of a few seconds
+
+Each figure prints one line — measured value, target, the baseline measured in the same
+run and the ratio against it — then a markdown table of all of them, also written to
+``benchmarks/results.md`` (``results-quick.md`` with ``--quick``; ``--out`` to choose).
+Exit status 0 when every figure was measured (met or not), 1 when one could not be.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import pipeline_figures  # noqa: E402
+import state_figures  # noqa: E402
+from report import NAMES, Figure, document, environment, median, table  # noqa: E402
+from world import World, fill_vault, isolate_git, make_world  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Sizes:
+    moves: int  # 1: notes moved in
+    runs: int  # 2: single FRs timed (and git baselines)
+    notes: int  # 3, 5, 6: notes in the large vault
+    cold_runs: int  # 3: cold scans
+    jobs: int  # 4: jobs in history
+    saves: int  # 4: saves timed per history
+    window: float  # 5: seconds of idle CPU measured
+    batch: int  # 7: FRs run at concurrency 3
+
+
+FULL = Sizes(
+    moves=40, runs=10, notes=10_000, cold_runs=3, jobs=100_000, saves=200, window=30.0, batch=100
+)
+QUICK = Sizes(moves=5, runs=2, notes=300, cold_runs=1, jobs=1_000, saves=200, window=3.0, batch=9)
+
+
+class Bench:
+    """Runs the chosen figures in one temporary folder, printing each as it is measured."""
+
+    def __init__(self, tmp: Path, sizes: Sizes, only: set[int]) -> None:
+        self.tmp = tmp
+        self.sizes = sizes
+        self.only = only
+        self.figures: list[Figure] = []
+        self.failed: list[str] = []
+        self.single: float | None = None
+        self.bare: float | None = None
+
+    def run(self) -> None:
+        s = self.sizes
+        if self.only & {3, 5, 6}:
+            big = make_world(self.tmp / "large")
+            fill_vault(big, s.notes)
+            if 3 in self.only:
+                self._one([3], lambda: self._scan(big))
+            if self.only & {5, 6}:
+                wanted = sorted(self.only & {5, 6})
+                self._one(wanted, lambda: self._served(big, wanted))
+        if 1 in self.only:
+            self._one(
+                [1],
+                lambda: [anyio.run(pipeline_figures.pickup_latency, self.tmp / "pickup", s.moves)],
+            )
+        if 2 in self.only:
+            self._one([2], self._overhead)
+        if 7 in self.only:
+            self._one(
+                [7],
+                lambda: [
+                    anyio.run(
+                        pipeline_figures.throughput, self.tmp / "throughput", s.batch, self.single
+                    )
+                ],
+            )
+        if 4 in self.only:  # last: its 100,000 live jobs take GBs the others should not carry
+            self._one(
+                [4], lambda: [state_figures.checkpoint_cost(self.tmp / "registry", s.jobs, s.saves)]
+            )
+
+    def _one(self, numbers: list[int], measure: Callable[[], list[Figure]]) -> None:
+        try:
+            figures = measure()
+        except Exception:
+            for n in numbers:
+                print(f"[{n}] {NAMES[n - 1]}: ERROR (not measured)", flush=True)
+                self.failed.append(NAMES[n - 1])
+            traceback.print_exc()
+            return
+        for figure in figures:
+            print(figure.line(), flush=True)
+            self.figures.append(figure)
+
+    def _scan(self, big: World) -> list[Figure]:
+        figure, self.bare = state_figures.vault_scan(big, self.sizes.notes, self.sizes.cold_runs)
+        return [figure]
+
+    def _served(self, big: World, wanted: list[int]) -> list[Figure]:
+        bare = self.bare
+        if bare is None:
+            times = [_time(lambda: state_figures.bare_scan(big.planned)) for _ in range(5)]
+            bare = median(times)
+        cpu, mem = state_figures.served_vault(big, self.sizes.notes, self.sizes.window, bare)
+        return [f for f in (cpu, mem) if f.number in wanted]
+
+    def _overhead(self) -> list[Figure]:
+        figure, self.single = anyio.run(
+            pipeline_figures.overhead, self.tmp / "overhead", self.sizes.runs
+        )
+        return [figure]
+
+
+def _time(work: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
+    parser.add_argument("--only", default="", help="comma-separated figure numbers (1–7)")
+    parser.add_argument("--out", type=Path, help="where to write the markdown results")
+    parser.add_argument("--tmp", type=Path, help="folder for the temporary vaults and repos")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    only = {int(n) for n in args.only.split(",") if n.strip()} or set(range(1, 8))
+    if not only <= set(range(1, 8)):
+        print("--only takes figure numbers 1–7", file=sys.stderr)
+        return 2
+    sizes = QUICK if args.quick else FULL
+    out = args.out or HERE / ("results-quick.md" if args.quick else "results.md")
+    logging.basicConfig(level=logging.ERROR, format="%(levelname)s %(name)s: %(message)s")
+    env = environment(args.quick)
+    print(f"opus benchmarks · {env}", flush=True)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="opus-bench-", dir=args.tmp) as tmp:
+        isolate_git(Path(tmp))
+        bench = Bench(Path(tmp), sizes, only)
+        bench.run()
+    elapsed = time.perf_counter() - started
+    figures = sorted(bench.figures, key=lambda f: f.number)
+    print()
+    print(table(figures))
+    out.write_text(document(figures, env, elapsed))
+    print(f"\nwritten to {out} · took {elapsed:.0f} s", flush=True)
+    if bench.failed:
+        print(f"not measured: {', '.join(bench.failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
