@@ -221,3 +221,12 @@ def test_metrics_and_show(vault: Vault) -> None:
     assert m["jobs"] == 1 and m["success_rate"] == 1.0
     assert m["tokens"] == {"input": 1000, "output": 50} and m["cost_usd"] == 0.25
     assert m["iterations_per_job"]["mean"] == 1.0
+
+
+def test_a_note_in_progress_that_no_job_claims_is_requeued(vault: Vault) -> None:
+    note = fr(vault, "FR-1", extra="status: in-progress\nstage: coder\njob_id: lost-job\n")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    data = meta(note)
+    assert data["status"] == "review" and data["job_id"] != "lost-job"
+    assert len(vault.runs("planner")) == 1

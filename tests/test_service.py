@@ -256,3 +256,43 @@ def test_sigkill_mid_stage_then_restart_runs_every_stage_exactly_once(
         for x in (vault.state / "jobs" / jobs[0]["id"] / "events.jsonl").read_text().splitlines()
     ]
     assert "recovered" in events
+
+
+def test_a_higher_priority_fr_preempts_at_the_next_stage_boundary(
+    vault: Vault, service, tmp_path: Path
+) -> None:
+    vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
+    gate = tmp_path / "gate"
+    vault.script({"FR-LOW": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
+    s = service()
+    low = fr(vault, "FR-LOW", "low")
+    wait(started(vault, "coder"), "the low-priority coder to start")
+    high = fr(vault, "FR-HIGH", "critical")
+    wait(lambda: status_of(high) == "queued", "FR-HIGH to wait for the slot")
+    gate.touch()
+    wait(lambda: status_of(low) == "queued" or status_of(high) != "queued", "FR-LOW to yield")
+    assert meta(low).get("stage") == "tester"  # it resumes where it stopped
+    wait(lambda: status_of(high) == "review" and status_of(low) == "review", "both in review")
+    order = [(c["fr"], c["stage"]) for c in vault.calls() if c["event"] == "end"]
+    low_coder = order.index(("FR-LOW", "coder"))
+    # the low job yielded after its coder; the critical one ran; then the low one resumed
+    assert order[low_coder + 1] == ("FR-HIGH", "planner")
+    assert order[-1] == ("FR-LOW", "reviewer")
+    assert len(vault.runs("coder", "FR-LOW")) == 1
+    assert s.stop()[0] == 0
+
+
+def test_sighup_reloads_the_config_and_rejects_a_bad_one(vault: Vault, service) -> None:
+    s = service()
+    wait(lambda: (vault.state / "health.json").exists(), "the service to start")
+    good = vault.config.read_text()
+    vault.config.write_text(good.replace("retries = 1", "retries = 2"))
+    s.proc.send_signal(signal.SIGHUP)
+    wait(lambda: "configuration reloaded" in s.log.read_text(), "the reload")
+    vault.config.write_text(good + "\n[pipeline2]\nx = 1\n")
+    s.proc.send_signal(signal.SIGHUP)
+    wait(lambda: "reload rejected" in s.log.read_text(), "the rejection")
+    assert "pipeline2" in s.log.read_text()
+    note = fr(vault, "FR-1")
+    wait(lambda: status_of(note) == "review", "the service to keep serving")
+    assert s.stop()[0] == 0
