@@ -216,6 +216,9 @@ class Pipeline:
             else:
                 await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
             return
+        if stage is not Stage.CODER:
+            # only the coder changes the branch: drop what a planner, tester or reviewer left
+            await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
         for key, value in result.meta.items():
             job.agent_versions[f"{stage}.{key}"] = value
         if result.usage is not None:

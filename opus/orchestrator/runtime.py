@@ -54,7 +54,9 @@ class Control:
 
 
 def local_now() -> datetime:
-    return datetime.now().replace(microsecond=0)
+    """Local time to the millisecond (notes show it to the second)."""
+    now = datetime.now()
+    return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
 @dataclass

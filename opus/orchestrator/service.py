@@ -26,9 +26,10 @@ from .agents import AgentLike, build_agents
 from .config import Config
 from .dashboard import write_dashboard
 from .errors import OpusError
+from .frontmatter import TEMP_PREFIX
 from .health import write_health
 from .lifecycle import Status
-from .lock import InstanceLock
+from .lock import InstanceLock, cleanup_temp_files
 from .models import Job
 from .notify import Notifier
 from .redact import RedactingFilter, Redactor
@@ -96,6 +97,8 @@ class Orchestrator:
         await anyio.to_thread.run_sync(lambda: state.mkdir(mode=0o700, parents=True, exist_ok=True))
         self._lock.acquire()
         try:
+            # a note write killed half-way leaves its temp file next to the note
+            await anyio.to_thread.run_sync(cleanup_temp_files, config.planned_dir, TEMP_PREFIX)
             redactor = Redactor(config.secrets(self._environ))
             self._log_filter = RedactingFilter(redactor)
             for logger in _opus_loggers():
@@ -302,11 +305,16 @@ class Orchestrator:
                 pass
 
     async def _beat(self) -> None:
+        """Liveness between ticks: WATCHDOG=1, health.json, and the daily archive."""
         interval = self.systemd.watchdog_interval() or 30.0
+        archived_on = self._now().date()
         while True:
             await anyio.sleep(min(interval, 30.0))
             self.systemd.watchdog()
             await anyio.to_thread.run_sync(self._heartbeat)
+            if self._now().date() != archived_on:
+                archived_on = self._now().date()
+                await anyio.to_thread.run_sync(self.rt.registry.archive)
 
     async def run_once(self, only: set[str] | None = None) -> Summary:
         """Settle what waits on a person, then run every eligible FR to a resting status."""

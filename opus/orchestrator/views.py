@@ -304,6 +304,8 @@ def print_show(data: dict[str, Any]) -> None:
         f"usage: {u['input_tokens']} in / {u['output_tokens']} out tokens, "
         f"${u['cost_usd']:.4f}{' (estimated)' if u.get('cost_estimated') else ''}"
     )
+    if job.get("agent_versions"):
+        console.print("agents: " + ", ".join(f"{k} {v}" for k, v in job["agent_versions"].items()))
     if data["review"]:
         r = data["review"]
         console.print(
