@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from datetime import datetime
 from pathlib import Path
 
+from .atomic import atomic_write
 from .budget import spent
 from .lifecycle import FINISHED, Status
 from .models import Job
@@ -82,13 +81,4 @@ def write_dashboard(path: Path, jobs: Sequence[Job], scan: Scan, *, now: datetim
     if old is not None and old.split("---", 2)[-1] == text.split("---", 2)[-1]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".opus-tmp-")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, text.encode("utf-8"), mode=0o644)

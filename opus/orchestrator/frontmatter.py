@@ -32,6 +32,7 @@ from ruamel.yaml.representer import RoundTripRepresenter
 from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 from ruamel.yaml.util import load_yaml_guess_indent
 
+from .atomic import TEMP_PREFIX
 from .errors import NoteError
 
 try:
@@ -55,8 +56,6 @@ __all__ = (
 )
 
 MAX_NOTE_BYTES = 1 << 20
-TEMP_PREFIX = ".opus-tmp-"
-"""Prefix of opus's temp files next to a note; the vault never treats them as notes."""
 
 _BOM = "\ufeff"
 _CLOSE = re.compile(r"^(?:---|\.\.\.)(?:\r?\n|\Z)", re.MULTILINE)

@@ -10,13 +10,13 @@ Date-times are ISO 8601 strings, as given (aware or naive local time).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+from .atomic import atomic_write
 
 __all__ = ("check_health", "write_health")
 
@@ -42,7 +42,8 @@ def write_health(
         "queued": queued,
     }
     data = json.dumps(record, default=_default, separators=(",", ":")).encode()
-    _atomic_write(path, data + b"\n")
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    atomic_write(path, data + b"\n")
 
 
 def check_health(path: Path, *, now: datetime, max_age: float) -> tuple[bool, str]:
@@ -93,26 +94,3 @@ def _seconds_between(earlier: datetime, later: datetime) -> float:
 
 def _default(value: object) -> str:
     return value.isoformat() if isinstance(value, datetime) else str(value)
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, write, fsync, ``os.replace``, fsync the folder."""
-    folder = path.parent
-    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), 0o600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            Path(tmp).unlink()
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)

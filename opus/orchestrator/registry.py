@@ -21,7 +21,6 @@ import logging
 import os
 import re
 import secrets
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -31,17 +30,16 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
+from .atomic import TEMP_PREFIX, atomic_write, fsync_dir, write_all
 from .errors import RegistryError
 from .lifecycle import FINISHED, Status
 from .lock import cleanup_temp_files
 from .models import Job, Priority, slug
 
-__all__ = ("TEMP_PREFIX", "Registry", "atomic_write")
+__all__ = ("Registry",)
 
 logger = logging.getLogger(__name__)
 
-TEMP_PREFIX = ".opus-tmp-"
-"""Name prefix of every temp file the registry writes; removed by :meth:`Registry.open`."""
 VERSION = 1
 REGISTRY = "registry.json"
 EVENTS = "events.jsonl"
@@ -310,12 +308,12 @@ class Registry:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 self._cut_torn(fd, path, size)
-            _write_all(fd, data)
+            write_all(fd, data)
             os.fsync(fd)
         finally:
             os.close(fd)
         if size == 0:
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
 
     def jobs(self) -> list[Job]:
         """The live (not archived) jobs, in creation order."""
@@ -428,43 +426,12 @@ class Registry:
 # -- file helpers -------------------------------------------------------------------------
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
-    """Replace ``path`` with ``data``: temp file in its folder, fsync, os.replace, fsync folder."""
-    fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
-    try:
-        try:
-            os.fchmod(fd, mode)
-            _write_all(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
 @contextmanager
 def _io(what: str) -> Iterator[None]:
     try:
         yield
     except OSError as e:
         raise RegistryError(f"{what}: {e}") from e
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _mkdir(folder: Path) -> None:
@@ -474,7 +441,7 @@ def _mkdir(folder: Path) -> None:
         if not folder.is_dir():
             raise
     else:
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     if folder.stat().st_mode & 0o777 != 0o700:
         folder.chmod(0o700)
 

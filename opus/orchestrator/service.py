@@ -23,10 +23,10 @@ from anyio.abc import TaskGroup
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .agents import AgentLike, build_agents
+from .atomic import TEMP_PREFIX
 from .config import Config
 from .dashboard import write_dashboard
 from .errors import OpusError
-from .frontmatter import TEMP_PREFIX
 from .health import write_health
 from .lifecycle import Status
 from .lock import InstanceLock, cleanup_temp_files
