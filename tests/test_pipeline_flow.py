@@ -4,6 +4,7 @@ dependencies, retry and a person's controls (SPEC §3, §7, §2.3)."""
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from .conftest import Vault, git
@@ -230,3 +231,30 @@ def test_a_note_in_progress_that_no_job_claims_is_requeued(vault: Vault) -> None
     data = meta(note)
     assert data["status"] == "review" and data["job_id"] != "lost-job"
     assert len(vault.runs("planner")) == 1
+
+
+def test_a_stage_that_keeps_stalling_blocks_the_fr_and_says_stuck(
+    vault: Vault, tmp_path: Path
+) -> None:
+    events = tmp_path / "events.jsonl"
+    notifier = (
+        "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps("
+        "{'event': os.environ['OPUS_EVENT'], 'message': os.environ['OPUS_MESSAGE']}) + '\\n')"
+    )
+    vault.write_config(
+        pipeline="stage_timeout = 20\nstall_timeout = 0.5\nretries = 1",
+        **{
+            "[[notify]]": f'kind = "command"\ncommand = {json.dumps([sys.executable, "-c", notifier, str(events)])}'
+        },
+    )
+    vault.script({"FR-1": {"coder": [{"hang": True}]}})
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    data = meta(note)
+    assert data["status"] == "blocked"
+    assert "coder stalled repeatedly" in str(data["error"])
+    starts = [c for c in vault.calls() if c["event"] == "start" and c["stage"] == "coder"]
+    assert len(starts) == 2  # one retry
+    sent = [json.loads(line) for line in events.read_text().splitlines()]
+    assert [e["event"] for e in sent] == ["stuck", "stuck", "blocked"]
