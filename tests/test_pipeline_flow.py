@@ -241,11 +241,10 @@ def test_a_stage_that_keeps_stalling_blocks_the_fr_and_says_stuck(
         "import json, os, sys; open(sys.argv[1], 'a').write(json.dumps("
         "{'event': os.environ['OPUS_EVENT'], 'message': os.environ['OPUS_MESSAGE']}) + '\\n')"
     )
+    command = [sys.executable, "-c", notifier, str(events)]
     vault.write_config(
         pipeline="stage_timeout = 20\nstall_timeout = 0.5\nretries = 1",
-        **{
-            "[[notify]]": f'kind = "command"\ncommand = {json.dumps([sys.executable, "-c", notifier, str(events)])}'
-        },
+        **{"[[notify]]": f'kind = "command"\ncommand = {json.dumps(command)}'},
     )
     vault.script({"FR-1": {"coder": [{"hang": True}]}})
     note = fr(vault, "FR-1")
