@@ -189,12 +189,13 @@ def test_a_persons_edit_during_a_run_is_kept(vault: Vault, service, tmp_path: Pa
     assert s.stop()[0] == 0
 
 
+@pytest.mark.parametrize("args", [(), ("--once",)], ids=["service", "once"])
 def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
-    vault: Vault, service, tmp_path: Path
+    vault: Vault, service, tmp_path: Path, args: tuple[str, ...]
 ) -> None:
     gate = tmp_path / "gate"
     vault.script({"FR-1": {"coder": [{**DEFAULT["coder"], "wait_for": str(gate)}]}})
-    s = service()
+    s = service(*args)
     note = fr(vault, "FR-1")
     wait(started(vault, "coder"), "the coder to start")
     s.proc.send_signal(signal.SIGTERM)

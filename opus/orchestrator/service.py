@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any
 
 import anyio
 import httpx
@@ -223,6 +223,10 @@ class Orchestrator:
         }
         log.info("configuration reloaded from %s", config.source)
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         """Ask ``run`` to shut down gracefully (what SIGTERM does)."""
         self._stop.set()
@@ -324,7 +328,10 @@ class Orchestrator:
                 scan = await self.tick(tg)
                 if not self.scheduler.running:
                     break
-                await self.scheduler.finished.wait()
+                if self._stop.is_set():
+                    await self.scheduler.drain(self.config.service.shutdown_grace)
+                    break
+                await _first_of(self.scheduler.finished, self._stop)
         self.scheduler.only = None
         scan = await anyio.to_thread.run_sync(self.rt.vault.scan)
         summary = Summary(problems=[f"{p.path}: {p.message}" for p in scan.problems])
@@ -346,40 +353,50 @@ class Orchestrator:
         return job
 
 
-async def serve(config: Config, *, once: bool = False, config_path: Any = None) -> Summary | None:
-    """``opus run``: serve with signals — SIGTERM/SIGINT drain, a second SIGINT stops at
-    once, SIGHUP re-reads the config (an invalid one is rejected, the old one kept)."""
-    import signal
+async def _first_of(*events: anyio.Event) -> None:
+    """Wait until any of ``events`` is set."""
+    async with anyio.create_task_group() as tg:
 
+        async def wait(event: anyio.Event) -> None:
+            await event.wait()
+            tg.cancel_scope.cancel()
+
+        for event in events:
+            tg.start_soon(wait, event)
+
+
+async def serve(
+    config: Config, *, once: bool = False, config_path: str | Path | None = None
+) -> Summary | None:
+    """``opus run``: the Orchestrator under signals. SIGTERM/SIGINT let running stages
+    finish (``shutdown_grace``); a second SIGINT stops at once; SIGHUP re-reads the config
+    (an invalid one is rejected, the old one kept)."""
+    async with Orchestrator(config) as orch, anyio.create_task_group() as tg:
+        tg.start_soon(_signals, orch, tg.cancel_scope, config_path or config.source)
+        summary = None
+        if once:
+            summary = await orch.run_once()
+        else:
+            await orch.run()
+        tg.cancel_scope.cancel()
+    return summary
+
+
+async def _signals(orch: Orchestrator, scope: anyio.CancelScope, config_path: str | Path) -> None:
     from .config import load_config
 
-    async with Orchestrator(config) as orch:
-        if once:
-            return await orch.run_once()
-        async with anyio.create_task_group() as tg:
-
-            async def signals() -> None:
-                with anyio.open_signal_receiver(
-                    signal.SIGTERM, signal.SIGINT, signal.SIGHUP
-                ) as sigs:
-                    async for signum in sigs:
-                        if signum == signal.SIGHUP:
-                            orch.systemd.reloading()
-                            try:
-                                orch.reload(load_config(config_path or config.source))
-                            except OpusError as e:
-                                log.error("reload rejected, keeping the old config: %s", e)
-                            orch.systemd.ready()
-                        elif orch._stop.is_set() and signum == signal.SIGINT:
-                            log.warning("second interrupt: stopping now")
-                            tg.cancel_scope.cancel()
-                        else:
-                            log.info(
-                                "%s received: finishing running stages", signal.Signals(signum).name
-                            )
-                            orch.stop()
-
-            tg.start_soon(signals)
-            await orch.run()
-            tg.cancel_scope.cancel()
-    return None
+    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        async for signum in signals:
+            if signum == signal.SIGHUP:
+                orch.systemd.reloading()
+                try:
+                    orch.reload(load_config(config_path))
+                except OpusError as e:
+                    log.error("reload rejected, keeping the old config: %s", e)
+                orch.systemd.ready()
+            elif orch.stopping and signum == signal.SIGINT:
+                log.warning("second interrupt: stopping now")
+                scope.cancel()
+            else:
+                log.info("%s: finishing running stages", signal.Signals(signum).name)
+                orch.stop()
