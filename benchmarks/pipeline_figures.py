@@ -13,8 +13,13 @@ from __future__ import annotations
 import os
 import random
 import re
+import shlex
+import tempfile
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,18 +82,21 @@ class _Rest:
             self.event.set()
 
 
-async def pickup_latency(base: Path, moves: int) -> Figure:
-    world = make_world(base)
-    rest = _Rest()
+async def _serve_and_move(
+    world: World, orch: Orchestrator, notify: UNIXDatagramSocket, rest: _Rest, moves: int
+) -> tuple[list[float], list[float]]:
+    """Serve with ``orch.run()``; move notes in one at a time. Returns the seconds from
+    each rename to ``status: in-progress`` and to ``status: queued`` (warm-up excluded)."""
     rng = random.Random(7)
     in_progress: list[float] = []
     queued: list[float] = []
-    # READY=1 on NOTIFY_SOCKET (sd_notify) says the first tick is done and the loop serves
-    notify = await anyio.create_unix_datagram_socket(local_path=base / "notify.sock")
-    environ = {**os.environ, "NOTIFY_SOCKET": str(base / "notify.sock")}
-    orch = Orchestrator(world.config(), agents=instant_agents(), environ=environ, on_change=rest)
     async with notify, orch, anyio.create_task_group() as tg:
-        tg.start_soon(orch.run)
+
+        async def serve() -> None:
+            await orch.run()
+            tg.cancel_scope.cancel()  # stops _drain
+
+        tg.start_soon(serve)
         with anyio.fail_after(30):
             while b"READY=1" not in (await notify.receive())[0].split(b"\n"):
                 pass
@@ -112,6 +120,22 @@ async def pickup_latency(base: Path, moves: int) -> Figure:
                 queued.append(watch.seen.get("queued", watch.seen["in-progress"]) - start)
             await anyio.sleep(rng.uniform(0.05, 0.15))  # the loop is idle again
         orch.stop()
+    return in_progress, queued
+
+
+async def pickup_latency(base: Path, moves: int) -> Figure:
+    world = make_world(base)
+    rest = _Rest()
+    # READY=1 on NOTIFY_SOCKET (sd_notify) says the first tick is done and the loop serves;
+    # the socket lives in a short temp path (a unix socket path has at most 107 bytes)
+    with tempfile.TemporaryDirectory(prefix="opus-bench-") as sockets:
+        address = Path(sockets) / "notify"
+        notify = await anyio.create_unix_datagram_socket(local_path=address)
+        environ = {**os.environ, "NOTIFY_SOCKET": str(address)}
+        orch = Orchestrator(
+            world.config(), agents=instant_agents(), environ=environ, on_change=rest
+        )
+        in_progress, queued = await _serve_and_move(world, orch, notify, rest, moves)
     p50, p99 = percentile(in_progress, 50), percentile(in_progress, 99)
     base50, base99 = POLL_BASELINE / 2, POLL_BASELINE * 0.99
     return Figure(
@@ -154,11 +178,34 @@ def git_commands(world: World, name: str) -> None:
     git(tree, "diff", "--no-color", "--stat", base, "HEAD")
 
 
-def _git_processes(trace: Path) -> int:
-    """How many git processes a ``GIT_TRACE`` file records (one ``built-in`` line each)."""
-    if not trace.exists():
-        return 0
-    return sum(1 for line in trace.read_text().splitlines() if "trace: built-in: git" in line)
+@contextmanager
+def git_trace(path: Path) -> Iterator[Counter[str]]:
+    """Count the git processes started inside the block, by subcommand (via ``GIT_TRACE``,
+    which this process's git children, opus's included, inherit)."""
+    counts: Counter[str] = Counter()
+    os.environ["GIT_TRACE"] = str(path)
+    try:
+        yield counts
+    finally:
+        del os.environ["GIT_TRACE"]
+    lines = path.read_text().splitlines() if path.exists() else []
+    for line in lines:
+        _, found, command = line.partition("trace: built-in: git ")
+        if not found:
+            continue
+        words = iter(shlex.split(command))
+        for word in words:
+            if word in ("-C", "-c"):
+                next(words, None)
+            elif not word.startswith("-"):
+                counts[word] += 1
+                break
+
+
+def _top(counts: Counter[str], per: int = 1) -> str:
+    total = sum(counts.values()) / per
+    parts = ", ".join(f"{name} {n / per:.3g}" for name, n in counts.most_common(3))
+    return f"{total:.3g} ({parts}, …)"
 
 
 async def overhead(base: Path, runs: int) -> tuple[Figure, float]:
@@ -181,17 +228,10 @@ async def overhead(base: Path, runs: int) -> tuple[Figure, float]:
             if job.status is not Status.REVIEW:
                 raise RuntimeError(f"FR-{i} ended {job.status}: {job.error}")
         # untimed: count the git processes each side runs
-        trace = base / "git-trace-opus.log"
-        os.environ["GIT_TRACE"] = str(trace)
-        try:
+        with git_trace(base / "git-trace-opus.log") as opus_git:
             await orch.process(f"FR-{runs + 1}")
-            opus_git = _git_processes(trace)
-            trace = base / "git-trace-direct.log"
-            os.environ["GIT_TRACE"] = str(trace)
+        with git_trace(base / "git-trace-direct.log") as direct_git:
             git_commands(world, "traced")
-            direct_git = _git_processes(trace)
-        finally:
-            del os.environ["GIT_TRACE"]
     o, d = median(opus), median(direct)
     share = (o - d) / d
     return Figure(
@@ -202,7 +242,7 @@ async def overhead(base: Path, runs: int) -> tuple[Figure, float]:
         baseline=f"the job's git commands run directly: {ms(d)}",
         ratio=ratio(o, d),
         details=[
-            f"git processes per FR: opus {opus_git}, direct {direct_git} (GIT_TRACE)",
+            f"git processes per FR: opus {_top(opus_git)}; direct {_top(direct_git)}",
             "opus: Orchestrator.process() of one planned FR → review, 4 instant in-process "
             "agents, local delivery; direct: rev-parse, worktree add -b, add -A, commit, "
             "rev-parse HEAD, diff, diff --stat",
@@ -213,10 +253,8 @@ async def overhead(base: Path, runs: int) -> tuple[Figure, float]:
 # --- 7. throughput ---------------------------------------------------------------------------
 
 
-async def throughput(base: Path, count: int, single: float | None) -> Figure:
-    if single is None:
-        _, single = await overhead(base / "single", 3)
-    world = make_world(base / "batch", concurrency=3)
+async def _batch(world: World, count: int) -> float:
+    """``run_once()`` over ``count`` planned FRs; the wall time in seconds."""
     for i in range(count):
         world.put(f"FR-{i + 1}.md", simple_note(f"FR-{i + 1}"))
     async with Orchestrator(world.config(), agents=instant_agents()) as orch:
@@ -226,6 +264,15 @@ async def throughput(base: Path, count: int, single: float | None) -> Figure:
     statuses = set(summary.statuses.values())
     if statuses != {"review"} or len(summary.statuses) != count:
         raise RuntimeError(f"{count} FRs ended as {statuses} ({len(summary.statuses)} FRs)")
+    return wall
+
+
+async def throughput(base: Path, count: int, single: float | None) -> Figure:
+    if single is None:
+        _, single = await overhead(base / "single", 3)
+    wall = await _batch(make_world(base / "batch", concurrency=3), count)
+    with git_trace(base / "git-trace-batch.log") as batch_git:  # untimed, a fresh vault
+        await _batch(make_world(base / "traced", concurrency=3), count)
     ideal = count * single / 3
     return Figure(
         7,
@@ -234,5 +281,8 @@ async def throughput(base: Path, count: int, single: float | None) -> Figure:
         ok=wall / ideal <= 1.5,
         baseline=f"{count} × {ms(single)} ÷ 3 = {ideal:.2f} s",
         ratio=ratio(wall, ideal),
-        details=[f"run_once() over {count} planned FRs, concurrency 3, instant agents"],
+        details=[
+            f"run_once() over {count} planned FRs, concurrency 3, instant agents; "
+            f"git processes per FR: {_top(batch_git, count)}",
+        ],
     )

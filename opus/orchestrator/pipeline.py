@@ -60,6 +60,8 @@ class Pipeline:
         self.control = control
         self.delivery = Delivery(rt)
         self.worktree: Path = rt.config.state_dir / "worktrees" / job.id
+        self.head = ""
+        """The worktree's HEAD as opus last left it (only the coder's commits move it)."""
 
     @property
     def max_iterations(self) -> int:
@@ -103,14 +105,14 @@ class Pipeline:
             if job.base_commit is None:
                 created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
                 job.branch, job.base_commit = created.branch, created.base_commit
-                self.worktree = created.path
+                self.worktree, self.head = created.path, created.base_commit
                 await self.rt.record(job, "worktree", note=False, path=str(created.path))
             else:
                 created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
                 self.worktree, job.branch = created.path, created.branch
                 last = job.last
-                commit = (last.commit if last and last.commit else None) or job.base_commit
-                await anyio.to_thread.run_sync(ws.reset, self.worktree, commit)
+                self.head = (last.commit if last and last.commit else None) or job.base_commit
+                await anyio.to_thread.run_sync(ws.reset, self.worktree, self.head)
         except WorkspaceError as e:
             await self._finish(Status.FAILED, f"repository unusable: {e}", event="failed")
             return False
@@ -177,7 +179,9 @@ class Pipeline:
         if stage is Stage.DELIVERY:
             await self._deliver(started)
             return
-        head_before = await anyio.to_thread.run_sync(rt.workspace(job).head, self.worktree)
+        head_before = self.head
+        ws = rt.workspace(job)
+        before = await anyio.to_thread.run_sync(ws.fingerprint, self.worktree)
         ctx = await self._context(stage, iteration)
         agent = rt.agents[stage]
 
@@ -216,9 +220,11 @@ class Pipeline:
             else:
                 await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
             return
-        if stage is not Stage.CODER:
+        if stage is not Stage.CODER and before != await anyio.to_thread.run_sync(
+            ws.fingerprint, self.worktree
+        ):
             # only the coder changes the branch: drop what a planner, tester or reviewer left
-            await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
+            await anyio.to_thread.run_sync(ws.reset, self.worktree, head_before)
         for key, value in result.meta.items():
             job.agent_versions[f"{stage}.{key}"] = value
         if result.usage is not None:
@@ -329,6 +335,7 @@ class Pipeline:
                 return self._reject(
                     "no_changes", iteration, "The coder changed nothing in the working tree."
                 )
+            self.head = commit
             return Outcome.OK, f"coder-{iteration}.log"
         if stage is Stage.TESTER:
             if result.passed:
@@ -381,7 +388,7 @@ class Pipeline:
         result: StageResult | None = None,
     ) -> None:
         job, rt = self.job, self.rt
-        commit = await anyio.to_thread.run_sync(rt.workspace(job).head, self.worktree)
+        commit = self.head
         job.history = [
             *job.history,
             Checkpoint(
