@@ -439,7 +439,7 @@ def _save_cost(state: Path, n_jobs: int) -> tuple[int | None, int]:
     ]
     state.mkdir(parents=True)
     (state / "registry.json").write_text(json.dumps({"version": 1, "jobs": rows}))
-    registry = opened(state, clock, flush_interval=60)
+    registry = opened(state, clock, flush_interval=60, max_finished=n_jobs)
     job = new_job(registry)
     registry_file = state / "registry.json"
     inode, size = registry_file.stat().st_ino, registry_file.stat().st_size
@@ -492,3 +492,26 @@ def test_concurrent_saves_from_threads(state: Path, clock: Clock) -> None:
     for job in successor.jobs():
         assert [e.get("i") for e in successor.events(job.id)] == [None, *range(8)]
     assert successor.repairs == []
+
+
+def test_finished_jobs_beyond_the_cap_go_to_the_archive(tmp_path: Path) -> None:
+    clock = Clock()
+    registry = opened(tmp_path, clock, keep_days=1000, max_finished=20)
+    jobs = []
+    for n in range(40):
+        job = new_job(registry, fr_id=f"FR-{n}")
+        job.status, job.finished_at = Status.DONE, clock()
+        registry.save(job, "done")
+        jobs.append(job)
+        clock.advance(seconds=1)
+    active = new_job(registry, fr_id="FR-active")
+    # past 20 × 1.1 + 10 live jobs, the oldest finished beyond the newest 20 were archived
+    live = {j.id for j in registry.jobs()}
+    assert active.id in live
+    assert {j.id for j in jobs[-20:]} <= live
+    archived = {j.id for j in registry.archived()}
+    assert archived and archived <= {j.id for j in jobs[:20]}
+    assert live | archived == {j.id for j in jobs} | {active.id}
+    assert len(live) < 35
+    reopened = opened(tmp_path, clock, keep_days=1000, max_finished=20)
+    assert {j.id for j in reopened.jobs()} <= live and active.id in {j.id for j in reopened.jobs()}

@@ -66,10 +66,13 @@ class Registry:
         keep_days: int = 30,
         now: Callable[[], datetime] = _local_now,
         flush_interval: float = 1.0,
+        max_finished: int = 1000,
     ) -> None:
         self.state_dir = Path(state_dir)
         self.keep_days = keep_days
         self.flush_interval = flush_interval
+        self.max_finished = max_finished
+        """Finished jobs kept in registry.json; older ones go to the archive early."""
         self.repairs: list[str] = []
         """What the last :meth:`open` repaired, one line each."""
         self._now = now
@@ -276,6 +279,8 @@ class Registry:
             self._jobs[job.id] = job
             self._rows[job.id] = row
             self._dirty = True
+            if job.status in FINISHED and len(self._jobs) > self.max_finished * 1.1 + 10:
+                self._archive_locked(now)  # a batch now and then keeps flushes bounded
             last = self._last_flush
             if last is None or now < last or (now - last).total_seconds() >= self.flush_interval:
                 self._flush_locked(now)
@@ -337,35 +342,45 @@ class Registry:
     # -- archive --------------------------------------------------------------------------
 
     def archive(self) -> int:
-        """Move jobs finished more than ``keep_days`` ago to ``archive/YYYY-MM.jsonl``.
+        """Move finished jobs to ``archive/YYYY-MM.jsonl``: those finished more than
+        ``keep_days`` ago, and the oldest beyond the newest ``max_finished``.
 
+        The cap keeps registry.json — and so a flush — bounded whatever the history.
         Order: archive line, then an ``archived`` marker in the job's log, then
         registry.json; a crash in between duplicates a job, never loses it.
         """
         with self._lock:
             self._require_open()
-            now = self._now()
-            cutoff = now - timedelta(days=self.keep_days)
-            months: dict[str, list[str]] = {}
-            for job in self._jobs.values():
-                ended = _naive(job.finished_at or job.updated_at)
-                if job.status in FINISHED and ended < cutoff:
-                    months.setdefault(f"{ended:%Y-%m}.jsonl", []).append(job.id)
-            if not months:
-                return 0
-            marker = f'{{"time":{_dumps(now.isoformat())},"event":"{ARCHIVED}","archive":'
-            for name, ids in months.items():
-                lines = "".join(self._rows[i] + "\n" for i in ids)
-                with _io(f"cannot append to {self.archive_dir / name}"):
-                    self._append(self.archive_dir / name, lines.encode())
-                for job_id in ids:
-                    self._append_event(job_id, marker + _dumps(f"archive/{name}") + "}")
-                    del self._jobs[job_id], self._rows[job_id]
-            self._dirty = True
-            self._flush_locked(now)
-            count = sum(len(ids) for ids in months.values())
-        logger.info("archived %d finished job(s)", count)
+            count = self._archive_locked(self._now())
+        if count:
+            logger.info("archived %d finished job(s)", count)
         return count
+
+    def _archive_locked(self, now: datetime) -> int:
+        cutoff = now - timedelta(days=self.keep_days)
+        finished = sorted(
+            (j for j in self._jobs.values() if j.status in FINISHED),
+            key=lambda j: _naive(j.finished_at or j.updated_at),
+        )
+        excess = max(0, len(finished) - self.max_finished)
+        months: dict[str, list[str]] = {}
+        for n, job in enumerate(finished):
+            ended = _naive(job.finished_at or job.updated_at)
+            if n < excess or ended < cutoff:
+                months.setdefault(f"{ended:%Y-%m}.jsonl", []).append(job.id)
+        if not months:
+            return 0
+        marker = f'{{"time":{_dumps(now.isoformat())},"event":"{ARCHIVED}","archive":'
+        for name, ids in months.items():
+            lines = "".join(self._rows[i] + "\n" for i in ids)
+            with _io(f"cannot append to {self.archive_dir / name}"):
+                self._append(self.archive_dir / name, lines.encode())
+            for job_id in ids:
+                self._append_event(job_id, marker + _dumps(f"archive/{name}") + "}")
+                del self._jobs[job_id], self._rows[job_id]
+        self._dirty = True
+        self._flush_locked(now)
+        return sum(len(ids) for ids in months.values())
 
     def archived(self) -> Iterator[Job]:
         """Every archived job, oldest month first, each id once."""
