@@ -74,6 +74,8 @@ class Runtime:
     """For tests: where GitHub and webhook requests go."""
     on_change: Callable[[Job], None] | None = None
     """Called after every recorded change (the dashboard, the demo's printer)."""
+    _mirrored: dict[str, tuple[object, ...]] = field(default_factory=dict)
+    """What each job's note last showed, so an unchanged note is not read again."""
 
     def over_budget(self) -> str | None:
         return over_budget(self.config.budget, self.registry.jobs(), self.now())
@@ -84,15 +86,21 @@ class Runtime:
     async def record(
         self, job: Job, event: str, *, note: bool = True, **data: Any
     ) -> Status | None:
-        """Checkpoint ``job`` in the registry, then mirror it into its note.
+        """Checkpoint ``job`` in the registry, then mirror it into its note if what the note
+        shows changed.
 
-        Returns the note's status as it was on disk (a person may have changed it).
+        Returns the note's status as it was on disk (a person may have changed it), or None
+        when the note was not touched.
         """
         job.updated_at = self.now()
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
         await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, **data))
-        on_disk = await self.mirror(job) if note else None
+        on_disk = None
+        shown = (job.status, job.stage, job.iteration, job.branch, job.pr_url, job.error)
+        if note and self._mirrored.get(job.id) != shown:
+            on_disk = await self.mirror(job)
+            self._mirrored[job.id] = shown
         if self.on_change is not None:
             self.on_change(job)
         return on_disk

@@ -323,9 +323,11 @@ class Orchestrator:
     async def run_once(self, only: set[str] | None = None) -> Summary:
         """Settle what waits on a person, then run every eligible FR to a resting status."""
         self.scheduler.only = only
+        settle = True  # merges are looked for once, not after every pipeline
         async with anyio.create_task_group() as tg:
             while True:
-                scan = await self.tick(tg)
+                scan = await self.tick(tg, settle_reviews=settle)
+                settle = False
                 if not self.scheduler.running:
                     break
                 if self._stop.is_set():
