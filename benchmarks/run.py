@@ -1,6 +1,6 @@
 """Measure the performance figures of SPEC §12 in one run.
 
-    python benchmarks/run.py            # full sizes, ~2–4 minutes on 2 cores
+    python benchmarks/run.py            # full sizes, ~3 minutes on 2 cores
     python benchmarks/run.py --quick    # tiny sizes, a smoke run of a few seconds
 
 Each figure prints one line — measured value, target, the baseline measured in the same
@@ -26,6 +26,7 @@ import anyio
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import checkpoint_figure  # noqa: E402
 import pipeline_figures  # noqa: E402
 import state_figures  # noqa: E402
 from report import NAMES, Figure, document, environment, median, table  # noqa: E402
@@ -73,25 +74,13 @@ class Bench:
                 wanted = sorted(self.only & {5, 6})
                 self._one(wanted, lambda: self._served(big, wanted))
         if 1 in self.only:
-            self._one(
-                [1],
-                lambda: [anyio.run(pipeline_figures.pickup_latency, self.tmp / "pickup", s.moves)],
-            )
+            self._one([1], self._pickup)
         if 2 in self.only:
             self._one([2], self._overhead)
         if 7 in self.only:
-            self._one(
-                [7],
-                lambda: [
-                    anyio.run(
-                        pipeline_figures.throughput, self.tmp / "throughput", s.batch, self.single
-                    )
-                ],
-            )
+            self._one([7], self._throughput)
         if 4 in self.only:  # last: its 100,000 live jobs take GBs the others should not carry
-            self._one(
-                [4], lambda: [state_figures.checkpoint_cost(self.tmp / "registry", s.jobs, s.saves)]
-            )
+            self._one([4], self._checkpoint)
 
     def _one(self, numbers: list[int], measure: Callable[[], list[Figure]]) -> None:
         try:
@@ -118,11 +107,22 @@ class Bench:
         cpu, mem = state_figures.served_vault(big, self.sizes.notes, self.sizes.window, bare)
         return [f for f in (cpu, mem) if f.number in wanted]
 
+    def _pickup(self) -> list[Figure]:
+        tmp, moves = self.tmp / "pickup", self.sizes.moves
+        return [anyio.run(pipeline_figures.pickup_latency, tmp, moves)]
+
     def _overhead(self) -> list[Figure]:
-        figure, self.single = anyio.run(
-            pipeline_figures.overhead, self.tmp / "overhead", self.sizes.runs
-        )
+        tmp, runs = self.tmp / "overhead", self.sizes.runs
+        figure, self.single = anyio.run(pipeline_figures.overhead, tmp, runs)
         return [figure]
+
+    def _throughput(self) -> list[Figure]:
+        tmp, batch = self.tmp / "throughput", self.sizes.batch
+        return [anyio.run(pipeline_figures.throughput, tmp, batch, self.single)]
+
+    def _checkpoint(self) -> list[Figure]:
+        tmp, s = self.tmp / "registry", self.sizes
+        return [checkpoint_figure.checkpoint_cost(tmp, s.jobs, s.saves)]
 
 
 def _time(work: Callable[[], object]) -> float:
