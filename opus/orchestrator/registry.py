@@ -301,23 +301,24 @@ class Registry:
         self._last_flush = now
         return True
 
-    def _append_event(self, job_id: str, line: str) -> None:
-        folder = self.job_dir(job_id)
+    def _append_event(self, job_id: str, line: str, *, sync: bool = True) -> None:
+        folder = self.job_dir(job_id) if sync else self.jobs_dir / _checked(job_id)
         with _io(f"cannot append to {folder / EVENTS}"):
-            self._append(folder / EVENTS, (line + "\n").encode())
+            self._append(folder / EVENTS, (line + "\n").encode(), sync=sync)
 
-    def _append(self, path: Path, data: bytes) -> None:
-        """One O_APPEND write + fsync; a torn last line left by a crash is cut off first."""
+    def _append(self, path: Path, data: bytes, *, sync: bool = True) -> None:
+        """One O_APPEND write (+ fsync); a torn last line left by a crash is cut off first."""
         fd = os.open(path, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             size = os.fstat(fd).st_size
             if size and os.pread(fd, 1, size - 1) != b"\n":
                 self._cut_torn(fd, path, size)
             write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
-        if size == 0:
+        if size == 0 and sync:
             fsync_dir(path.parent)
 
     def jobs(self) -> list[Job]:
@@ -376,7 +377,10 @@ class Registry:
             with _io(f"cannot append to {self.archive_dir / name}"):
                 self._append(self.archive_dir / name, lines.encode())
             for job_id in ids:
-                self._append_event(job_id, marker + _dumps(f"archive/{name}") + "}")
+                # a marker lost to a crash only duplicates the job (archived() dedupes)
+                if (self.jobs_dir / job_id).is_dir():
+                    line = marker + _dumps(f"archive/{name}") + "}"
+                    self._append_event(job_id, line, sync=False)
                 del self._jobs[job_id], self._rows[job_id]
         self._dirty = True
         self._flush_locked(now)

@@ -103,7 +103,10 @@ class Orchestrator:
             self._log_filter = RedactingFilter(redactor)
             for logger in _opus_loggers():
                 logger.addFilter(self._log_filter)
-            registry = Registry(state, keep_days=config.state.keep_days, now=self._now)
+            # checkpoints only append; registry.json is rewritten by each tick and heartbeat
+            registry = Registry(
+                state, keep_days=config.state.keep_days, now=self._now, flush_interval=30.0
+            )
             await anyio.to_thread.run_sync(registry.open)
             self.rt = Runtime(
                 config=config,
@@ -171,7 +174,7 @@ class Orchestrator:
         return scan
 
     def _write_state(self, scan: Scan) -> None:
-        self.rt.registry.flush()
+        """End of a tick: registry.json, health.json, STATUS=, the dashboard."""
         self._heartbeat()
         if self._dirty and self.config.dashboard_path is not None:
             self._dirty = False
@@ -180,6 +183,8 @@ class Orchestrator:
             )
 
     def _heartbeat(self) -> None:
+        """registry.json (if changed), health.json, STATUS= — every tick and every beat."""
+        self.rt.registry.flush()
         running = [
             {
                 "job_id": r.job.id,

@@ -119,11 +119,15 @@ class Workspace:
         with self._lock():
             if path.exists() or path.is_symlink():
                 return self._existing(path, branch)
-            self._git(self.repo_path, "worktree", "prune")
-            chosen = self._free_branch(branch)
             base = self.base_commit()
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
+            chosen = branch
+            try:  # the usual case: one git process
+                self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
+            except WorkspaceError:  # a taken branch name, or a stale worktree entry
+                self._git(self.repo_path, "worktree", "prune")
+                chosen = self._free_branch(branch)
+                self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
         log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
         return Created(path, chosen, base)
 
