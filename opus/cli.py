@@ -94,10 +94,13 @@ def main() -> None:
     help="Path of the target git repository (relative to DIR).",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing opus.toml.")
-def init(directory: Path, repo: str, force: bool) -> None:
-    """Scaffold a vault in DIR: folders, opus.toml and an FR template."""
+@config_option
+def init(directory: Path, repo: str, force: bool, config_path: Path | None) -> None:
+    """Scaffold a vault in DIR (or the folder of --config): folders, opus.toml, FR template."""
     from .orchestrator.scaffold import init_vault
 
+    if config_path is not None:
+        directory = config_path.parent
     try:
         created = init_vault(directory, repo=repo, force=force)
     except OpusError as e:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -159,6 +160,7 @@ class Orchestrator:
             self._on_change(job)
 
     _dirty = True
+    _state_written = -1e9
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -173,8 +175,13 @@ class Orchestrator:
         await anyio.to_thread.run_sync(self._write_state, scan)
         return scan
 
-    def _write_state(self, scan: Scan) -> None:
-        """End of a tick: registry.json, health.json, STATUS=, the dashboard."""
+    def _write_state(self, scan: Scan, force: bool = False) -> None:
+        """End of a tick: registry.json, health.json, STATUS=, the dashboard — at most once
+        a second (ticks come as often as pipelines finish), always when ``force``."""
+        now = time.monotonic()
+        if not force and now - self._state_written < 1.0:
+            return
+        self._state_written = now
         self._heartbeat()
         if self._dirty and self.config.dashboard_path is not None:
             self._dirty = False
@@ -288,6 +295,8 @@ class Orchestrator:
                 )
                 self.systemd.stopping()
                 await self.scheduler.drain(self.config.service.shutdown_grace)
+                if self._last_scan is not None:
+                    await anyio.to_thread.run_sync(self._write_state, self._last_scan, True)
                 tg.cancel_scope.cancel()
 
     async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
@@ -330,9 +339,10 @@ class Orchestrator:
         self.scheduler.only = only
         settle = True  # merges are looked for once, not after every pipeline
         async with anyio.create_task_group() as tg:
+            changed: set[Path] | None = None  # a full scan first; then the cache will do
             while True:
-                scan = await self.tick(tg, settle_reviews=settle)
-                settle = False
+                scan = await self.tick(tg, settle_reviews=settle, changed=changed)
+                settle, changed = False, set()
                 if not self.scheduler.running:
                     break
                 if self._stop.is_set():
@@ -346,7 +356,7 @@ class Orchestrator:
             job = self.rt.registry.latest_for(fr_id)
             fr = scan.frs[fr_id]
             summary.statuses[fr_id] = job.status.value if job else (fr.status or "planned")
-        await anyio.to_thread.run_sync(self._write_state, scan)
+        await anyio.to_thread.run_sync(self._write_state, scan, True)
         return summary
 
     async def process(self, ref: str) -> Job:
