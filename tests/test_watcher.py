@@ -78,7 +78,7 @@ async def test_rename_into_folder_is_reported_without_debounce(
         batch = await w.next_batch(timeout=4.0)
         elapsed = time.monotonic() - started
     assert batch == Batch(paths={folder / "FR-1.md"}, rescan=False)
-    assert elapsed < 1.0  # far below the 5 s debounce
+    assert elapsed < 2.5  # far below the 5 s debounce
 
 
 @pytest.mark.anyio
@@ -98,7 +98,7 @@ async def test_atomic_save_reports_the_note_never_the_temp_file(folder: Path) ->
         # long enough for an unpaired move-away of the temp name (watchdog holds it 0.5 s)
         after = await w.next_batch(timeout=0.8)
     assert first.paths == {note}
-    assert elapsed < 1.0
+    assert elapsed < 2.5  # not held for the 5 s debounce
     assert after == Batch()
 
 
@@ -115,7 +115,7 @@ async def test_in_place_writes_end_at_close_and_come_once(folder: Path) -> None:
         elapsed = time.monotonic() - started
         again = await w.next_batch(timeout=0.3)
     assert batch == Batch(paths={note}, rescan=False)
-    assert elapsed < 1.0  # the close ended the 5 s debounce
+    assert elapsed < 2.5  # the close ended the 5 s debounce
     assert again == Batch()
 
 
@@ -157,7 +157,7 @@ async def test_debounce_follows_the_injected_clock(folder: Path) -> None:
             batch = await w.next_batch(timeout=3.0)
             elapsed = time.monotonic() - started
     assert batch.paths == {note}
-    assert elapsed < 0.5
+    assert elapsed < 2.0  # at once, not after the 3 s timeout
 
 
 @pytest.mark.anyio
