@@ -13,7 +13,9 @@ import httpx
 import pytest
 
 from opus.orchestrator.agents.base import StageContext
-from opus.orchestrator.agents.openai import OpenAIAgent, extract_diff, parse_verdict
+from opus.orchestrator.agents.command import parse_verdict
+from opus.orchestrator.agents.openai import OpenAIAgent
+from opus.orchestrator.agents.patches import extract_diff
 from opus.orchestrator.config import AgentSection
 from opus.orchestrator.errors import AgentError, AgentOutputError, BackendError
 from opus.orchestrator.lifecycle import Stage

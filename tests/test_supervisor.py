@@ -24,12 +24,12 @@ from opus.orchestrator.errors import (
     AgentTimeout,
     BackendError,
 )
+from opus.orchestrator.process_output import output_tail
 from opus.orchestrator.redact import Redactor
 from opus.orchestrator.supervisor import (
     ProcessResult,
     group_alive,
     kill_group,
-    output_tail,
     run_process,
     with_retries,
 )

@@ -18,19 +18,19 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TypeVar
+from typing import TypeVar
 
 import anyio
-from anyio.abc import ByteReceiveStream, ByteSendStream, Process
+from anyio.abc import ByteSendStream, Process
 
 from .errors import AgentError, AgentNotFound, AgentStalled, AgentTimeout, BackendError
+from .process_output import Capture, LogSink, Progress, output_tail
 from .redact import Redactor
 
 __all__ = (
     "ProcessResult",
     "group_alive",
     "kill_group",
-    "output_tail",
     "retry_delay",
     "run_process",
     "with_retries",
@@ -60,117 +60,6 @@ class ProcessResult:
     """The signal that ended the process, if one did."""
 
 
-MAX_KEPT = 32 * 2**20
-"""Bytes of each stream kept in memory (the tail); the log file has everything."""
-TAIL_LINES = 200
-TAIL_BYTES = 16 * 1024
-
-
-def output_tail(
-    stdout: str, stderr: str = "", lines: int = TAIL_LINES, limit: int = TAIL_BYTES
-) -> str:
-    """The last ``lines`` lines, at most ``limit`` characters, of stdout then stderr."""
-    text = stdout if not stderr else (stdout.rstrip("\n") + "\n" + stderr if stdout else stderr)
-    kept = "\n".join(text.rstrip("\n").split("\n")[-lines:])
-    return kept[-limit:]
-
-
-class _Progress:
-    """When the child last showed a sign of life (output or a worktree change)."""
-
-    def __init__(self, now: float) -> None:
-        self.last = now
-
-    def touch(self, now: float) -> None:
-        self.last = now
-
-
-class _LogSink:
-    """Appends a process's output to its log file, one redacted, tagged line at a time."""
-
-    def __init__(self, file: IO[str], redactor: Redactor) -> None:
-        self._file = file
-        self._redact = redactor
-        self._partial: dict[str, bytes] = {}
-        self._lock = anyio.Lock()
-
-    @classmethod
-    async def open(cls, path: Path, redactor: Redactor) -> _LogSink:
-        return cls(await anyio.to_thread.run_sync(_open_log, path), redactor)
-
-    async def feed(self, tag: str, chunk: bytes) -> None:
-        data = self._partial.pop(tag, b"") + chunk
-        cut = data.rfind(b"\n") + 1
-        if cut == 0 and len(data) < 65536:
-            self._partial[tag] = data
-            return
-        cut = cut or len(data)
-        if cut < len(data):
-            self._partial[tag] = data[cut:]
-        await self._lines(tag, data[:cut])
-
-    async def note(self, message: str) -> None:
-        await self._write(f"# {self._redact(message)}\n")
-
-    async def aclose(self) -> None:
-        for tag in list(self._partial):
-            await self._lines(tag, self._partial.pop(tag))
-        await anyio.to_thread.run_sync(self._file.close)
-
-    async def _lines(self, tag: str, data: bytes) -> None:
-        lines = data.decode("utf-8", "replace").removesuffix("\n").split("\n")
-        await self._write("".join(f"{tag}| {self._redact(line)}\n" for line in lines))
-
-    async def _write(self, text: str) -> None:
-        async with self._lock:
-            await anyio.to_thread.run_sync(_append, self._file, text)
-
-
-def _open_log(path: Path) -> IO[str]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-    return open(fd, "a", encoding="utf-8", errors="replace")
-
-
-def _append(file: IO[str], text: str) -> None:
-    file.write(text)
-    file.flush()
-
-
-class _Capture:
-    """Reads one pipe to its end: keeps the bytes, feeds the log, marks progress."""
-
-    def __init__(self, tag: str, sink: _LogSink, progress: _Progress) -> None:
-        self.tag = tag
-        self.done = anyio.Event()
-        self._sink = sink
-        self._progress = progress
-        self._data = bytearray()
-        self._cut = 0
-
-    async def pump(self, stream: ByteReceiveStream) -> None:
-        try:
-            async for chunk in stream:
-                self._progress.touch(anyio.current_time())
-                self._data += chunk
-                if len(self._data) > 2 * MAX_KEPT:
-                    drop = len(self._data) - MAX_KEPT
-                    del self._data[:drop]
-                    self._cut += drop
-                await self._sink.feed(self.tag, chunk)
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            pass
-        finally:
-            self.done.set()
-
-    def text(self, redactor: Redactor) -> str:
-        drop = max(0, len(self._data) - MAX_KEPT)
-        text = bytes(self._data[drop:]).decode("utf-8", "replace")
-        if self._cut + drop:
-            text = f"[… {self._cut + drop} bytes cut …]\n{text}"
-        return redactor(text)
-
-
 async def run_process(
     argv: Sequence[str],
     *,
@@ -196,7 +85,7 @@ async def run_process(
     args = [os.fspath(a) for a in argv]
     if not args:
         raise ValueError("run_process needs a non-empty argv")
-    sink = await _LogSink.open(log_file, redactor)
+    sink = await LogSink.open(log_file, redactor)
     try:
         await sink.note("$ " + " ".join(_shown(a) for a in args))
         try:
@@ -225,7 +114,7 @@ async def run_process(
 async def _supervise(
     proc: Process,
     name: str,
-    sink: _LogSink,
+    sink: LogSink,
     redactor: Redactor,
     stdin: bytes | None,
     timeout: float,  # noqa: ASYNC109 (a child's deadline, not ours)
@@ -236,8 +125,8 @@ async def _supervise(
     grace: float,
 ) -> ProcessResult:
     pgid = proc.pid
-    progress = _Progress(anyio.current_time())
-    out, err = _Capture("out", sink, progress), _Capture("err", sink, progress)
+    progress = Progress(anyio.current_time())
+    out, err = Capture("out", sink, progress), Capture("err", sink, progress)
     reason: str | None = None
     stopped: bool | None = None
     log.info("%s started (process group %d)", name, pgid)
@@ -288,7 +177,7 @@ async def _supervise(
 
 async def _watch(
     proc: Process,
-    progress: _Progress,
+    progress: Progress,
     timeout: float,  # noqa: ASYNC109 (a child's deadline, not ours)
     stall_timeout: float,
     activity: Callable[[], object] | None,
@@ -343,7 +232,7 @@ async def _feed(stream: ByteSendStream, data: bytes) -> None:
 
 
 async def _stop_group(
-    proc: Process, pgid: int, grace: float, name: str, why: str, sink: _LogSink
+    proc: Process, pgid: int, grace: float, name: str, why: str, sink: LogSink
 ) -> bool:
     """The kill ladder; True once nothing of the group is alive."""
     if group_alive(pgid):

@@ -25,7 +25,8 @@ from ..config import AgentSection
 from ..errors import AgentCrashed, AgentNotFound, AgentOutputError
 from ..lifecycle import Stage
 from ..models import Usage, Verdict
-from ..supervisor import ProcessResult, output_tail, run_process
+from ..process_output import output_tail
+from ..supervisor import ProcessResult, run_process
 from .base import StageContext, StageResult
 from .environment import agent_env, opus_vars
 

@@ -15,30 +15,28 @@ never appears in an exception, a log line or the transcript written to ``ctx.log
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
-import re
-import stat
-import subprocess
 from collections.abc import Awaitable, Callable, Mapping
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import anyio
 import anyio.to_thread
 import httpx
-from pydantic import ValidationError
 
 from ..config import AgentSection
 from ..errors import AgentError, AgentOutputError, AgentTimeout, BackendError
 from ..lifecycle import Stage
-from ..models import Usage, Verdict
+from ..models import Usage
 from ..redact import Redactor
 from .base import StageContext, StageResult
+from .command import parse_verdict
+from .patches import apply_diff, diff_against, extract_diff
+from .repo_context import feedback_text, fr_text, hint_text, plan_text, repo_files
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +182,8 @@ class OpenAIAgent:
         answer = await chat.ask(messages)
         try:
             verdict = parse_verdict(answer)
-        except (ValueError, ValidationError) as first:
-            problem = short_error(first)
+        except ValueError as first:
+            problem = str(first)
             await chat.log(f"## invalid verdict\n{chat.redact(problem)}\n")
             messages += [
                 _msg("assistant", answer),
@@ -198,9 +196,9 @@ class OpenAIAgent:
             answer = await chat.ask(messages)
             try:
                 verdict = parse_verdict(answer)
-            except (ValueError, ValidationError) as second:
+            except ValueError as second:
                 raise AgentOutputError(
-                    chat.redact(f"the reviewer gave no valid verdict: {short_error(second)}"),
+                    chat.redact(f"the reviewer gave no valid verdict: {second}"),
                     output=chat.redact(answer[-2000:]),
                 ) from None
         return StageResult(output=chat.redact(verdict.summary), verdict=verdict, usage=chat.usage)
@@ -361,242 +359,3 @@ def _retry_after(response: httpx.Response) -> float | None:
 def _append(path: Path, text: str) -> None:
     with open(path, "a", encoding="utf-8") as f:
         f.write(text)
-
-
-# --- what the model is shown ------------------------------------------------------------
-
-
-def fr_text(ctx: StageContext) -> str:
-    fr = ctx.fr
-    return f"# Feature request {fr.id}: {fr.title}\n\n{fr.body.strip()}"
-
-
-def plan_text(ctx: StageContext) -> str:
-    return f"## Plan\n\n{ctx.plan.strip()}" if ctx.plan else ""
-
-
-def feedback_text(ctx: StageContext) -> str:
-    fb = ctx.feedback
-    if fb is None:
-        return ""
-    lines = [f"## Feedback from iteration {fb.iteration} ({fb.reason.replace('_', ' ')})"]
-    lines += ["", fb.message.strip()]
-    if fb.test_output:
-        fence = _fence(fb.test_output)
-        lines += ["", "Test output (tail):", fence, fb.test_output.strip()[-8000:], fence]
-    for issue in fb.issues:
-        where = f" {issue.file}{f':{issue.line}' if issue.line else ''}" if issue.file else ""
-        lines.append(f"- [{issue.severity}]{where} {issue.message}")
-    return "\n".join(lines)
-
-
-def hint_text(ctx: StageContext) -> str:
-    """The text whose file names mark files as relevant: FR, plan, feedback."""
-    parts = [ctx.fr.title, ctx.fr.body, ctx.plan or ""]
-    if ctx.feedback is not None:
-        parts += [ctx.feedback.message, ctx.feedback.test_output]
-        parts += [f"{i.file or ''} {i.message}" for i in ctx.feedback.issues]
-    return "\n".join(parts)
-
-
-def repo_files(worktree: Path, hints: str, budget: int) -> str:
-    """The tracked files' list and contents within ``budget`` bytes.
-
-    Files named in ``hints`` (by path, then by file name) come first, then the smallest text
-    files; binaries, symlinks and files that do not fit are left out.
-    """
-    listed = _git(worktree, ["ls-files", "-z"], timeout=60)
-    if listed.returncode != 0:
-        logger.debug("no repository context: git ls-files: %s", listed.stderr.strip())
-        return ""
-    paths = [p for p in listed.stdout.split("\0") if p]
-    listing = "\n".join(paths)
-    if len(listing) > budget // 4:
-        listing = listing[: budget // 4].rsplit("\n", 1)[0] + "\n… (more files not listed)"
-    used = len(listing.encode())
-    tokens = {t.strip(".,:;`'\"") for t in re.findall(r"[\w./-]+", hints)}
-    names = {PurePosixPath(t).name for t in tokens if t}
-    candidates: list[tuple[int, int, str]] = []
-    for path in paths:
-        try:
-            info = (worktree / path).lstat()
-        except OSError:
-            continue
-        if not stat.S_ISREG(info.st_mode):
-            continue
-        rank = 0 if path in tokens else 1 if PurePosixPath(path).name in names else 2
-        candidates.append((rank, info.st_size if rank == 2 else 0, path))
-    candidates.sort()
-    blocks: list[str] = []
-    for rank, _, path in candidates:
-        remaining = budget - used - len(path) - 40
-        if remaining < (2048 if rank < 2 else 1):
-            if rank == 2:
-                break
-            continue
-        text = _read_text(worktree / path, remaining, whole=rank == 2)
-        if text is None:
-            continue
-        fence = _fence(text)
-        block = f"### {path}\n{fence}\n{text}\n{fence}\n"
-        used += len(block.encode())
-        blocks.append(block)
-    out = f"## Repository files (tracked)\n\n{listing}\n"
-    if blocks:
-        out += "\n## File contents\n\n" + "\n".join(blocks)
-    return out
-
-
-def _read_text(path: Path, limit: int, *, whole: bool) -> str | None:
-    """The file as text, cut at a line end within ``limit`` bytes; None for binaries."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read(limit + 1)
-    except OSError:
-        return None
-    if b"\0" in data[:8192]:
-        return None
-    cut = len(data) > limit
-    if cut:
-        if whole:
-            return None
-        data = data[: data.rfind(b"\n", 0, limit) + 1]
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        return None
-    return text + "… (truncated)\n" if cut else text
-
-
-def _fence(text: str) -> str:
-    longest = max((len(m) for m in re.findall(r"`{3,}", text)), default=2)
-    return "`" * (longest + 1)
-
-
-# --- what the model answers ---------------------------------------------------------------
-
-_FENCED = re.compile(r"^(`{3,})[ \t]*([\w+-]*)[^\n]*\n(.*?)^\1[ \t]*$", re.M | re.S)
-_DIFF_START = re.compile(r"^(?:diff --git |--- )", re.M)
-_HUNK = re.compile(r"^(?:\+\+\+ |@@ )", re.M)
-
-
-def extract_diff(text: str) -> str | None:
-    """The unified diff in an answer: ```diff blocks (joined), else any diff-like block or text."""
-    blocks = [(m.group(2).lower(), m.group(3)) for m in _FENCED.finditer(text)]
-    diffs = [body for lang, body in blocks if lang in ("diff", "patch", "udiff")]
-    if not diffs:
-        diffs = [body for _, body in blocks if _DIFF_START.search(body) and _HUNK.search(body)]
-    if not diffs:
-        start = _DIFF_START.search(text)
-        if start is None or not _HUNK.search(text, start.start()):
-            return None
-        diffs = [text[start.start() :]]
-    diff = "\n".join(d.strip("\n") for d in diffs if d.strip())
-    return diff + "\n" if diff else None
-
-
-def parse_verdict(text: str) -> Verdict:
-    """The verdict JSON in an answer (fenced or bare); ValueError/ValidationError if none."""
-    objects: list[dict[str, Any]] = []
-    for m in _FENCED.finditer(text):
-        objects += _json_objects(m.group(3))
-    if not objects:
-        objects = _json_objects(text)
-    if not objects:
-        raise ValueError("no JSON object found in the answer")
-    with_verdict = [o for o in objects if "verdict" in o]
-    return Verdict.model_validate((with_verdict or objects)[-1])
-
-
-def _json_objects(text: str) -> list[dict[str, Any]]:
-    """Every top-level JSON object in ``text``, in order."""
-    decoder = json.JSONDecoder()
-    found: list[dict[str, Any]] = []
-    i = text.find("{")
-    while i != -1:
-        try:
-            value, end = decoder.raw_decode(text, i)
-        except ValueError:
-            i = text.find("{", i + 1)
-            continue
-        if isinstance(value, dict):
-            found.append(value)
-        i = text.find("{", end)
-    return found
-
-
-def short_error(e: Exception) -> str:
-    if isinstance(e, ValidationError):
-        return "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'verdict'}: {err['msg']}"
-            for err in e.errors()
-        )
-    return str(e)
-
-
-# --- git ----------------------------------------------------------------------------------
-
-
-def _git(
-    worktree: Path, args: list[str], *, timeout: float, input: str | None = None
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "GIT_TERMINAL_PROMPT": "0", "LC_ALL": "C"}
-    try:
-        return subprocess.run(
-            ["git", "-c", "core.quotepath=off", *args],
-            cwd=worktree,
-            input=input,
-            capture_output=True,
-            text=True,
-            encoding="utf-8",
-            errors="replace",
-            timeout=timeout,
-            env=env,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as e:
-        raise AgentTimeout(f"git {args[0]} took longer than {timeout:g} s") from e
-    except OSError as e:
-        raise AgentError(f"cannot run git in {worktree}: {e}", retryable=False) from e
-
-
-def apply_diff(worktree: Path, diff: str, timeout: float) -> str | None:
-    """Apply ``diff`` in ``worktree``: ``git apply --3way``, then plain; the error or None.
-
-    Each is tried as written, then with ``--recount`` (models miscount hunk lines). The
-    3-way attempts run only on a clean worktree, so conflict markers they leave can be
-    undone; plain ``git apply`` is all-or-nothing. The error reported is plain git apply's.
-    """
-    clean = _git(worktree, ["status", "--porcelain"], timeout=timeout)
-    attempts: list[list[str]] = [[], ["--recount"]]
-    if clean.returncode == 0 and not clean.stdout.strip():
-        attempts = [["--3way"], ["--3way", "--recount"], *attempts]
-    error = ""
-    for extra in attempts:
-        cmd = ["apply", "--whitespace=nowarn", *extra, "-"]
-        result = _git(worktree, cmd, input=diff, timeout=timeout)
-        if result.returncode == 0:
-            return None
-        if "--3way" in extra:
-            if _git(worktree, ["status", "--porcelain"], timeout=timeout).stdout.strip():
-                _git(worktree, ["reset", "-q", "--hard", "HEAD"], timeout=timeout)
-                _git(worktree, ["clean", "-fdq"], timeout=timeout)
-        elif not extra:
-            error = (result.stderr or result.stdout).strip()
-            error = error or f"git apply exited {result.returncode}"
-    return error
-
-
-def diff_against(worktree: Path, base: str, budget: int, timeout: float) -> str:
-    """``git diff <base>`` of the worktree, cut to ``budget`` bytes (with the stat if cut)."""
-    result = _git(worktree, ["diff", base], timeout=timeout)
-    if result.returncode != 0:
-        raise AgentError(f"git diff {base} failed: {result.stderr.strip()}", retryable=False)
-    diff = result.stdout
-    if not diff.strip():
-        return "(no changes)"
-    if len(diff.encode()) <= budget:
-        return diff
-    stat_out = _git(worktree, ["diff", "--stat", base], timeout=timeout).stdout
-    cut = diff.encode()[:budget].decode("utf-8", errors="ignore")
-    return f"{stat_out}\n{cut}\n… (diff truncated to {budget} bytes)"

@@ -1,0 +1,128 @@
+"""A supervised child's output: kept in memory (the tail), appended to its log file.
+
+``Capture`` reads one pipe and marks ``Progress`` (for the stall watch); ``LogSink`` writes
+each line, redacted and tagged ``out|`` / ``err|``, plus ``# `` notes, to the log file.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import IO
+
+import anyio
+from anyio.abc import ByteReceiveStream
+
+from .redact import Redactor
+
+__all__ = ("MAX_KEPT", "TAIL_BYTES", "TAIL_LINES", "Capture", "LogSink", "Progress", "output_tail")
+
+MAX_KEPT = 32 * 2**20
+"""Bytes of each stream kept in memory (the tail); the log file has everything."""
+TAIL_LINES = 200
+TAIL_BYTES = 16 * 1024
+
+
+def output_tail(
+    stdout: str, stderr: str = "", lines: int = TAIL_LINES, limit: int = TAIL_BYTES
+) -> str:
+    """The last ``lines`` lines, at most ``limit`` characters, of stdout then stderr."""
+    text = stdout if not stderr else (stdout.rstrip("\n") + "\n" + stderr if stdout else stderr)
+    kept = "\n".join(text.rstrip("\n").split("\n")[-lines:])
+    return kept[-limit:]
+
+
+class Progress:
+    """When the child last showed a sign of life (output or a worktree change)."""
+
+    def __init__(self, now: float) -> None:
+        self.last = now
+
+    def touch(self, now: float) -> None:
+        self.last = now
+
+
+class LogSink:
+    """Appends a process's output to its log file, one redacted, tagged line at a time."""
+
+    def __init__(self, file: IO[str], redactor: Redactor) -> None:
+        self._file = file
+        self._redact = redactor
+        self._partial: dict[str, bytes] = {}
+        self._lock = anyio.Lock()
+
+    @classmethod
+    async def open(cls, path: Path, redactor: Redactor) -> LogSink:
+        return cls(await anyio.to_thread.run_sync(_open_log, path), redactor)
+
+    async def feed(self, tag: str, chunk: bytes) -> None:
+        data = self._partial.pop(tag, b"") + chunk
+        cut = data.rfind(b"\n") + 1
+        if cut == 0 and len(data) < 65536:
+            self._partial[tag] = data
+            return
+        cut = cut or len(data)
+        if cut < len(data):
+            self._partial[tag] = data[cut:]
+        await self._lines(tag, data[:cut])
+
+    async def note(self, message: str) -> None:
+        await self._write(f"# {self._redact(message)}\n")
+
+    async def aclose(self) -> None:
+        for tag in list(self._partial):
+            await self._lines(tag, self._partial.pop(tag))
+        await anyio.to_thread.run_sync(self._file.close)
+
+    async def _lines(self, tag: str, data: bytes) -> None:
+        lines = data.decode("utf-8", "replace").removesuffix("\n").split("\n")
+        await self._write("".join(f"{tag}| {self._redact(line)}\n" for line in lines))
+
+    async def _write(self, text: str) -> None:
+        async with self._lock:
+            await anyio.to_thread.run_sync(_append, self._file, text)
+
+
+def _open_log(path: Path) -> IO[str]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    return open(fd, "a", encoding="utf-8", errors="replace")
+
+
+def _append(file: IO[str], text: str) -> None:
+    file.write(text)
+    file.flush()
+
+
+class Capture:
+    """Reads one pipe to its end: keeps the bytes, feeds the log, marks progress."""
+
+    def __init__(self, tag: str, sink: LogSink, progress: Progress) -> None:
+        self.tag = tag
+        self.done = anyio.Event()
+        self._sink = sink
+        self._progress = progress
+        self._data = bytearray()
+        self._cut = 0
+
+    async def pump(self, stream: ByteReceiveStream) -> None:
+        try:
+            async for chunk in stream:
+                self._progress.touch(anyio.current_time())
+                self._data += chunk
+                if len(self._data) > 2 * MAX_KEPT:
+                    drop = len(self._data) - MAX_KEPT
+                    del self._data[:drop]
+                    self._cut += drop
+                await self._sink.feed(self.tag, chunk)
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+        finally:
+            self.done.set()
+
+    def text(self, redactor: Redactor) -> str:
+        drop = max(0, len(self._data) - MAX_KEPT)
+        text = bytes(self._data[drop:]).decode("utf-8", "replace")
+        if self._cut + drop:
+            text = f"[… {self._cut + drop} bytes cut …]\n{text}"
+        return redactor(text)
