@@ -24,6 +24,7 @@ Retry decisions read ``retryable``, never the message.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 
 class OpusError(Exception):
@@ -97,6 +98,8 @@ class AgentError(OpusError):
         if retryable is not None:
             self.retryable = retryable
         self.output = output
+        self.usage: Any = None
+        """A ``models.Usage`` when the failed attempt reported what it spent."""
         super().__init__(message)
 
 

@@ -16,10 +16,10 @@ import anyio
 
 from . import prompts
 from .agents.base import StageContext, StageResult
-from .delivery import Delivery
+from .delivery import Delivery, auto_approves
 from .errors import AgentError, AgentStalled, OpusError, WorkspaceError
 from .lifecycle import Outcome, Stage, Status, check_transition
-from .models import Checkpoint, FeatureRequest, Feedback, Job
+from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
 from .runtime import Control, Runtime
 from .supervisor import with_retries
 
@@ -81,6 +81,7 @@ class Pipeline:
             while True:
                 step = next_step(job, self.max_iterations)
                 if step == FINISH:
+                    await self._settle_finished()
                     return job
                 if step == BLOCK:
                     await self._block()
@@ -185,14 +186,20 @@ class Pipeline:
         ctx = await self._context(stage, iteration)
         agent = rt.agents[stage]
 
+        failed_usage = Usage()  # what failed attempts spent still counts
+
         async def attempt(n: int) -> StageResult:
+            nonlocal failed_usage
             if n > 1:
                 await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
                 ctx.output_file.unlink(missing_ok=True)
             try:
                 return await agent.run(ctx)
-            except AgentStalled as e:
-                await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
+            except AgentError as e:
+                if e.usage is not None:
+                    failed_usage = failed_usage + e.usage
+                if isinstance(e, AgentStalled):
+                    await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
                 raise
             finally:
                 await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
@@ -212,8 +219,21 @@ class Pipeline:
             )
         except AgentError as e:
             attempts = getattr(e, "attempts", 1)
+            job.usage = job.usage + failed_usage
+            spent = (
+                StageResult(usage=failed_usage)
+                if failed_usage.cost_usd or (failed_usage.input_tokens)
+                else None
+            )
             await self._checkpoint(
-                stage, iteration, Outcome.ERROR, started, attempts, None, error=str(e)
+                stage,
+                iteration,
+                Outcome.ERROR,
+                started,
+                attempts,
+                None,
+                error=str(e),
+                result=spent,
             )
             if isinstance(e, AgentStalled):
                 await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
@@ -227,6 +247,8 @@ class Pipeline:
             await anyio.to_thread.run_sync(ws.reset, self.worktree, head_before)
         for key, value in result.meta.items():
             job.agent_versions[f"{stage}.{key}"] = value
+        if failed_usage.cost_usd or failed_usage.input_tokens:
+            result.usage = (result.usage or Usage()) + failed_usage
         if result.usage is not None:
             job.usage = job.usage + result.usage
         outcome, artifact = await self._judge(stage, iteration, result, head_before)
@@ -424,6 +446,23 @@ class Pipeline:
         await self._finish(status, error, status.value)
         if status is Status.DONE:
             await self._remove_worktree()
+
+    async def _settle_finished(self) -> None:
+        """The last checkpoint ended the pipeline but the job is not at rest (opus died
+        between that checkpoint and the ending): end it as the checkpoint says."""
+        job, last = self.job, self.job.last
+        if job.status not in (Status.QUEUED, Status.IN_PROGRESS) or last is None:
+            return
+        if last.outcome is Outcome.ERROR:
+            await self._finish(Status.FAILED, f"{last.stage} failed: {last.error}", "failed")
+        elif last.stage is Stage.DELIVERY:
+            job.status = check_transition(job.status, Status.IN_PROGRESS)
+            status, error = Status.REVIEW, None
+            if auto_approves(self.rt.config, self.fr, job.confidence):
+                status, error = await self.delivery.merge(job)  # a no-op if merged already
+            await self._finish(status, error, status.value)
+            if status is Status.DONE:
+                await self._remove_worktree()
 
     async def _block(self) -> None:
         feedback = self.job.feedback

@@ -72,6 +72,9 @@ class Registry:
         self.keep_days = keep_days
         self.flush_interval = flush_interval
         self.max_finished = max_finished
+        self.archive_generation = 0
+        self._month_cache: tuple[tuple[str, int, int], list[Job]] | None = None
+        """Counts archive runs that moved jobs (for caches of archived data)."""
         """Finished jobs kept in registry.json; older ones go to the archive early."""
         self.repairs: list[str] = []
         """What the last :meth:`open` repaired, one line each."""
@@ -384,7 +387,30 @@ class Registry:
                 del self._jobs[job_id], self._rows[job_id]
         self._dirty = True
         self._flush_locked(now)
+        self.archive_generation += 1
         return sum(len(ids) for ids in months.values())
+
+    def archived_in(self, month: str) -> list[Job]:
+        """The jobs archived in ``archive/<month>.jsonl`` (``YYYY-MM``), cached until the file
+        changes — for the monthly budget, asked before every stage."""
+        path = self.archive_dir / f"{month}.jsonl"
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return []
+        key = (month, st.st_size, st.st_mtime_ns)
+        if self._month_cache is None or self._month_cache[0] != key:
+            jobs: dict[str, Job] = {}
+            for line in path.read_bytes().split(b"\n")[:-1]:
+                record = _parse(line)
+                if record is not None:
+                    try:
+                        job = Job.model_validate(record)
+                    except ValidationError:
+                        continue
+                    jobs[job.id] = job
+            self._month_cache = (key, list(jobs.values()))
+        return self._month_cache[1]
 
     def archived(self) -> Iterator[Job]:
         """Every archived job, oldest month first, each id once."""

@@ -78,7 +78,10 @@ class Runtime:
     """What each job's note last showed, so an unchanged note is not read again."""
 
     def over_budget(self) -> str | None:
-        return over_budget(self.config.budget, self.registry.jobs(), self.now())
+        now = self.now()
+        archived = self.registry.archived_in(f"{now:%Y-%m}")  # this month's spend counts too
+        jobs = {j.id: j for j in [*archived, *self.registry.jobs()]}  # each job once
+        return over_budget(self.config.budget, jobs.values(), now)
 
     def workspace(self, job: Job) -> Workspace:
         return self.workspaces[job.repo]

@@ -41,6 +41,8 @@ class Scheduler:
         self.finished = anyio.Event()
         """Set (and replaced) whenever a pipeline ends."""
         self._budget_told: str | None = None
+        self._archive_seen = -1
+        self._done_archived: set[str] = set()
         self.only: set[str] | None = None
         """When set, only these FR ids are acted on (``Orchestrator.process``)."""
 
@@ -82,11 +84,14 @@ class Scheduler:
                 await self._reconcile(fr, job, settle_reviews)
             except (NoteError, WorkspaceError) as e:
                 log.warning("%s: %s", fr.id, e)
+        if any(p.path == self.rt.config.planned_dir for p in scan.problems):
+            return  # the folder could not be listed: absence proves nothing
         for job in self.rt.registry.jobs():
             if (
                 job.status in (Status.QUEUED, Status.PAUSED)
                 and job.fr_id not in scan.frs
                 and job.id not in self.running
+                and not (self.rt.config.root / job.fr_path).exists()  # not merely unreadable
             ):
                 job.status = Status.CANCELLED
                 job.error = "the note left the planned folder"
@@ -105,6 +110,10 @@ class Scheduler:
         rt = self.rt
         run = self.running.get(job.id) if job else None
         status = fr.status or Status.PLANNED
+        rel = fr.path.relative_to(rt.config.root).as_posix()
+        if job is not None and job.fr_path != rel and fr.job_id == job.id:
+            job.fr_path = rel  # the person renamed the note: follow it
+            await rt.record(job, "note_renamed", note=False, path=rel)
         if fr.invalid is not None:
             if status is Status.PLANNED:
                 key, problem = fr.invalid
@@ -118,6 +127,8 @@ class Scheduler:
                 await rt.record(job, "resumed")
                 log.info("%s: resumed (job %s)", fr.id, job.id)
             elif job is not None and job.status in (Status.QUEUED, Status.IN_PROGRESS):
+                if run is not None and run.control.stop == "pause":
+                    run.control.stop = None  # resumed before the pause took effect
                 await rt.mirror(job)
             else:
                 await self._claim(fr, "queued")
@@ -138,7 +149,9 @@ class Scheduler:
             ):
                 await self._end(job, Status.CANCELLED, None, "cancelled")
         elif status is Status.APPROVED:
-            if job is not None and job.status is Status.REVIEW:
+            if job is not None and job.status in (Status.DONE, Status.BLOCKED) and run is None:
+                await rt.mirror(job)  # merged (or not) before a crash hid it from the note
+            elif job is not None and job.status is Status.REVIEW:
                 job.status = Status.APPROVED
                 result, error = await self.delivery.merge(job)
                 await self._end(job, result, error, result.value)
@@ -214,7 +227,17 @@ class Scheduler:
         if fr is not None and fr.status is Status.DONE:
             return True
         job = self.rt.registry.latest_for(fr_id)
-        return job is not None and job.status is Status.DONE
+        if job is not None:
+            return job.status is Status.DONE
+        return fr_id in self._archived_done()
+
+    def _archived_done(self) -> set[str]:
+        """FR ids whose archived job is done (read again only after an archive run)."""
+        registry = self.rt.registry
+        if self._archive_seen != registry.archive_generation:
+            self._archive_seen = registry.archive_generation
+            self._done_archived = {j.fr_id for j in registry.archived() if j.status is Status.DONE}
+        return self._done_archived
 
     async def start_ready(self, tg: TaskGroup, scan: Scan) -> int:
         """Start as many waiting jobs as there are free slots; preempt if one must yield."""
@@ -248,6 +271,8 @@ class Scheduler:
         candidates = [r for r in self.running.values() if r.control.stop is None]
         if len(self.running) < self.rt.config.pipeline.concurrency or not candidates:
             return
+        if any(r.job.priority.rank <= best.priority.rank for r in self.running.values()):
+            return  # only when every slot holds a lower-priority job
         worst = max(candidates, key=lambda r: (r.job.priority.rank, r.job.created_at))
         if best.priority.rank < worst.job.priority.rank:
             log.info(

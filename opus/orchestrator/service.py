@@ -281,12 +281,10 @@ class Orchestrator:
                     busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
                     settle, changed = True, None
                     with anyio.move_on_after(poll.interval(busy)):
-                        reason = await wake_recv.receive()
+                        await wake_recv.receive()
                         settle = False  # merges are looked for on the poll only
-                        if reason == "change" and not self._rescan:
-                            changed = self._changed_paths
-                        elif reason == "finished":
-                            changed = set()
+                        # whatever woke us, the notes the watcher reported are looked at
+                        changed = None if self._rescan else self._changed_paths
                         self._changed_paths, self._rescan = set(), False
                 log.info(
                     "stopping: %d running job(s) get %.0f s to finish their stage",

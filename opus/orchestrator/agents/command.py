@@ -22,7 +22,7 @@ import anyio
 from pydantic import ValidationError
 
 from ..config import AgentSection
-from ..errors import AgentCrashed, AgentNotFound, AgentOutputError
+from ..errors import AgentCrashed, AgentError, AgentNotFound, AgentOutputError
 from ..lifecycle import Stage
 from ..models import Usage, Verdict
 from ..process_output import output_tail
@@ -329,7 +329,11 @@ class CommandAgent:
                 plan = given if isinstance(given, str) and given.strip() else reply.text
             return StageResult(output=plan, usage=usage)
         if self.stage is Stage.REVIEWER:
-            verdict = self._verdict(file_text, reply.text, result)
+            try:
+                verdict = self._verdict(file_text, reply.text, result)
+            except AgentError as e:
+                e.usage = usage  # an unusable answer was still paid for
+                raise
             return StageResult(
                 output=output_tail(reply.text) or verdict.summary, verdict=verdict, usage=usage
             )
