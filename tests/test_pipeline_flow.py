@@ -257,3 +257,37 @@ def test_a_stage_that_keeps_stalling_blocks_the_fr_and_says_stuck(
     assert len(starts) == 2  # one retry
     sent = [json.loads(line) for line in events.read_text().splitlines()]
     assert [e["event"] for e in sent] == ["stuck", "stuck", "blocked"]
+
+
+def test_a_dependency_that_cannot_come_is_named_in_the_note(vault: Vault) -> None:
+    vault.script({"FR-1": {"planner": [{"exit": 1}]}})
+    first = fr(vault, "FR-1")
+    unknown = fr(vault, "FR-2", extra="depends_on: [FR-404]\n")
+    after_failed = fr(vault, "FR-3", extra="depends_on: [FR-1]\n")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(first)["status"] == "failed"
+    assert meta(unknown)["status"] == "queued"
+    assert meta(unknown)["error"] == "depends_on: no FR FR-404 in the vault"
+    assert meta(after_failed)["status"] == "queued"
+    assert meta(after_failed)["error"] == "waits for FR-1, which is failed"
+    # retrying the dependency clears the reason and lets the dependent run once it is done
+    vault.script({})
+    opus(vault, "retry", "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(first)["status"] == "review"
+    assert "error" not in meta(after_failed)
+
+
+def test_a_queued_fr_follows_a_new_priority(vault: Vault) -> None:
+    vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
+    vault.script({"FR-1": {"planner": [{"exit": 1}]}})
+    first = fr(vault, "FR-1")
+    second = fr(vault, "FR-2", extra="depends_on: [FR-1]\n")
+    opus(vault, "run", "--once")
+    assert meta(second)["status"] == "queued"
+    second.write_text(second.read_text().replace("priority: medium", "priority: critical"))
+    opus(vault, "run", "--once")
+    (job,) = [j for j in registry(vault) if j["fr_id"] == "FR-2"]
+    assert job["priority"] == "critical"
+    assert meta(first)["status"] == "failed"

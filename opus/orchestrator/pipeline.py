@@ -18,7 +18,7 @@ from . import prompts
 from .agents.base import StageContext, StageResult
 from .delivery import Delivery, auto_approves
 from .errors import AgentError, AgentStalled, OpusError, WorkspaceError
-from .lifecycle import Outcome, Stage, Status, check_transition
+from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
 from .runtime import Control, Runtime
 from .supervisor import with_retries
@@ -154,6 +154,8 @@ class Pipeline:
         """Cancelled mid-stage: by a person (→ cancelled) or by shutdown (→ resumable)."""
         job = self.job
         job.pgids = []
+        if job.status in FINISHED or job.status is Status.REVIEW:
+            return  # it ended just before the cancel landed
         if self.control.stop == "cancel":
             await self._finish(Status.CANCELLED, None, event="cancelled")
             await self._remove_worktree()

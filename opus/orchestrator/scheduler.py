@@ -10,7 +10,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from .delivery import Delivery
-from .errors import NoteError, WorkspaceError
+from .errors import OpusError, WorkspaceError
 from .lifecycle import FINISHED, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline
@@ -82,7 +82,7 @@ class Scheduler:
                 continue
             try:
                 await self._reconcile(fr, job, settle_reviews)
-            except (NoteError, WorkspaceError) as e:
+            except OpusError as e:  # a note, git or GitHub problem: this FR waits, others go on
                 log.warning("%s: %s", fr.id, e)
         if any(p.path == self.rt.config.planned_dir for p in scan.problems):
             return  # the folder could not be listed: absence proves nothing
@@ -96,6 +96,15 @@ class Scheduler:
                 job.status = Status.CANCELLED
                 job.error = "the note left the planned folder"
                 await self.rt.record(job, "cancelled", note=False)
+            elif settle_reviews and job.status is Status.REVIEW and job.fr_id not in scan.frs:
+                # the person filed the note away; a merge still makes the job done
+                try:
+                    settled = await self.delivery.merged_or_closed(job)
+                except OpusError as e:
+                    log.warning("%s: %s", job.fr_id, e)
+                    continue
+                if settled is not None:
+                    await self._end(job, settled, None, settled.value)
 
     def _at_rest(self, fr: FeatureRequest, job: Job | None) -> bool:
         """A note resting at a status its job agrees with (or that has no job): nothing to do."""
@@ -114,13 +123,20 @@ class Scheduler:
         if job is not None and job.fr_path != rel and fr.job_id == job.id:
             job.fr_path = rel  # the person renamed the note: follow it
             await rt.record(job, "note_renamed", note=False, path=rel)
-        if fr.invalid is not None:
+        if fr.invalid is not None and (status is Status.PLANNED or job is None):
             if status is Status.PLANNED:
                 key, problem = fr.invalid
                 log.warning("%s: %s: bad value for `%s`: %s", fr.id, fr.path.name, key, problem)
                 changes = {"status": "failed", "error": f"{key}: {problem}", "updated_at": rt.now()}
                 await anyio.to_thread.run_sync(lambda: rt.vault.update(fr.path, changes))
-            return
+            return  # (a job that exists still obeys a person's pause or cancel)
+        if (
+            job is not None
+            and job.status in (Status.QUEUED, Status.PAUSED)
+            and (job.priority is not fr.priority and fr.invalid is None)
+        ):
+            job.priority = fr.priority  # the person re-prioritised a waiting FR
+            await rt.record(job, "reprioritised", note=False, priority=fr.priority.value)
         if status is Status.PLANNED:
             if job is not None and job.status is Status.PAUSED:
                 job.status = Status.QUEUED
@@ -239,10 +255,41 @@ class Scheduler:
             self._done_archived = {j.fr_id for j in registry.archived() if j.status is Status.DONE}
         return self._done_archived
 
+    async def _explain_waits(self, scan: Scan) -> None:
+        """Say in the note why a queued FR waits on a dependency that cannot come."""
+        for job in self.rt.registry.jobs():
+            fr = scan.frs.get(job.fr_id)
+            if job.status is not Status.QUEUED or job.id in self.running or fr is None:
+                continue
+            why = None
+            for dep in fr.depends_on:
+                if dep == fr.id:
+                    why = "depends_on: an FR cannot depend on itself"
+                elif (
+                    dep not in scan.frs
+                    and self.rt.registry.latest_for(dep) is None
+                    and (dep not in self._archived_done())
+                ):
+                    why = f"depends_on: no FR {dep} in the vault"
+                else:
+                    other = self.rt.registry.latest_for(dep)
+                    if other is not None and other.status in (
+                        Status.FAILED,
+                        Status.BLOCKED,
+                        Status.CANCELLED,
+                    ):
+                        why = f"waits for {dep}, which is {other.status}"
+                if why:
+                    break
+            if why != job.error:
+                job.error = why
+                await self.rt.record(job, "waiting", reason=why or "")
+
     async def start_ready(self, tg: TaskGroup, scan: Scan) -> int:
         """Start as many waiting jobs as there are free slots; preempt if one must yield."""
         if not self.accepting:
             return 0
+        await self._explain_waits(scan)
         waiting = self.waiting(scan)
         if not waiting:
             return 0
