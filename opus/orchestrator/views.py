@@ -294,7 +294,7 @@ def print_show(data: dict[str, Any]) -> None:
             str(cp["iteration"]),
             cp["outcome"],
             str(cp["attempts"]),
-            f"{secs:.0f}",
+            f"{secs:.1f}",
             (cp.get("commit") or "")[:10],
             f"{usage.get('cost_usd', 0):.4f}" if usage else "",
         )
