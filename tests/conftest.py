@@ -21,6 +21,8 @@ GIT_ENV = {
     "GIT_COMMITTER_NAME": "Test Person",
     "GIT_COMMITTER_EMAIL": "person@example.com",
     "GIT_CONFIG_NOSYSTEM": "1",
+    # no ~/.gitconfig either: a person's gpgsign, hooksPath or merge.ff must not change results
+    "GIT_CONFIG_GLOBAL": os.devnull,
 }
 
 

@@ -18,8 +18,12 @@ def test_demo_runs_every_example_fr_end_to_end(tmp_path: Path) -> None:
     # each status change printed as it happens, the loop at work
     assert "FR-102   in-progress  coder, iteration 2 ← The tests failed." in out
     assert "FR-103   in-progress  coder, iteration 2 ← The new function has no test." in out
-    for line in ("FR-101   done       ok", "FR-102   review     ok", "FR-103   review     ok",
-                 "FR-104   review     ok"):
+    for line in (
+        "FR-101   done       ok",
+        "FR-102   review     ok",
+        "FR-103   review     ok",
+        "FR-104   review     ok",
+    ):
         assert line in out
     repo = tmp_path / "demo" / "app"
     assert "def farewell" in git(repo, "show", "main:app/greet.py")  # FR-101 auto-merged

@@ -73,6 +73,7 @@ def test_golden_update(source: Path) -> None:
     target = GOLDEN / "expected" / source.name
     if os.environ.get("OPUS_REGEN_GOLDEN"):
         target.write_bytes(new)
+        pytest.skip("regenerated: read the expected file before keeping it")  # nothing proven
     assert new == target.read_bytes()
 
 

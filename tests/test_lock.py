@@ -78,7 +78,9 @@ def test_acquire_writes_pid_and_release_keeps_the_file(tmp_path: Path) -> None:
     assert path.exists()
     assert InstanceLock(path).holder() is None
     lock.acquire()  # a released lock can be taken again
+    assert lock.held and InstanceLock(path).holder() == os.getpid()
     lock.release()
+    assert not lock.held
 
 
 def test_second_lock_in_this_process_is_refused(tmp_path: Path) -> None:

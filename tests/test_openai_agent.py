@@ -373,12 +373,17 @@ def test_tester_is_not_supported() -> None:
     assert not info.value.retryable and "tester" in str(info.value)
 
 
-def test_no_key_configured_sends_no_authorization() -> None:
+@pytest.mark.anyio
+async def test_no_key_configured_sends_no_authorization(repo: Path) -> None:
     server = Server(answer("plan"))
     a = OpenAIAgent(
         section(api_key_env=None), Stage.PLANNER, environ={}, transport=server.transport
     )
     assert a.url == "http://llm.test/v1/chat/completions"
+    result = await a.run(make_ctx(repo, Stage.PLANNER))
+    assert result.output == "plan"
+    (request,) = server.requests
+    assert "authorization" not in request.headers
 
 
 @pytest.mark.parametrize(

@@ -233,7 +233,11 @@ async def test_command_key_replaces_the_executable(tmp_path: Path) -> None:
     ],
 )
 async def test_missing_cli_says_how_to_fix_it(tmp_path: Path, name: str, product: str) -> None:
-    agent = build_agent(AgentSection(kind=name), Stage.CODER, environ=environ_with(tmp_path))  # type: ignore[arg-type]
+    empty = tmp_path / "empty-bin"
+    empty.mkdir()
+    # only an empty folder on PATH: a real CLI installed on this machine must not be found
+    environ = {**environ_with(empty), "PATH": str(empty)}
+    agent = build_agent(AgentSection(kind=name), Stage.CODER, environ=environ)  # type: ignore[arg-type]
     with pytest.raises(AgentNotFound) as info:
         await agent.run(make_ctx(tmp_path, Stage.CODER))
     message = str(info.value)

@@ -199,8 +199,8 @@ def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
     note = fr(vault, "FR-1")
     wait(started(vault, "coder"), "the coder to start")
     s.proc.send_signal(signal.SIGTERM)
-    time.sleep(0.3)  # the signal is in; the stage is still running
-    assert s.proc.poll() is None
+    wait(lambda: "SIGTERM: finishing running stages" in s.log.read_text(), "SIGTERM handled")
+    assert s.proc.poll() is None  # the signal is in; the stage is still running
     gate.touch()
     code, err = s.stop()
     assert code == 0, err

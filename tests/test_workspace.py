@@ -100,13 +100,23 @@ def test_constructing_does_no_io(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [tmp_path / "empty-gitconfig"]
 
 
-def test_check_accepts_a_repository_with_its_base(ws: Workspace) -> None:
-    ws.check()
+def test_check_accepts_a_repository_with_its_base(ws: Workspace, repo: Path) -> None:
+    refs = git(repo, "for-each-ref")
+    ws.check()  # no WorkspaceError …
+    # … and checking changes nothing: no worktree folder, no ref, a clean tree
+    assert not ws.worktrees_dir.exists()
+    assert git(repo, "for-each-ref") == refs
+    assert git(repo, "status", "--porcelain") == ""
 
 
 def test_check_accepts_a_bare_repository(repo: Path, tmp_path: Path) -> None:
     git(tmp_path, "clone", "-q", "--bare", str(repo), "bare.git")
-    Workspace(tmp_path / "bare.git", base="main", worktrees_dir=tmp_path / "wt").check()
+    ws = Workspace(tmp_path / "bare.git", base="main", worktrees_dir=tmp_path / "wt")
+    ws.check()  # no WorkspaceError, and nothing created
+    assert not (tmp_path / "wt").exists()
+    # the same check on a bare clone without the base branch does fail
+    with pytest.raises(WorkspaceError, match="base branch 'develop' not found"):
+        Workspace(tmp_path / "bare.git", base="develop", worktrees_dir=tmp_path / "wt").check()
 
 
 def test_check_rejects_a_folder_that_is_not_a_repository(tmp_path: Path) -> None:
