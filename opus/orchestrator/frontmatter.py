@@ -95,11 +95,36 @@ class _FastLoader(_BaseLoader):
                 _RESOLVED.clear()
         return tag
 
+    only: frozenset[str] | None = None
+    """When set, the top-level mapping keeps only these keys; other values are parsed (the
+    document must be valid YAML) but not built — the scan needs a handful of keys."""
+
     def construct_document(self, node: yaml.Node) -> Any:
         try:
+            if self.only is not None and isinstance(node, yaml.MappingNode):
+                return self._lean_top(node, self.only)
             return self._lean(node, set())
         except _Slow:
             return super().construct_document(node)
+
+    def _lean_top(self, node: yaml.MappingNode, only: frozenset[str]) -> Any:
+        if node.tag != _TAG + "map":
+            raise _Slow
+        out: dict[Any, Any] = {}
+        seen: set[Any] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == _TAG + "merge":
+                raise _Slow
+            key = self._lean(key_node, set())
+            try:
+                if key in seen:
+                    self._duplicate(key_node)
+                seen.add(key)
+            except TypeError:  # an unhashable key
+                raise _Slow from None
+            if isinstance(key, str) and key in only:
+                out[key] = self._lean(value_node, set())
+        return out
 
     def _lean(self, node: yaml.Node, active: set[int]) -> Any:
         tag = node.tag
@@ -230,15 +255,18 @@ def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def read_note(path: Path) -> ParsedNote:
-    """Read and parse a note. Raises NoteError; never changes the file."""
+def read_note(path: Path, *, only: frozenset[str] | None = None) -> ParsedNote:
+    """Read and parse a note (``only``: keep just these top-level keys in ``meta``).
+    Raises NoteError; never changes the file."""
     raw, st = read_raw(path)
-    return parse_note(path, raw, stat_key(st))
+    return parse_note(path, raw, stat_key(st), only=only)
 
 
-def parse_note(path: Path, raw: bytes, key: StatKey | None = None) -> ParsedNote:
+def parse_note(
+    path: Path, raw: bytes, key: StatKey | None = None, *, only: frozenset[str] | None = None
+) -> ParsedNote:
     """Parse a note's bytes (``path`` names it in errors). Raises NoteError."""
-    split = _split(path, _decode(path, raw))
+    split = _split(path, _decode(path, raw), only)
     digest = hashlib.sha256(raw).hexdigest()
     return ParsedNote(path, split.meta, split.body, bool(split.fence_open), digest, key)
 
@@ -254,7 +282,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise NoteError(path, f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from e
 
 
-def _split(path: Path, text: str) -> _Split:
+def _split(path: Path, text: str, only: frozenset[str] | None = None) -> _Split:
     bom = _BOM if text.startswith(_BOM) else ""
     rest = text[len(bom) :]
     nl = "\r\n" if rest.startswith("---\r\n") else "\n" if rest.startswith("---\n") else ""
@@ -267,7 +295,7 @@ def _split(path: Path, text: str) -> _Split:
     if close is None:
         raise NoteError(path, "frontmatter has no closing '---' line")
     yaml_text = rest[start : close.start()]
-    meta = _load_yaml(path, yaml_text)
+    meta = _load_yaml(path, yaml_text, only)
     if meta is None:  # prose between two rules: the note opens with a horizontal rule
         return _Split(bom, nl, "", "", "", rest, {})
     return _Split(bom, nl, rest[:start], yaml_text, close.group(), rest[close.end() :], meta)
@@ -278,14 +306,20 @@ def _newline_of(text: str) -> str:
     return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
 
 
-def _load_yaml(path: Path, yaml_text: str) -> dict[str, Any] | None:
+def _load_yaml(
+    path: Path, yaml_text: str, only: frozenset[str] | None = None
+) -> dict[str, Any] | None:
     """The frontmatter mapping; None when the block is prose (a plain string)."""
     if not yaml_text.strip():
         return {}
+    loader = _FastLoader(yaml_text)
+    loader.only = only
     try:
-        data = yaml.load(yaml_text, Loader=_FastLoader)
+        data = loader.get_single_data()
     except yaml.YAMLError as e:
         raise NoteError(path, f"invalid YAML in frontmatter: {_yaml_problem(e)}") from e
+    finally:
+        loader.dispose()
     if data is None:
         return {}
     if isinstance(data, str):
