@@ -10,25 +10,28 @@ TEMP_PREFIX = ".opus-tmp-"
 """Name prefix of every temp file opus writes; stale ones are removed at start-up."""
 
 
-def atomic_write(path: Path, data: bytes, *, mode: int = 0o600) -> None:
+def atomic_write(path: Path, data: bytes, *, mode: int = 0o600, sync: bool = True) -> None:
     """Replace ``path`` with ``data``: temp file in its folder, fsync, os.replace, fsync folder.
 
     A reader sees the old file or the new one, never half of either; a crash leaves at most
-    a ``.opus-tmp-*`` file behind.
+    a ``.opus-tmp-*`` file behind. ``sync=False`` skips the fsyncs: still atomic for every
+    reader and across a crash of opus, only not across a power loss.
     """
     fd, tmp = tempfile.mkstemp(prefix=f"{TEMP_PREFIX}{path.name}.", dir=path.parent)
     try:
         try:
             os.fchmod(fd, mode)
             write_all(fd, data)
-            os.fsync(fd)
+            if sync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    fsync_dir(path.parent)
+    if sync:
+        fsync_dir(path.parent)
 
 
 def write_all(fd: int, data: bytes) -> None:

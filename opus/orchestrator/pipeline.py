@@ -280,8 +280,10 @@ class Pipeline:
                 diff=diff,
             )
         )
-        prompt_file = await anyio.to_thread.run_sync(
-            rt.registry.write_artifact, job.id, f"prompt-{stage}-{iteration}.md", prompt
+        prompt_file = await anyio.to_thread.run_sync(  # rebuilt on a rerun: no fsync needed
+            lambda: rt.registry.write_artifact(
+                job.id, f"prompt-{stage}-{iteration}.md", prompt, sync=False
+            )
         )
         feedback_file = None
         if feedback is not None:
@@ -330,7 +332,7 @@ class Pipeline:
 
     def _spawned(self, pgid: int) -> None:
         self.job.pgids = [*self.job.pgids, pgid]
-        self.rt.registry.save(self.job, "spawned", pgid=pgid)
+        self.rt.registry.save(self.job, "spawned", sync=False, pgid=pgid)
 
     def _exited(self, pgid: int) -> None:
         self.job.pgids = [p for p in self.job.pgids if p != pgid]

@@ -262,8 +262,9 @@ class Registry:
         self.save(job, "created")
         return job
 
-    def save(self, job: Job, event: str, **data: Any) -> None:
-        """Stamp ``updated_at``, append ``{time, event, job, **data}`` to the job's log (fsync).
+    def save(self, job: Job, event: str, *, sync: bool = True, **data: Any) -> None:
+        """Stamp ``updated_at``, append ``{time, event, job, **data}`` to the job's log (fsync,
+        unless ``sync`` is false: an event nothing is resumed from, e.g. a stage's start).
 
         Rewrites registry.json only when the last flush is ``flush_interval`` old.
         """
@@ -278,7 +279,7 @@ class Registry:
             line = (
                 f'{{"time":{_dumps(now.isoformat())},"event":{_dumps(event)},"job":{row}{extra}}}'
             )
-            self._append_event(job.id, line)
+            self._append_event(job.id, line, sync=sync)
             self._jobs[job.id] = job
             self._rows[job.id] = row
             self._dirty = True
@@ -305,7 +306,7 @@ class Registry:
         return True
 
     def _append_event(self, job_id: str, line: str, *, sync: bool = True) -> None:
-        folder = self.job_dir(job_id) if sync else self.jobs_dir / _checked(job_id)
+        folder = self.job_dir(job_id)
         with _io(f"cannot append to {folder / EVENTS}"):
             self._append(folder / EVENTS, (line + "\n").encode(), sync=sync)
 
@@ -439,11 +440,11 @@ class Registry:
             _mkdir(folder)
         return folder
 
-    def write_artifact(self, job_id: str, name: str, text: str) -> Path:
+    def write_artifact(self, job_id: str, name: str, text: str, *, sync: bool = True) -> Path:
         """Write ``jobs/<job_id>/<name>`` atomically (0600) and return its path."""
         path = self.job_dir(job_id) / _checked_artifact(name)
         with _io(f"cannot write {path}"):
-            atomic_write(path, text.encode())
+            atomic_write(path, text.encode(), sync=sync)
         return path
 
     def read_artifact(self, job_id: str, name: str) -> str | None:

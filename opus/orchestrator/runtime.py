@@ -36,6 +36,10 @@ RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED})
 
 StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
 
+#: Events nothing is resumed from: not fsynced (a crash of opus keeps them; only a power
+#: loss could, and then the next checkpoint's snapshot carries the same state anyway).
+UNSYNCED = frozenset({"started", "stage_started", "spawned", "waiting"})
+
 
 @dataclass
 class Control:
@@ -98,7 +102,8 @@ class Runtime:
         job.updated_at = self.now()
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
-        await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, **data))
+        sync = event not in UNSYNCED
+        await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, sync=sync, **data))
         on_disk = None
         shown = (job.status, job.stage, job.iteration, job.branch, job.pr_url, job.error)
         if note and self._mirrored.get(job.id) != shown:
