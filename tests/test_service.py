@@ -59,7 +59,7 @@ def alive(pgid: int) -> bool:
 class Service:
     """``opus run`` in a child process; its log goes to a file (a pipe could fill up)."""
 
-    def __init__(self, vault: Vault, *args: str) -> None:
+    def __init__(self, vault: Vault, *args: str, env: dict[str, str] | None = None) -> None:
         self.vault = vault
         self.log = vault.root.parent / f"opus-{time.monotonic_ns()}.log"
         with open(self.log, "w") as log:
@@ -67,6 +67,7 @@ class Service:
                 [sys.executable, "-m", "opus", "run", "--config", str(vault.config), *args],
                 stdout=subprocess.DEVNULL,
                 stderr=log,
+                env={**os.environ, **(env or {})},
             )
 
     def wait(self, timeout: float = 60) -> tuple[int, str]:
@@ -83,8 +84,8 @@ class Service:
 def service(vault: Vault) -> Iterator[Callable[..., Service]]:
     started: list[Service] = []
 
-    def start(*args: str) -> Service:
-        s = Service(vault, *args)
+    def start(*args: str, env: dict[str, str] | None = None) -> Service:
+        s = Service(vault, *args, env=env)
         started.append(s)
         return s
 
@@ -297,3 +298,33 @@ def test_sighup_reloads_the_config_and_rejects_a_bad_one(vault: Vault, service) 
     note = fr(vault, "FR-1")
     wait(lambda: status_of(note) == "review", "the service to keep serving")
     assert s.stop()[0] == 0
+
+
+def test_the_service_speaks_the_systemd_notify_protocol(
+    vault: Vault, service, tmp_path: Path
+) -> None:
+    import socket
+
+    address = str(tmp_path / "notify.sock")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    sock.settimeout(20)
+    try:
+        s = service(env={"NOTIFY_SOCKET": address, "WATCHDOG_USEC": "2000000"})
+        messages: list[str] = []
+
+        def until(prefix: str) -> None:
+            while not any(m.startswith(prefix) for m in messages):
+                messages.append(sock.recv(4096).decode())
+
+        until("READY=1")
+        assert any(m.startswith("STATUS=") for m in messages)  # running/queued counts
+        until("WATCHDOG=1")  # every WATCHDOG_USEC / 2
+        s.proc.send_signal(signal.SIGHUP)
+        until("RELOADING=1")
+        assert "MONOTONIC_USEC=" in next(m for m in messages if m.startswith("RELOADING=1"))
+        s.proc.send_signal(signal.SIGTERM)
+        until("STOPPING=1")
+        assert s.wait()[0] == 0
+    finally:
+        sock.close()
