@@ -105,7 +105,15 @@ class Runtime:
         sync = event not in UNSYNCED
         await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, sync=sync, **data))
         on_disk = None
-        shown = (job.status, job.stage, job.iteration, job.branch, job.pr_url, job.error)
+        shown = (
+            job.status,
+            job.stage,
+            job.iteration,
+            job.branch,
+            job.pr_url,
+            job.error,
+            job.fr_path,
+        )
         if note and self._mirrored.get(job.id) != shown:
             on_disk = await self.mirror(job)
             self._mirrored[job.id] = shown
