@@ -91,6 +91,10 @@ class Usage(BaseModel):
     cost_estimated: bool = False
     """True when opus computed the cost from prices instead of the backend reporting it."""
 
+    def __bool__(self) -> bool:
+        """Whether anything was spent."""
+        return bool(self.input_tokens or self.output_tokens or self.cost_usd)
+
     def __add__(self, other: Usage) -> Usage:
         return Usage(
             input_tokens=self.input_tokens + other.input_tokens,

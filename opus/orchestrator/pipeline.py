@@ -182,65 +182,13 @@ class Pipeline:
         if stage is Stage.DELIVERY:
             await self._deliver(started)
             return
-        head_before = self.head
-        ws = rt.workspace(job)
+        head_before, ws = self.head, rt.workspace(job)
         before = await anyio.to_thread.run_sync(ws.fingerprint, self.worktree)
         ctx = await self._context(stage, iteration)
-        agent = rt.agents[stage]
-
-        failed_usage = Usage()  # what failed attempts spent still counts
-
-        async def attempt(n: int) -> StageResult:
-            nonlocal failed_usage
-            if n > 1:
-                await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head_before)
-                ctx.output_file.unlink(missing_ok=True)
-            try:
-                return await agent.run(ctx)
-            except AgentError as e:
-                if e.usage is not None:
-                    failed_usage = failed_usage + e.usage
-                if isinstance(e, AgentStalled):
-                    await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
-                raise
-            finally:
-                await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
-
         try:
-            result, attempts = await with_retries(
-                attempt,
-                retries=rt.config.pipeline.retries,
-                on_retry=lambda n, e, delay: log.warning(
-                    "%s: %s attempt %d failed (%s); retrying in %.1f s",
-                    job.fr_id,
-                    stage,
-                    n,
-                    rt.redactor(str(e)),
-                    delay,
-                ),
-            )
+            result, attempts = await self._call_agent(ctx, head_before)
         except AgentError as e:
-            attempts = getattr(e, "attempts", 1)
-            job.usage = job.usage + failed_usage
-            spent = (
-                StageResult(usage=failed_usage)
-                if failed_usage.cost_usd or (failed_usage.input_tokens)
-                else None
-            )
-            await self._checkpoint(
-                stage,
-                iteration,
-                Outcome.ERROR,
-                started,
-                attempts,
-                None,
-                error=str(e),
-                result=spent,
-            )
-            if isinstance(e, AgentStalled):
-                await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
-            else:
-                await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
+            await self._stage_failed(stage, iteration, started, e)
             return
         if stage is not Stage.CODER and before != await anyio.to_thread.run_sync(
             ws.fingerprint, self.worktree
@@ -249,14 +197,65 @@ class Pipeline:
             await anyio.to_thread.run_sync(ws.reset, self.worktree, head_before)
         for key, value in result.meta.items():
             job.agent_versions[f"{stage}.{key}"] = value
-        if failed_usage.cost_usd or failed_usage.input_tokens:
-            result.usage = (result.usage or Usage()) + failed_usage
         if result.usage is not None:
             job.usage = job.usage + result.usage
         outcome, artifact = await self._judge(stage, iteration, result, head_before)
+        await self._checkpoint(stage, iteration, outcome, started, attempts, artifact, result)
+
+    async def _call_agent(self, ctx: StageContext, head: str) -> tuple[StageResult, int]:
+        """The stage's agent, retried on retryable errors from a clean worktree. What failed
+        attempts spent is added to the result's usage (or to the final error's)."""
+        job, rt, stage = self.job, self.rt, ctx.stage
+        agent = rt.agents[stage]
+        failed = Usage()
+
+        async def attempt(n: int) -> StageResult:
+            nonlocal failed
+            if n > 1:
+                await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head)
+                ctx.output_file.unlink(missing_ok=True)
+            try:
+                return await agent.run(ctx)
+            except AgentError as e:
+                failed = failed + (e.usage or Usage())
+                if isinstance(e, AgentStalled):
+                    await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
+                raise
+            finally:
+                await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
+
+        def retrying(n: int, e: AgentError, delay: float) -> None:
+            log.warning("%s: %s attempt %d failed (%s); retrying in %.1f s",
+                        job.fr_id, stage, n, rt.redactor(str(e)), delay)  # fmt: skip
+
+        try:
+            result, attempts = await with_retries(
+                attempt, retries=rt.config.pipeline.retries, on_retry=retrying
+            )
+        except AgentError as e:
+            e.usage = failed
+            raise
+        if failed:
+            result.usage = (result.usage or Usage()) + failed
+        return result, attempts
+
+    async def _stage_failed(
+        self, stage: Stage, iteration: int, started: datetime, e: AgentError
+    ) -> None:
+        """The agent kept failing: an ``error`` checkpoint, then failed (stalled: blocked)."""
+        job = self.job
+        spent: Usage | None = e.usage or None
+        if spent:
+            job.usage = job.usage + spent
+        attempts = getattr(e, "attempts", 1)
+        result = StageResult(usage=spent) if spent else None
         await self._checkpoint(
-            stage, iteration, outcome, started, attempts, artifact, result=result
+            stage, iteration, Outcome.ERROR, started, attempts, None, result, error=str(e)
         )
+        if isinstance(e, AgentStalled):
+            await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
+        else:
+            await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
 
     async def _context(self, stage: Stage, iteration: int) -> StageContext:
         job, rt = self.job, self.rt
@@ -409,9 +408,9 @@ class Pipeline:
         started: datetime,
         attempts: int,
         artifact: str | None,
+        result: StageResult | None = None,
         *,
         error: str | None = None,
-        result: StageResult | None = None,
     ) -> None:
         job, rt = self.job, self.rt
         commit = self.head
