@@ -203,7 +203,7 @@ def status_table(config: Config) -> Any:
             r["age"] or "",
             r["branch"] or "",
             r["error"]
-            if r["status"] in ("unreadable", "failed", "blocked") and r["error"]
+            if r["status"] in ("unreadable", "failed", "blocked", "queued") and r["error"]
             else r["title"],
         )
     return table
