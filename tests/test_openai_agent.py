@@ -296,14 +296,15 @@ async def test_401_is_not_retried_and_hides_the_key(repo: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_5xx_exhausted_is_a_retryable_backend_error(repo: Path) -> None:
+async def test_5xx_exhausted_is_a_final_backend_error(repo: Path) -> None:
+    """The agent retries HTTP itself; once its tries are used up the pipeline adds none."""
     sleeps: list[float] = []
     server = Server(httpx.Response(502, text="bad gateway"))
     with pytest.raises(BackendError) as info:
         await agent(Stage.PLANNER, server, sleeps, rand=lambda: 0.0).run(
             make_ctx(repo, Stage.PLANNER)
         )
-    assert info.value.status == 502 and info.value.retryable is True
+    assert info.value.status == 502 and info.value.retryable is False
     assert len(server.requests) == 3
     assert sleeps == [0.5, 1.0]
 

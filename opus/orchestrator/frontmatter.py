@@ -58,7 +58,8 @@ __all__ = (
 MAX_NOTE_BYTES = 1 << 20
 
 _BOM = "\ufeff"
-_CLOSE = re.compile(r"^(?:---|\.\.\.)(?:\r?\n|\Z)", re.MULTILINE)
+_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.MULTILINE)
+_OPEN = re.compile(r"---[ \t]*(\r?\n)")
 _STR_TAG = "tag:yaml.org,2002:str"
 StatKey = tuple[int, int, int]
 Changes = Mapping[str, object | None]
@@ -124,7 +125,30 @@ class _FastLoader(_BaseLoader):
                 raise _Slow from None
             if isinstance(key, str) and key in only:
                 out[key] = self._lean(value_node, set())
+            else:
+                self._check(value_node)
         return out
+
+    def _check(self, node: yaml.Node) -> None:
+        """Validate a value the scan does not keep: typed scalars built, other tags refused."""
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if id(n) in seen:
+                continue
+            seen.add(id(n))
+            if isinstance(n, yaml.ScalarNode):
+                if n.tag not in _SCALAR_TAGS:
+                    raise _Slow
+                if n.tag not in (_STR_TAG, _TAG + "null", _TAG + "bool"):
+                    self.yaml_constructors[n.tag](self, n)
+            elif isinstance(n, yaml.SequenceNode) and n.tag == _TAG + "seq":
+                stack.extend(n.value)
+            elif isinstance(n, yaml.MappingNode) and n.tag == _TAG + "map":
+                for k, val in n.value:
+                    stack += [k, val]
+            else:
+                raise _Slow
 
     def _lean(self, node: yaml.Node, active: set[int]) -> Any:
         tag = node.tag
@@ -285,12 +309,12 @@ def _decode(path: Path, raw: bytes) -> str:
 def _split(path: Path, text: str, only: frozenset[str] | None = None) -> _Split:
     bom = _BOM if text.startswith(_BOM) else ""
     rest = text[len(bom) :]
-    nl = "\r\n" if rest.startswith("---\r\n") else "\n" if rest.startswith("---\n") else ""
-    if not nl:
+    opened = _OPEN.match(rest)
+    if opened is None:
         if rest == "---":
             raise NoteError(path, "frontmatter has no closing '---' line")
         return _Split(bom, _newline_of(rest), "", "", "", rest, {})
-    start = 3 + len(nl)
+    nl, start = opened.group(1), opened.end()
     close = _CLOSE.search(rest, start)
     if close is None:
         raise NoteError(path, "frontmatter has no closing '---' line")
@@ -316,7 +340,7 @@ def _load_yaml(
     loader.only = only
     try:
         data = loader.get_single_data()
-    except yaml.YAMLError as e:
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:
         raise NoteError(path, f"invalid YAML in frontmatter: {_yaml_problem(e)}") from e
     finally:
         loader.dispose()
@@ -330,7 +354,7 @@ def _load_yaml(
     return {k if isinstance(k, str) else str(k): v for k, v in data.items()}
 
 
-def _yaml_problem(e: yaml.YAMLError) -> str:
+def _yaml_problem(e: Exception) -> str:
     if isinstance(e, yaml.MarkedYAMLError) and e.problem:
         mark = e.problem_mark
         where = f" (line {mark.line + 2} of the note)" if mark is not None else ""
@@ -452,7 +476,7 @@ def _render_lines(values: Mapping[str, object], styles: Mapping[str, str], nl: s
 def _splice(text: str, todo: Mapping[str, object | None], nl: str) -> str | None:
     """Edit only the lines of the changed keys; None when the layout does not allow it."""
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        root = yaml.compose(text, Loader=_BaseLoader)
     except yaml.YAMLError:
         return None
     pairs: list[tuple[yaml.Node, yaml.Node]] = []
@@ -580,7 +604,13 @@ def write_atomic(
     return st
 
 
-def edit_note(path: Path, decide: Callable[[ParsedNote], Changes], *, attempts: int = 3) -> Edit:
+def edit_note(
+    path: Path,
+    decide: Callable[[ParsedNote], Changes],
+    *,
+    attempts: int = 3,
+    before_write: Callable[[bytes], None] | None = None,
+) -> Edit:
     """Read the note now, ask ``decide`` for the changes, write them atomically.
 
     If the file changes between the read and the replace, starts over (at most
@@ -594,6 +624,8 @@ def edit_note(path: Path, decide: Callable[[ParsedNote], Changes], *, attempts: 
             return Edit(note, None, None)
         if len(new) > MAX_NOTE_BYTES:
             raise NoteError(path, "the rewritten note would be larger than 1 MiB")
+        if before_write is not None:
+            before_write(new)
         try:
             written = write_atomic(path, new, mode=stat.S_IMODE(st.st_mode), expect=note.stat_key)
         except _Changed:

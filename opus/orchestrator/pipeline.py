@@ -261,7 +261,7 @@ class Pipeline:
         job, rt = self.job, self.rt
         folder = await anyio.to_thread.run_sync(rt.registry.job_dir, job.id)
         plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
-        feedback = job.feedback if stage is Stage.CODER and iteration > 1 else None
+        feedback = job.feedback if iteration > 1 else None  # OPUS_FEEDBACK_FILE for every stage
         diff = ""
         if stage is Stage.REVIEWER:
             assert job.base_commit is not None

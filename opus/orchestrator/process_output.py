@@ -61,7 +61,9 @@ class LogSink:
         if cut == 0 and len(data) < 65536:
             self._partial[tag] = data
             return
-        cut = cut or len(data)
+        if cut == 0:  # a very long line goes out in pieces, never cutting a secret in two
+            keep = max(self._redact.longest - 1, 0)
+            cut = self._redact.safe_cut(data, len(data) - keep)
         if cut < len(data):
             self._partial[tag] = data[cut:]
         await self._lines(tag, data[:cut])

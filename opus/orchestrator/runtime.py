@@ -115,8 +115,8 @@ class Runtime:
             job.fr_path,
         )
         if note and self._mirrored.get(job.id) != shown:
+            self._mirrored[job.id] = shown  # (forgotten again if the write fails)
             on_disk = await self.mirror(job)
-            self._mirrored[job.id] = shown
         if self.on_change is not None:
             self.on_change(job)
         return on_disk
@@ -142,10 +142,10 @@ class Runtime:
             )
         except NoteError as e:
             log.warning("%s: cannot update the note: %s", job.fr_id, e.problem)
-            return None
         except FileNotFoundError:
             log.warning("%s: its note %s is gone", job.fr_id, job.fr_path)
-            return None
+        self._mirrored.pop(job.id, None)  # try again at the next record
+        return None
 
     async def notify(self, event: str, job: Job, message: str, **details: str) -> None:
         await self.notifier.send(

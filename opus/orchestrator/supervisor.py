@@ -9,6 +9,7 @@ the pipes are drained for a bounded time only, so a grandchild holding them cann
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -293,13 +294,15 @@ def _shown(arg: str, limit: int = 200) -> str:
 # -- process groups ------------------------------------------------------------------
 
 
-def _members(pgid: int) -> list[tuple[int, str, int]]:
-    """``(pid, state, session)`` of each process in group ``pgid`` per /proc (empty if none)."""
+def _members(pgid: int) -> list[tuple[int, str, int]] | None:
+    """``(pid, state, session)`` of each process in group ``pgid`` — or in the agent's session
+    ``pgid``, which a grandchild keeps when it moves to a group of its own — per /proc;
+    None when /proc cannot be read."""
     found: list[tuple[int, str, int]] = []
     try:
         names = os.listdir("/proc")  # noqa: PTH208 (fast; polled)
     except OSError:
-        return found
+        return None
     for name in names:
         if not name.isdigit():
             continue
@@ -309,7 +312,7 @@ def _members(pgid: int) -> list[tuple[int, str, int]]:
         except OSError:
             continue
         fields = raw[raw.rfind(b")") + 2 :].split()
-        if len(fields) > 3 and int(fields[2]) == pgid:
+        if len(fields) > 3 and pgid in (int(fields[2]), int(fields[3])):
             found.append((int(name), fields[0].decode(), int(fields[3])))
     return found
 
@@ -325,22 +328,26 @@ def _exists(pgid: int) -> bool:
 
 
 def group_alive(pgid: int) -> bool:
-    """True while a process of group ``pgid`` runs (zombies waiting to be reaped do not)."""
-    if not _exists(pgid):
-        return False
+    """True while a process of group (or session) ``pgid`` runs (zombies do not count)."""
     members = _members(pgid)
-    if not members:  # no /proc, or another pid namespace: trust the kernel's answer
-        return True
+    if not members:  # none, or no /proc / another pid namespace: trust the kernel's answer
+        return _exists(pgid)
     return any(state not in ("Z", "X") for _, state, _ in members)
 
 
 def _signal(pgid: int, sig: signal.Signals) -> None:
+    """Signal the group, and every process of the session that left it for a group of its
+    own (``set -m`` shells, ``process_group=0`` children)."""
     try:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
     except PermissionError as e:
         log.warning("cannot signal process group %d: %s", pgid, e)
+    for pid, _, session in _members(pgid) or []:
+        if session == pgid and pid != pgid:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
 
 
 def kill_group(pgid: int, grace: float = 5.0) -> bool:
@@ -354,7 +361,7 @@ def kill_group(pgid: int, grace: float = 5.0) -> bool:
         return False
     if not group_alive(pgid):
         return False
-    members = _members(pgid)
+    members = _members(pgid) or []
     if members and not any(session == pgid for _, _, session in members):
         log.warning("process group %d is not an agent session (id reused?); left alone", pgid)
         return False

@@ -120,6 +120,7 @@ class Vault:
         self._cache: dict[str, _Entry] = {}
         """By file name in the planned folder."""
         self._logged: dict[Path, str] = {}
+        self._winners: dict[str, Path] = {}
         self._own: dict[Path, str] = {}
         """sha256 of the bytes opus last wrote, by path."""
 
@@ -158,7 +159,8 @@ class Vault:
         with self._lock:
             for gone in self._cache.keys() - seen:
                 del self._cache[gone]
-        by_id = _dedupe(frs, problems)
+        by_id = _dedupe(frs, problems, self._winners)
+        self._winners = {fr_id: fr.path for fr_id, fr in by_id.items()}
         problems.sort(key=lambda p: p.path)
         self._log_problems(problems)
         return Scan(by_id, problems)
@@ -210,6 +212,9 @@ class Vault:
             entry = _Entry(note.stat_key or key, self._to_fr(note), None)
         except NoteError as e:
             entry = _Entry(key, None, NoteProblem(path, e.problem))
+        except Exception as e:  # whatever else a parser raises: one bad note, not a crash
+            log.exception("%s: unexpected error reading the note", path)
+            entry = _Entry(key, None, NoteProblem(path, f"cannot read: {type(e).__name__}: {e}"))
         self._remember(path, entry)
         return entry
 
@@ -295,11 +300,13 @@ class Vault:
             todo = effective_changes(note.meta, wanted)
             return {**todo, "updated_at": stamp} if todo else {}
 
-        edit = edit_note(p, decide)
+        def own(new: bytes) -> None:
+            with self._lock:
+                self._own[p] = hashlib.sha256(new).hexdigest()
+
+        edit = edit_note(p, decide, before_write=own)
         if edit.written is not None and edit.stat is not None:
             key = (edit.stat.st_ino, edit.stat.st_mtime_ns, edit.stat.st_size)
-            with self._lock:
-                self._own[p] = hashlib.sha256(edit.written).hexdigest()
             with contextlib.suppress(NoteError):  # a bad id: the next scan reports it
                 self._remember(p, _Entry(key, self._to_fr(parse_note(p, edit.written, key)), None))
         return on_disk[-1] if on_disk else None
@@ -318,7 +325,9 @@ class Vault:
         return hashlib.sha256(raw).hexdigest() == own
 
 
-def _dedupe(frs: list[FeatureRequest], problems: list[NoteProblem]) -> dict[str, FeatureRequest]:
+def _dedupe(
+    frs: list[FeatureRequest], problems: list[NoteProblem], before: Mapping[str, Path]
+) -> dict[str, FeatureRequest]:
     """FRs by id; of notes sharing an id, the one with a ``job_id`` wins, else the first path."""
     by_id: dict[str, FeatureRequest] = {}
     clashes: dict[str, list[FeatureRequest]] = {}
@@ -327,7 +336,7 @@ def _dedupe(frs: list[FeatureRequest], problems: list[NoteProblem]) -> dict[str,
         if first is not fr:
             clashes.setdefault(fr.id, [first]).append(fr)
     for fr_id, group in clashes.items():
-        group.sort(key=lambda fr: (fr.job_id is None, fr.path))
+        group.sort(key=lambda fr: (fr.job_id is None, fr.path != before.get(fr.id), fr.path))
         by_id[fr_id] = winner = group[0]
         for loser in group[1:]:
             message = f"duplicate id {fr_id}, also in {winner.path.name}"
@@ -457,6 +466,8 @@ def _depends_on(value: object, invalid: list[tuple[str, str]]) -> tuple[str, ...
     for item in items:
         if item is None or (isinstance(item, str) and not item.strip()):
             continue
+        if isinstance(item, list) and len(item) == 1 and isinstance(item[0], str):
+            item = f"[[{item[0]}]]"  # `depends_on: [[link]]`: the value itself is the link
         if isinstance(item, list) and len(item) == 1 and isinstance(item[0], list):
             item = f"[[{item[0][0]}]]" if len(item[0]) == 1 else item  # an unquoted [[link]]
         text = _text(item)

@@ -16,13 +16,18 @@ PIPELINE_STAGES = (Stage.PLANNER, Stage.CODER, Stage.TESTER, Stage.REVIEWER)
 
 
 def build_agent(
-    section: AgentSection, stage: Stage, *, environ: Mapping[str, str] | None = None
+    section: AgentSection,
+    stage: Stage,
+    *,
+    environ: Mapping[str, str] | None = None,
+    retries: int = 2,
 ) -> Agent:
     """The agent a config section describes (imports the backend it needs, lazily)."""
     if section.kind == "openai":
         from .openai import OpenAIAgent
 
-        return OpenAIAgent(section, stage, environ=environ)
+        # it retries HTTP itself (honouring Retry-After), as often as [pipeline] retries says
+        return OpenAIAgent(section, stage, environ=environ, tries=retries + 1)
     if section.kind == "python":
         from .python import PythonAgent
 
@@ -51,7 +56,12 @@ def build_agents(
     for stage in PIPELINE_STAGES:
         agent = given.get(stage.value)
         if agent is None:
-            agents[stage] = build_agent(config.agents.for_stage(stage), stage, environ=environ)
+            agents[stage] = build_agent(
+                config.agents.for_stage(stage),
+                stage,
+                environ=environ,
+                retries=config.pipeline.retries,
+            )
         elif isinstance(agent, Agent):
             agents[stage] = agent
         else:

@@ -319,9 +319,14 @@ class CommandAgent:
         file_json = _load_json(file_text)
         if self.stage is Stage.TESTER:
             return self._tester(ctx, result, file_json)
-        self.check_exit(result)
-        reply = self.reply(ctx, result)
-        usage = _usage_from(file_json, self.section) or reply.usage
+        spent = _usage_from(file_json, self.section)
+        try:
+            self.check_exit(result)
+            reply = self.reply(ctx, result)
+        except AgentError as e:
+            e.usage = e.usage or spent  # a crashed attempt was still paid for
+            raise
+        usage = spent or reply.usage
         if self.stage is Stage.PLANNER:
             plan = file_text if file_text.strip() else reply.text
             if isinstance(file_json, dict):
@@ -340,10 +345,17 @@ class CommandAgent:
         return StageResult(output=output_tail(reply.text), usage=usage)
 
     def check_exit(self, result: ProcessResult) -> None:
-        """A signal or a non-zero exit of a non-tester agent: AgentCrashed (retryable)."""
+        """A signal or a non-zero exit of a non-tester agent: AgentCrashed (retryable);
+        126/127 (the shell could not run it): AgentNotFound (permanent)."""
         tail = output_tail(result.stdout, result.stderr)
         last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
         said = f": {last[:300]}" if last else ""
+        if result.signal is None and result.returncode in (126, 127):
+            raise AgentNotFound(
+                f"{self.stage} agent cannot run (exit status {result.returncode}){said}; "
+                f"check [agents.{self.stage}] command",
+                output=tail,
+            )
         if result.signal is not None:
             raise AgentCrashed(
                 f"{self.stage} agent was killed by signal {result.signal}{said}",
@@ -366,8 +378,10 @@ class CommandAgent:
                 f"check [agents.tester] command",
                 output=tail,
             )
-        if result.signal is not None:
-            tail += f"\n[tests killed by signal {result.signal}]"
+        if result.signal is not None:  # killed (OOM, a person): not a verdict on the code
+            raise AgentCrashed(
+                f"tester was killed by signal {result.signal}", retryable=True, output=tail
+            )
         return StageResult(output=tail, passed=result.returncode == 0, usage=usage)
 
     def _verdict(self, file_text: str, message: str, result: ProcessResult) -> Verdict:

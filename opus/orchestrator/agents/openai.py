@@ -100,6 +100,12 @@ class OpenAIAgent:
         self.stage = stage
         self.model = section.model
         self.url = (section.base_url or DEFAULT_BASE_URL).rstrip("/") + "/chat/completions"
+        try:
+            httpx.URL(self.url)
+        except httpx.InvalidURL as e:
+            raise BackendError(
+                f"[agents.{stage}] base_url is not a valid URL: {e}", retryable=False
+            ) from e
         self._environ = environ
         self._transport = transport
         self._sleep = sleep
@@ -263,7 +269,7 @@ class _Chat:
         for attempt in range(1, a.tries + 1):
             try:
                 response = await self.client.post(a.url, json=payload)
-            except httpx.UnsupportedProtocol as e:
+            except (httpx.UnsupportedProtocol, httpx.InvalidURL) as e:
                 raise BackendError(
                     self.redact(f"bad base_url for [agents.{a.stage}]: {e}"), retryable=False
                 ) from e
@@ -292,8 +298,8 @@ class _Chat:
                     message, status=status, retryable=True, retry_after=_retry_after(response)
                 )
             await self.log(f"\n## error (try {attempt}/{a.tries})\n{error}\n")
-            if attempt == a.tries:
-                raise error
+            if attempt == a.tries:  # its own retries used up: the pipeline does not add more
+                raise BackendError(str(error), status=error.status, retryable=False) from error
             delay = min(a.base_delay * 2 ** (attempt - 1), a.max_delay) * (0.5 + a._rand())
             if error.retry_after is not None:
                 delay = min(error.retry_after, a.max_delay)

@@ -175,6 +175,9 @@ class ClaudeAgent(PresetAgent):
                     "--output-format", "json", *perms,
                     "--disallowedTools", "Bash(git push:*)",
                     *self.model_flag(), *self.section.args,
+                    # stream-json (chosen through args) needs --verbose (NOTES.md)
+                    *(["--verbose"] if "stream-json" in self.section.args
+                      and "--verbose" not in self.section.args else []),
                 ],
                 ctx,
             ),
@@ -188,27 +191,27 @@ class ClaudeAgent(PresetAgent):
         if final is None:
             return Reply(result.stdout)
         text = str(final.get("result") or "")
-        if final.get("is_error"):
-            raise AgentCrashed(
-                f"claude reported an error ({final.get('subtype', 'error')}): {text[:300]}",
-                retryable=True,
-                output=result.stdout[-4000:],
-            )
         usage = _dict(final.get("usage"))
         sent = sum(
             _int(usage.get(k))
             for k in ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
         )
         cost = final.get("total_cost_usd")
-        return Reply(
-            text,
-            priced_usage(
-                self.section,
-                sent,
-                _int(usage.get("output_tokens")),
-                float(cost) if isinstance(cost, int | float) else None,
-            ),
+        spent = priced_usage(
+            self.section,
+            sent,
+            _int(usage.get("output_tokens")),
+            float(cost) if isinstance(cost, int | float) else None,
         )
+        if final.get("is_error"):
+            error = AgentCrashed(
+                f"claude reported an error ({final.get('subtype', 'error')}): {text[:300]}",
+                retryable=True,
+                output=result.stdout[-4000:],
+            )
+            error.usage = spent  # an error result was still paid for
+            raise error
+        return Reply(text, spent)
 
 
 def _claude_result(stdout: str) -> dict[str, Any] | None:
