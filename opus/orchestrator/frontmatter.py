@@ -76,6 +76,11 @@ class _Slow(Exception):
     """The document needs PyYAML's full constructor (merge keys, custom tags, recursion)."""
 
 
+#: First characters for which PyYAML's safe loader has implicit resolvers (None: any).
+_RESOLVER_STARTS = frozenset(k for k in _BaseLoader.yaml_implicit_resolvers if k is not None)
+assert None not in _BaseLoader.yaml_implicit_resolvers, "wildcard resolvers need the slow path"
+
+
 class _FastLoader(_BaseLoader):
     """PyYAML's safe loader (C when available) that refuses duplicate mapping keys.
 
@@ -85,7 +90,13 @@ class _FastLoader(_BaseLoader):
     """
 
     def resolve(self, kind: type[yaml.Node], value: Any, implicit: Any) -> str:
-        """PyYAML's tag resolution, memoized for short scalars (keys repeat across notes)."""
+        """PyYAML's tag resolution: a string at once when no implicit resolver can match
+        (quoted, or a first character none of them starts with), else memoized for short
+        scalars (keys repeat across notes)."""
+        if kind is yaml.ScalarNode and (
+            not implicit[0] or (value and value[0] not in _RESOLVER_STARTS)
+        ):
+            return _STR_TAG
         if kind is not yaml.ScalarNode or len(value) > 64:
             return super().resolve(kind, value, implicit)  # type: ignore[no-untyped-call,no-any-return]
         memo = (value, implicit)
@@ -96,59 +107,11 @@ class _FastLoader(_BaseLoader):
                 _RESOLVED.clear()
         return tag
 
-    only: frozenset[str] | None = None
-    """When set, the top-level mapping keeps only these keys; other values are parsed (the
-    document must be valid YAML) but not built — the scan needs a handful of keys."""
-
     def construct_document(self, node: yaml.Node) -> Any:
         try:
-            if self.only is not None and isinstance(node, yaml.MappingNode):
-                return self._lean_top(node, self.only)
             return self._lean(node, set())
         except _Slow:
             return super().construct_document(node)
-
-    def _lean_top(self, node: yaml.MappingNode, only: frozenset[str]) -> Any:
-        if node.tag != _TAG + "map":
-            raise _Slow
-        out: dict[Any, Any] = {}
-        seen: set[Any] = set()
-        for key_node, value_node in node.value:
-            if key_node.tag == _TAG + "merge":
-                raise _Slow
-            key = self._lean(key_node, set())
-            try:
-                if key in seen:
-                    self._duplicate(key_node)
-                seen.add(key)
-            except TypeError:  # an unhashable key
-                raise _Slow from None
-            if isinstance(key, str) and key in only:
-                out[key] = self._lean(value_node, set())
-            else:
-                self._check(value_node)
-        return out
-
-    def _check(self, node: yaml.Node) -> None:
-        """Validate a value the scan does not keep: typed scalars built, other tags refused."""
-        stack, seen = [node], set()
-        while stack:
-            n = stack.pop()
-            if id(n) in seen:
-                continue
-            seen.add(id(n))
-            if isinstance(n, yaml.ScalarNode):
-                if n.tag not in _SCALAR_TAGS:
-                    raise _Slow
-                if n.tag not in (_STR_TAG, _TAG + "null", _TAG + "bool"):
-                    self.yaml_constructors[n.tag](self, n)
-            elif isinstance(n, yaml.SequenceNode) and n.tag == _TAG + "seq":
-                stack.extend(n.value)
-            elif isinstance(n, yaml.MappingNode) and n.tag == _TAG + "map":
-                for k, val in n.value:
-                    stack += [k, val]
-            else:
-                raise _Slow
 
     def _lean(self, node: yaml.Node, active: set[int]) -> Any:
         tag = node.tag
@@ -279,18 +242,15 @@ def stat_key(st: os.stat_result) -> StatKey:
     return (st.st_ino, st.st_mtime_ns, st.st_size)
 
 
-def read_note(path: Path, *, only: frozenset[str] | None = None) -> ParsedNote:
-    """Read and parse a note (``only``: keep just these top-level keys in ``meta``).
-    Raises NoteError; never changes the file."""
+def read_note(path: Path) -> ParsedNote:
+    """Read and parse a note. Raises NoteError; never changes the file."""
     raw, st = read_raw(path)
-    return parse_note(path, raw, stat_key(st), only=only)
+    return parse_note(path, raw, stat_key(st))
 
 
-def parse_note(
-    path: Path, raw: bytes, key: StatKey | None = None, *, only: frozenset[str] | None = None
-) -> ParsedNote:
+def parse_note(path: Path, raw: bytes, key: StatKey | None = None) -> ParsedNote:
     """Parse a note's bytes (``path`` names it in errors). Raises NoteError."""
-    split = _split(path, _decode(path, raw), only)
+    split = _split(path, _decode(path, raw))
     digest = hashlib.sha256(raw).hexdigest()
     return ParsedNote(path, split.meta, split.body, bool(split.fence_open), digest, key)
 
@@ -306,7 +266,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise NoteError(path, f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from e
 
 
-def _split(path: Path, text: str, only: frozenset[str] | None = None) -> _Split:
+def _split(path: Path, text: str) -> _Split:
     bom = _BOM if text.startswith(_BOM) else ""
     rest = text[len(bom) :]
     opened = _OPEN.match(rest)
@@ -319,7 +279,7 @@ def _split(path: Path, text: str, only: frozenset[str] | None = None) -> _Split:
     if close is None:
         raise NoteError(path, "frontmatter has no closing '---' line")
     yaml_text = rest[start : close.start()]
-    meta = _load_yaml(path, yaml_text, only)
+    meta = _load_yaml(path, yaml_text)
     if meta is None:  # prose between two rules: the note opens with a horizontal rule
         return _Split(bom, nl, "", "", "", rest, {})
     return _Split(bom, nl, rest[:start], yaml_text, close.group(), rest[close.end() :], meta)
@@ -330,14 +290,11 @@ def _newline_of(text: str) -> str:
     return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
 
 
-def _load_yaml(
-    path: Path, yaml_text: str, only: frozenset[str] | None = None
-) -> dict[str, Any] | None:
+def _load_yaml(path: Path, yaml_text: str) -> dict[str, Any] | None:
     """The frontmatter mapping; None when the block is prose (a plain string)."""
     if not yaml_text.strip():
         return {}
     loader = _FastLoader(yaml_text)
-    loader.only = only
     try:
         data = loader.get_single_data()
     except (yaml.YAMLError, ValueError, TypeError, AttributeError) as e:

@@ -208,7 +208,7 @@ class Vault:
         """Read and map one note, and cache the result under its name."""
         self.parses += 1
         try:
-            note = read_note(path, only=FR_KEYS)
+            note = read_note(path)
             entry = _Entry(note.stat_key or key, self._to_fr(note), None)
         except NoteError as e:
             entry = _Entry(key, None, NoteProblem(path, e.problem))
@@ -352,24 +352,6 @@ def read_status(value: object) -> Status | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         return None
     return Status.parse(value) or Status.PLANNED
-
-
-FR_KEYS = frozenset(
-    {
-        "id",
-        "title",
-        "priority",
-        "repo",
-        "depends_on",
-        "approval",
-        "status",
-        "job_id",
-        "stage",
-        "iteration",
-        "error",
-    }
-)
-"""The keys a scan reads; the rest of a note's frontmatter is checked but not built."""
 
 
 def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRequest:
