@@ -11,12 +11,7 @@ from typing import Any
 import pytest
 
 from opus.orchestrator.agents.base import Agent, StageContext, StageResult
-from opus.orchestrator.agents.command import (
-    CommandAgent,
-    parse_verdict,
-    substitute,
-    worktree_fingerprint,
-)
+from opus.orchestrator.agents.command import CommandAgent, parse_verdict, substitute
 from opus.orchestrator.agents.fake import (
     ScriptedAgent,
     approve,
@@ -34,6 +29,7 @@ from opus.orchestrator.errors import (
 )
 from opus.orchestrator.lifecycle import Stage
 from opus.orchestrator.models import FeatureRequest, Feedback
+from opus.orchestrator.workspace import worktree_fingerprint
 
 SCRIPTS = Path(__file__).parent / "agent_scripts"
 CONTRACT = SCRIPTS / "contract.py"

@@ -14,7 +14,6 @@ from typing import Any
 import anyio
 import pytest
 
-from opus.orchestrator.agents.command import worktree_fingerprint
 from opus.orchestrator.errors import (
     AgentCrashed,
     AgentError,
@@ -33,6 +32,7 @@ from opus.orchestrator.supervisor import (
     run_process,
     with_retries,
 )
+from opus.orchestrator.workspace import worktree_fingerprint
 
 BEHAVE = Path(__file__).parent / "agent_scripts" / "behave.py"
 ENV = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}

@@ -309,28 +309,6 @@ def test_diff_survives_bytes_that_are_not_utf8(ws: Workspace) -> None:
     diff.encode("utf-8")  # no lone surrogates
 
 
-def test_fingerprint_sees_writes_and_skips_git(ws: Workspace, repo: Path) -> None:
-    created = ws.create("job-1", "opus/fr-1")
-    before = ws.fingerprint(created.path)
-    assert before[0] == 2  # README.md, a.txt; the .git file is skipped
-    (created.path / "sub").mkdir()
-    (created.path / "sub" / "f.txt").write_text("x")
-    grown = ws.fingerprint(created.path)
-    assert grown[0] == 4
-    future = grown[1] + 10**12
-    os.utime(created.path / "a.txt", ns=(future, future))
-    touched = ws.fingerprint(created.path)
-    assert touched == (4, future)
-    main_before = ws.fingerprint(repo)
-    os.utime(repo / ".git" / "HEAD", ns=(future * 2, future * 2))
-    (repo / ".git" / "opus-probe").write_text("inside .git")
-    assert ws.fingerprint(repo) == main_before
-    assert ws.fingerprint(created.path / "gone") == (0, 0)
-
-
-# -- merging --------------------------------------------------------------------------------
-
-
 def work_on_branch(ws: Workspace, job: str = "job-1", name: str = "b.txt") -> Created:
     created = ws.create(job, f"opus/{job}")
     (created.path / name).write_text(f"{job}\n")
@@ -546,7 +524,12 @@ def test_push_sends_the_token_as_a_header_only(ws: Workspace, repo: Path, http_r
 
 
 def test_public_names() -> None:
-    assert set(workspace_module.__all__) == {"PUSH_TIMEOUT", "Created", "Workspace"}
+    assert set(workspace_module.__all__) == {
+        "PUSH_TIMEOUT",
+        "Created",
+        "Workspace",
+        "worktree_fingerprint",
+    }
 
 
 def test_concurrent_creates_get_distinct_branches(ws: Workspace, repo: Path) -> None:

@@ -22,6 +22,7 @@ from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
 from .runtime import Control, Runtime
 from .supervisor import with_retries
+from .workspace import worktree_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ class Pipeline:
             await self._deliver(started)
             return
         head_before, ws = self.head, rt.workspace(job)
-        before = await anyio.to_thread.run_sync(ws.fingerprint, self.worktree)
+        before = await anyio.to_thread.run_sync(worktree_fingerprint, self.worktree)
         ctx = await self._context(stage, iteration)
         try:
             result, attempts = await self._call_agent(ctx, head_before)
@@ -191,7 +192,7 @@ class Pipeline:
             await self._stage_failed(stage, iteration, started, e)
             return
         if stage is not Stage.CODER and before != await anyio.to_thread.run_sync(
-            ws.fingerprint, self.worktree
+            worktree_fingerprint, self.worktree
         ):
             # only the coder changes the branch: drop what a planner, tester or reviewer left
             await anyio.to_thread.run_sync(ws.reset, self.worktree, head_before)

@@ -11,6 +11,7 @@ reach a log line or an error message.
 from __future__ import annotations
 
 import base64
+import hashlib
 import logging
 import os
 import re
@@ -26,7 +27,7 @@ if TYPE_CHECKING:  # GitPython runs `git version` when imported: import it on fi
 from .errors import MergeConflict, WorkspaceError
 from .redact import Redactor
 
-__all__ = ("PUSH_TIMEOUT", "Created", "Workspace")
+__all__ = ("PUSH_TIMEOUT", "Created", "Workspace", "worktree_fingerprint")
 
 log = logging.getLogger(__name__)
 
@@ -177,37 +178,6 @@ class Workspace:
             path, ["diff", "--name-only", "-z", "--no-renames", base_commit, "HEAD"]
         )
         return sorted(p for p in _text(out).split("\0") if p)
-
-    @staticmethod
-    def fingerprint(path: Path) -> tuple[int, int]:
-        """(entries, newest mtime_ns) under ``path``, ``.git`` skipped; (0, 0) if it is gone.
-
-        A cheap change detector for stall detection: no git, one scandir per folder.
-        """
-        try:
-            newest = path.stat().st_mtime_ns
-        except OSError:
-            return 0, 0
-        count = 0
-        stack = [os.fspath(path)]
-        while stack:
-            try:
-                with os.scandir(stack.pop()) as entries:
-                    for entry in entries:
-                        if entry.name == ".git":
-                            continue
-                        try:
-                            st = entry.stat(follow_symlinks=False)
-                            is_dir = entry.is_dir(follow_symlinks=False)
-                        except OSError:
-                            continue
-                        count += 1
-                        newest = max(newest, st.st_mtime_ns)
-                        if is_dir:
-                            stack.append(entry.path)
-            except OSError:
-                continue
-        return count, newest
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -415,3 +385,29 @@ def _first_error_line(e: CommandError) -> str:
     lines = [line.strip() for line in stderr.splitlines() if line.strip()]
     first = next((line for line in lines if _ERROR_LINE.match(line)), None)
     return first or (lines[0] if lines else f"exit status {e.status}")
+
+
+def worktree_fingerprint(root: Path) -> str:
+    """A digest of every path, size and mtime under ``root`` (``.git`` skipped)."""
+    digest = hashlib.blake2b(digest_size=16)
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            if entry.name == ".git":
+                continue
+            try:
+                st = entry.stat(follow_symlinks=False)
+                is_dir = entry.is_dir(follow_symlinks=False)
+            except OSError:
+                continue
+            digest.update(
+                f"{entry.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="replace")
+            )
+            if is_dir:
+                stack.append(entry.path)
+    return digest.hexdigest()

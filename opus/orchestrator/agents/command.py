@@ -7,7 +7,6 @@ CLI is invoked) and ``reply`` (how its output reads); the rules per stage live i
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import logging
 import os
@@ -15,7 +14,6 @@ import re
 import shlex
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -27,6 +25,7 @@ from ..lifecycle import Stage
 from ..models import Usage, Verdict
 from ..process_output import output_tail
 from ..supervisor import ProcessResult, run_process
+from ..workspace import worktree_fingerprint
 from .base import StageContext, StageResult
 from .environment import agent_env, opus_vars
 
@@ -40,7 +39,6 @@ __all__ = (
     "priced_usage",
     "split_command",
     "substitute",
-    "worktree_fingerprint",
 )
 
 log = logging.getLogger(__name__)
@@ -75,32 +73,6 @@ def placeholder_values(ctx: StageContext) -> dict[str, str]:
 def substitute(arg: str, values: Mapping[str, str]) -> str:
     """Replace each ``{placeholder}`` of PLACEHOLDERS in ``arg``; other braces stay."""
     return _PLACEHOLDER.sub(lambda m: values[m.group(1)], arg)
-
-
-def worktree_fingerprint(root: Path) -> str:
-    """A digest of every path, size and mtime under ``root`` (``.git`` skipped)."""
-    digest = hashlib.blake2b(digest_size=16)
-    stack = [str(root)]
-    while stack:
-        folder = stack.pop()
-        try:
-            entries = list(os.scandir(folder))
-        except OSError:
-            continue
-        for entry in entries:
-            if entry.name == ".git":
-                continue
-            try:
-                st = entry.stat(follow_symlinks=False)
-                is_dir = entry.is_dir(follow_symlinks=False)
-            except OSError:
-                continue
-            digest.update(
-                f"{entry.path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode(errors="replace")
-            )
-            if is_dir:
-                stack.append(entry.path)
-    return digest.hexdigest()
 
 
 def json_objects(text: str) -> Iterator[dict[str, Any]]:
