@@ -277,3 +277,25 @@ def test_long_prompt_is_passed_by_file(tmp_path: Path) -> None:
     ctx = make_ctx(tmp_path, Stage.CODER, prompt="x" * 200_000)
     argv = CodexAgent(AgentSection(kind="codex"), Stage.CODER).build_argv(ctx)
     assert str(ctx.prompt_file) in argv[-1] and len(argv[-1]) < 1000
+
+
+@pytest.mark.anyio
+async def test_quiet_json_clis_are_not_taken_for_stalled(tmp_path: Path) -> None:
+    """claude and gemini print one JSON object at the end: their silence is not a stall
+    (only the stage timeout applies); codex streams JSONL events, so silence is one."""
+    import dataclasses
+
+    from opus.orchestrator.errors import AgentStalled
+
+    bin_dir = tmp_path / "bin"
+    for name in ("claude", "gemini", "codex"):
+        install(bin_dir, name)
+    (bin_dir / "mode.json").write_text('{"think": 1.0}')
+    ctx = dataclasses.replace(make_ctx(tmp_path, Stage.PLANNER), stall_timeout=0.3)
+    for name in ("claude", "gemini"):
+        agent = build_agent(AgentSection(kind=name), Stage.PLANNER, environ=environ_with(bin_dir))
+        result = await agent.run(ctx)
+        assert "Plan from" in result.output, name
+    codex = build_agent(AgentSection(kind="codex"), Stage.PLANNER, environ=environ_with(bin_dir))
+    with pytest.raises(AgentStalled):
+        await codex.run(ctx)

@@ -3,7 +3,8 @@
 It appends what it got (argv, stdin and whether it was a pipe, env, the aider message
 file) to ``calls.jsonl`` next to itself, then answers in that CLI's documented headless
 format: a plan, or for the reviewer (``$OPUS_STAGE``) a message holding a verdict.
-``mode.json`` next to it may say ``{"error": true}`` (report a failure).
+``mode.json`` next to it may say ``{"error": true}`` (report a failure) or ``{"think": S}``
+(stay silent for S seconds first, as a CLI with JSON output does while it works).
 """
 
 import json
@@ -52,6 +53,10 @@ def main() -> int:
         got["message_file"] = Path(arg_after("--message-file")).read_text()
     with (HERE / "calls.jsonl").open("a") as f:
         f.write(json.dumps(got) + "\n")
+    if mode.get("think"):
+        import time
+
+        time.sleep(mode["think"])  # silent, like a CLI that prints one JSON object at the end
     text = message()
     if NAME == "claude":
         print(

@@ -236,6 +236,11 @@ class CommandAgent:
 
     # -- running ----------------------------------------------------------------------
 
+    def quiet(self) -> bool:
+        """True for a CLI that prints nothing until it is done: silence then says nothing,
+        so only the stage timeout applies (no stall detection)."""
+        return False
+
     async def run(self, ctx: StageContext) -> StageResult:
         await anyio.to_thread.run_sync(self._prepare, ctx)
         result = await self.execute(ctx, self.build_argv(ctx), self.stdin_for(ctx))
@@ -262,7 +267,9 @@ class CommandAgent:
                 env=self.build_env(ctx),
                 stdin=stdin,
                 timeout=ctx.timeout if timeout is None else timeout,
-                stall_timeout=ctx.stall_timeout if timeout is None else timeout,
+                stall_timeout=(ctx.timeout if self.quiet() else ctx.stall_timeout)
+                if timeout is None
+                else timeout,
                 log_file=ctx.log_file,
                 redactor=ctx.redactor,
                 activity=functools.partial(worktree_fingerprint, ctx.worktree) if watch else None,

@@ -160,6 +160,9 @@ class ClaudeAgent(PresetAgent):
     executable = "claude"
     product = "Claude Code"
 
+    def quiet(self) -> bool:
+        return "stream-json" not in self.section.args  # json: one object at the very end
+
     def build_argv(self, ctx: StageContext) -> list[str]:
         prompt = [] if self.section.stdin else [self.prompt_arg(ctx)]
         if self.read_only:
@@ -375,6 +378,9 @@ class GeminiAgent(PresetAgent):
 
     executable = "gemini"
     product = "Gemini CLI (npm i -g @google/gemini-cli)"
+
+    def quiet(self) -> bool:
+        return True  # --output-format json: one object at the very end
 
     def build_argv(self, ctx: StageContext) -> list[str]:
         mode = "default" if self.read_only else "auto_edit"
