@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -212,19 +214,31 @@ class Config(_Section):
         return self.resolve(self.repos[name].path).resolve()
 
     def secret_env_names(self) -> list[str]:
-        """Every environment variable a ``*_env`` key names (their values are secrets)."""
+        """Every environment variable a ``*_env`` key names, and every name an agent's
+        ``env_passthrough`` lists that looks like a credential (their values are secrets)."""
         names = [self.delivery.token_env] if self.delivery.kind == "github" else []
         for stage in Stage:
             if stage is Stage.DELIVERY:
                 continue
-            key = self.agents.for_stage(stage).api_key_env
-            if key:
-                names.append(key)
+            section = self.agents.for_stage(stage)
+            if section.api_key_env:
+                names.append(section.api_key_env)
+            names += [n for n in section.env_passthrough if _SECRET_NAME.search(n)]
         return names
 
-    def secrets(self, environ: dict[str, str] | None = None) -> list[str]:
+    def secrets(self, environ: Mapping[str, str] | None = None) -> list[str]:
+        """The secret values to redact: of those variables, and of credential-looking keys
+        of the agents' ``env`` tables."""
         env = os.environ if environ is None else environ
-        return [env[n] for n in self.secret_env_names() if env.get(n)]
+        values = [env[n] for n in self.secret_env_names() if env.get(n)]
+        for stage in Stage:
+            if stage is not Stage.DELIVERY:
+                section = self.agents.for_stage(stage)
+                values += [v for k, v in section.env.items() if _SECRET_NAME.search(k) and v]
+        return values
+
+
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL|AUTH", re.IGNORECASE)
 
 
 def default_config_path() -> Path:
