@@ -25,7 +25,6 @@ ALL_EVENTS: tuple[Event, ...] = (
     "stuck",
     "budget",
 )
-AGENT_KINDS = ("command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python")
 
 
 class _Section(BaseModel):

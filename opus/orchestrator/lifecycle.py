@@ -74,8 +74,6 @@ RESTING = frozenset(
 )
 #: Statuses that end a job for good; a new attempt is a new job.
 FINISHED = frozenset({Status.DONE, Status.FAILED, Status.BLOCKED, Status.CANCELLED})
-#: Statuses only a person writes; opus never overwrites them with its own progress.
-PERSON_SET = frozenset({Status.PLANNED, Status.APPROVED, Status.PAUSED, Status.CANCELLED})
 #: Statuses during which the note carries ``stage``.
 WITH_STAGE = frozenset({Status.QUEUED, Status.IN_PROGRESS, Status.PAUSED})
 
