@@ -15,9 +15,12 @@ from .errors import ConfigError
 from .lifecycle import Stage
 from .models import Priority
 
-Event = Literal["review", "done", "failed", "blocked", "recovered", "stuck", "budget"]
+Event = Literal[
+    "review", "plan-review", "done", "failed", "blocked", "recovered", "stuck", "budget"
+]
 ALL_EVENTS: tuple[Event, ...] = (
     "review",
+    "plan-review",
     "done",
     "failed",
     "blocked",
@@ -37,6 +40,8 @@ PositiveFloat = Annotated[float, Field(gt=0)]
 class VaultSection(_Section):
     planned: str = "10_features/03_planned"
     dashboard: str = "00_system/opus-dashboard.md"
+    plans: str = "10_features/05_plans"
+    """Folder of plan notes (SPEC §16); "" turns plan notes off."""
 
 
 class StateSection(_Section):
@@ -83,6 +88,10 @@ class AgentSection(_Section):
     price_in_per_mtok: float | None = Field(default=None, ge=0)
     price_out_per_mtok: float | None = Field(default=None, ge=0)
     callable: str | None = None
+    network: bool = True
+    """False: the sandbox gives the agent loopback only (SPEC §17)."""
+    home: Literal["private", "real"] = "private"
+    """"real": the agent sees the real HOME (opts out of the sandbox's private HOME)."""
 
     @model_validator(mode="after")
     def _needs(self) -> AgentSection:
@@ -103,6 +112,9 @@ class AgentsSection(_Section):
     tester: AgentSection = AgentSection(kind="command", command="python -m pytest -q")
     reviewer: AgentSection = AgentSection(kind="claude")
 
+    ideator: AgentSection | None = None
+    """The ideation agent (SPEC §19); any kind, run read-only."""
+
     def for_stage(self, stage: Stage) -> AgentSection:
         section: AgentSection = getattr(self, stage.value)
         return section
@@ -112,6 +124,8 @@ class ApprovalSection(_Section):
     mode: Literal["manual", "auto"] = "manual"
     auto_priorities: list[Priority] = Field(default_factory=list)
     min_confidence: int = Field(default=90, ge=0, le=100)
+    plan: bool = False
+    """True: stop after the planner at `plan-review` (SPEC §16)."""
 
     @field_validator("auto_priorities", mode="before")
     @classmethod
@@ -136,17 +150,24 @@ class DeliverySection(_Section):
 
 
 class NotifySection(_Section):
-    kind: Literal["log", "desktop", "webhook", "command"] = "log"
+    kind: Literal["log", "desktop", "webhook", "command", "apprise"] = "log"
     events: list[Event] = Field(default_factory=lambda: list(ALL_EVENTS))
     url: str | None = None
+    url_env: str | None = None
+    """The name of an environment variable holding the URL (webhook, apprise): a secret."""
+    headers: dict[str, str] = Field(default_factory=dict)
+    headers_env: dict[str, str] = Field(default_factory=dict)
+    """Header name → the name of an environment variable holding its value."""
     format: Literal["json", "slack", "ntfy"] = "json"
     command: str | list[str] | None = None
     timeout: PositiveFloat = 10
 
     @model_validator(mode="after")
     def _needs(self) -> NotifySection:
-        if self.kind == "webhook" and not self.url:
-            raise ValueError("kind = 'webhook' needs `url`")
+        if self.kind == "webhook" and not (self.url or self.url_env):
+            raise ValueError("kind = 'webhook' needs `url` or `url_env`")
+        if self.kind == "apprise" and not (self.url or self.url_env):
+            raise ValueError("kind = 'apprise' needs `url_env` (or `url`)")
         if self.kind == "command" and not self.command:
             raise ValueError("kind = 'command' needs `command`")
         return self
@@ -155,6 +176,97 @@ class NotifySection(_Section):
 class BudgetSection(_Section):
     daily_usd: float = Field(default=0, ge=0)
     monthly_usd: float = Field(default=0, ge=0)
+    alert_at: list[Annotated[float, Field(gt=0, le=100)]] = Field(
+        default_factory=lambda: [50.0, 75.0, 90.0]
+    )
+    """Shares (percent) of a cap whose first crossing sends a `budget` notification."""
+
+
+class SandboxSection(_Section):
+    """SPEC §17."""
+
+    kind: Literal["auto", "bwrap", "none"] = "auto"
+    paths: list[str] = Field(default_factory=list)
+    """Folders made writable inside every sandbox."""
+    home_binds: list[str] = Field(default_factory=list)
+    """Paths of the real HOME (``~/…`` or relative to it) bound into the private HOME."""
+    memory_max: str | None = None
+    """cgroup v2 ``memory.max`` per stage, e.g. "4G"."""
+
+    @field_validator("memory_max")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9]+[KMGT]?", value):
+            raise ValueError("`memory_max` must look like 512M, 4G or a number of bytes")
+        return value
+
+
+class ReactionsSection(_Section):
+    """SPEC §15."""
+
+    github: bool = False
+    ci: bool = False
+    max_rounds: int = Field(default=3, ge=1)
+    update: Literal["merge", "rebase"] = "merge"
+
+
+ExecutorStage = Literal["planner", "coder", "tester", "reviewer"]
+_REMOTE_STAGES: list[ExecutorStage] = ["coder", "tester"]
+
+
+class ExecutorSection(_Section):
+    """SPEC §18."""
+
+    kind: Literal["local", "ray"] = "local"
+    address: str | None = None
+    token_env: str | None = None
+    stages: list[ExecutorStage] = Field(default_factory=lambda: _REMOTE_STAGES.copy())
+    schedule_timeout: PositiveFloat = 600
+    setup: str = ""
+    resources: dict[ExecutorStage, dict[str, float]] = Field(
+        default_factory=lambda: {s: {"agent": 1.0} for s in _REMOTE_STAGES}
+    )
+
+    @model_validator(mode="after")
+    def _needs(self) -> ExecutorSection:
+        if self.kind == "ray" and not self.token_env:
+            raise ValueError("kind = 'ray' needs `token_env` (the cluster must use token auth)")
+        return self
+
+
+IDEATION_CATEGORIES: tuple[str, ...] = (
+    "optimization",
+    "innovation",
+    "architecture",
+    "front end",
+    "back end",
+    "security",
+    "testing",
+    "documentation",
+    "technical debt",
+    "developer experience",
+    "observability",
+    "devops",
+    "accessibility",
+    "dependencies",
+    "data management",
+    "internationalization",
+    "error handling",
+    "code quality",
+    "compliance",
+    "scalability",
+    "API evolution",
+)
+
+
+class IdeationSection(_Section):
+    """SPEC §19."""
+
+    enabled: bool = False
+    interval: PositiveFloat = 3600
+    categories: list[str] = Field(default_factory=lambda: list(IDEATION_CATEGORIES), min_length=1)
+    folder: str = "10_features/01_ideas"
+    max_open: int = Field(default=5, ge=1)
 
 
 class ServiceSection(_Section):
@@ -176,6 +288,10 @@ class Config(_Section):
     notify: list[NotifySection] = Field(default_factory=lambda: [NotifySection()])
     budget: BudgetSection = BudgetSection()
     service: ServiceSection = ServiceSection()
+    sandbox: SandboxSection = SandboxSection()
+    reactions: ReactionsSection = ReactionsSection()
+    executor: ExecutorSection = ExecutorSection()
+    ideation: IdeationSection = IdeationSection()
 
     @field_validator("repos")
     @classmethod
@@ -206,20 +322,35 @@ class Config(_Section):
         return self.resolve(self.vault.dashboard) if self.vault.dashboard else None
 
     @property
+    def plans_dir(self) -> Path | None:
+        return self.resolve(self.vault.plans) if self.vault.plans else None
+
+    @property
+    def ideas_dir(self) -> Path:
+        return self.resolve(self.ideation.folder)
+
+    @property
     def default_repo(self) -> str:
         return next(iter(self.repos))
 
     def repo_path(self, name: str) -> Path:
         return self.resolve(self.repos[name].path).resolve()
 
+    def agent_sections(self) -> list[AgentSection]:
+        """Every configured agent: the four stages' and the ideator's."""
+        sections = [self.agents.for_stage(s) for s in Stage if s is not Stage.DELIVERY]
+        return sections + ([self.agents.ideator] if self.agents.ideator else [])
+
     def secret_env_names(self) -> list[str]:
         """Every environment variable a ``*_env`` key names, and every name an agent's
         ``env_passthrough`` lists that looks like a credential (their values are secrets)."""
         names = [self.delivery.token_env] if self.delivery.kind == "github" else []
-        for stage in Stage:
-            if stage is Stage.DELIVERY:
-                continue
-            section = self.agents.for_stage(stage)
+        if self.executor.kind == "ray" and self.executor.token_env:
+            names.append(self.executor.token_env)
+        for notifier in self.notify:
+            names += [notifier.url_env] if notifier.url_env else []
+            names += list(notifier.headers_env.values())
+        for section in self.agent_sections():
             if section.api_key_env:
                 names.append(section.api_key_env)
             names += [n for n in section.env_passthrough if _SECRET_NAME.search(n)]
@@ -230,10 +361,8 @@ class Config(_Section):
         of the agents' ``env`` tables."""
         env = os.environ if environ is None else environ
         values = [env[n] for n in self.secret_env_names() if env.get(n)]
-        for stage in Stage:
-            if stage is not Stage.DELIVERY:
-                section = self.agents.for_stage(stage)
-                values += [v for k, v in section.env.items() if _SECRET_NAME.search(k) and v]
+        for section in self.agent_sections():
+            values += [v for k, v in section.env.items() if _SECRET_NAME.search(k) and v]
         return values
 
 
