@@ -63,8 +63,16 @@ def install(name: str) -> Path:
         prefix = home() / "npm"
         prefix.mkdir(parents=True, exist_ok=True)
         subprocess.run(
-            ["npm", "install", "--global", "--prefix", str(prefix), "--no-fund", "--no-audit",
-             f"{pin['package']}@{spec_version}"],
+            [
+                "npm",
+                "install",
+                "--global",
+                "--prefix",
+                str(prefix),
+                "--no-fund",
+                "--no-audit",
+                f"{pin['package']}@{spec_version}",
+            ],
             check=True,
         )
     else:
