@@ -145,6 +145,7 @@ async def test_the_command_contract(tmp_path: Path) -> None:
     assert {k: v for k, v in env.items() if k.startswith("OPUS_")} == {
         "OPUS_STAGE": "coder",
         "OPUS_ITERATION": "2",
+        "OPUS_ROUND": "1",
         "OPUS_JOB_ID": "job-1",
         "OPUS_FR_ID": "FR-7",
         "OPUS_FR_FILE": str(ctx.fr.path),

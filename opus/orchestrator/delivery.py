@@ -14,6 +14,7 @@ from .errors import DeliveryError, MergeConflict, WorkspaceError
 from .github import GitHub
 from .lifecycle import Outcome, Stage, Status
 from .models import FeatureRequest, Job, Verdict
+from .reactions import artifact_tag
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -50,7 +51,8 @@ def pr_description(job: Job, fr: FeatureRequest, plan: str, diff_stat: str, revi
     ]
     for cp in job.history:
         lines.append(
-            f"- iteration {cp.iteration} · {cp.stage}: {cp.outcome}"
+            (f"- round {cp.round} · " if job.round > 1 else "- ")
+            + f"iteration {cp.iteration} · {cp.stage}: {cp.outcome}"
             + (f" ({cp.attempts} attempts)" if cp.attempts > 1 else "")
         )
     tests = [cp for cp in job.history if cp.stage is Stage.TESTER]
@@ -97,7 +99,9 @@ class Delivery:
         plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
         review = ""
         raw = await anyio.to_thread.run_sync(
-            rt.registry.read_artifact, job.id, f"review-{job.iteration}.json"
+            rt.registry.read_artifact,
+            job.id,
+            f"review-{artifact_tag(job.round, job.iteration)}.json",
         )
         if raw:
             verdict = Verdict.model_validate(json.loads(raw))

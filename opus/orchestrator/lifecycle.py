@@ -30,6 +30,11 @@ class Status(StrEnum):
     """A person paused it; the checkpoint is kept."""
     CANCELLED = "cancelled"
     """A person cancelled it; the branch is kept."""
+    PLAN_REVIEW = "plan-review"
+    """The plan waits for a person (SPEC §16): ``approved`` lets the coder start."""
+    CHANGES_REQUESTED = "changes-requested"
+    """A person's request (with ``feedback``): a rework round, or a new plan. Only a note
+    holds it; the job answers it by going back to the queue."""
 
     @classmethod
     def parse(cls, value: object) -> Status | None:
@@ -70,7 +75,15 @@ class Outcome(StrEnum):
 
 #: Statuses at which an FR rests: nothing runs until a person or a merge moves it.
 RESTING = frozenset(
-    {Status.REVIEW, Status.DONE, Status.FAILED, Status.BLOCKED, Status.PAUSED, Status.CANCELLED}
+    {
+        Status.REVIEW,
+        Status.PLAN_REVIEW,
+        Status.DONE,
+        Status.FAILED,
+        Status.BLOCKED,
+        Status.PAUSED,
+        Status.CANCELLED,
+    }
 )
 #: Statuses that end a job for good; a new attempt is a new job.
 FINISHED = frozenset({Status.DONE, Status.FAILED, Status.BLOCKED, Status.CANCELLED})
@@ -82,15 +95,28 @@ TRANSITIONS: dict[Status, frozenset[Status]] = {
     _S.PLANNED: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED, _S.PAUSED}),
     _S.QUEUED: frozenset({_S.IN_PROGRESS, _S.PAUSED, _S.CANCELLED, _S.FAILED, _S.BLOCKED}),
     _S.IN_PROGRESS: frozenset(
-        {_S.QUEUED, _S.REVIEW, _S.DONE, _S.FAILED, _S.BLOCKED, _S.PAUSED, _S.CANCELLED}
+        {
+            _S.QUEUED,
+            _S.REVIEW,
+            _S.PLAN_REVIEW,
+            _S.DONE,
+            _S.FAILED,
+            _S.BLOCKED,
+            _S.PAUSED,
+            _S.CANCELLED,
+        }
     ),
-    _S.REVIEW: frozenset({_S.APPROVED, _S.DONE, _S.CANCELLED, _S.BLOCKED, _S.FAILED}),
-    _S.APPROVED: frozenset({_S.DONE, _S.BLOCKED, _S.FAILED, _S.CANCELLED}),
+    # a rework round (SPEC §15) takes a job in review back to the queue
+    _S.REVIEW: frozenset({_S.APPROVED, _S.QUEUED, _S.DONE, _S.CANCELLED, _S.BLOCKED, _S.FAILED}),
+    _S.APPROVED: frozenset({_S.DONE, _S.QUEUED, _S.BLOCKED, _S.FAILED, _S.CANCELLED}),
+    _S.PLAN_REVIEW: frozenset({_S.QUEUED, _S.CANCELLED, _S.FAILED, _S.BLOCKED}),
     _S.PAUSED: frozenset({_S.QUEUED, _S.CANCELLED, _S.FAILED}),
     _S.DONE: frozenset(),
     _S.FAILED: frozenset(),
-    _S.BLOCKED: frozenset(),
+    # a merge refused for a reason outside the branch: `approved` retries the merge (SPEC §7)
+    _S.BLOCKED: frozenset({_S.APPROVED}),
     _S.CANCELLED: frozenset(),
+    _S.CHANGES_REQUESTED: frozenset(),
 }
 
 

@@ -78,6 +78,10 @@ class FeatureRequest(BaseModel):
     stage: Stage | None = None
     iteration: int | None = None
     error: str | None = None
+    feedback: str | None = None
+    """A person's text for a rework round or a new plan (SPEC §15, §16)."""
+    plan_approval: bool | None = None
+    """Overrides ``[approval] plan`` for this FR."""
     invalid: tuple[str, str] | None = None
     """``(key, problem)`` when a person's key holds a bad value: the FR must fail."""
 
@@ -125,8 +129,18 @@ class Feedback(BaseModel):
 
     iteration: int
     """The iteration that produced it."""
-    reason: Literal["tests_failed", "changes_requested", "no_changes", "patch_failed"]
+    reason: Literal[
+        "tests_failed",
+        "changes_requested",
+        "no_changes",
+        "patch_failed",
+        "conflict_markers",
+        "rework",
+    ]
     message: str
+    round: int = 1
+    source: str | None = None
+    """For ``rework``: what started the round (a reactions.Trigger's source)."""
     test_output: str = ""
     issues: list[Issue] = Field(default_factory=list)
 
@@ -146,6 +160,17 @@ class Checkpoint(BaseModel):
     """File name in the job's artifact folder."""
     usage: Usage | None = None
     error: str | None = None
+    round: int = 1
+    """The rework round it belongs to (SPEC §15)."""
+
+
+class Round(BaseModel):
+    """One rework round: its number and what started it."""
+
+    round: int
+    source: str
+    feedback: str
+    started_at: datetime
 
 
 class Job(BaseModel):
@@ -179,6 +204,20 @@ class Job(BaseModel):
     """Process groups of agents running now (killed on recovery)."""
     agent_versions: dict[str, str] = Field(default_factory=dict)
     finished_at: datetime | None = None
+    round: int = 1
+    """The current rework round (SPEC §15): 1 up to the first delivery, then 2, 3, …"""
+    rounds: list[Round] = Field(default_factory=list)
+    """What started each round after the first, in order."""
+    reacted: list[str] = Field(default_factory=list)
+    """Stable ids of the triggers already acted on (a GitHub comment is acted on once)."""
+    plan_note: str | None = None
+    """The plan note's file name in ``[vault] plans`` (SPEC §16), once written."""
+    plan_gate: bool = False
+    """True while the plan waits for a person at ``plan-review``."""
+    plan_revision: int = 1
+    """The planner run the job wants: a person's ``changes-requested`` asks for the next."""
+    plan_feedback: str | None = None
+    """The person's text for the next planner run."""
 
     @property
     def last(self) -> Checkpoint | None:

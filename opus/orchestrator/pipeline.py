@@ -20,6 +20,7 @@ from .delivery import Delivery, auto_approves
 from .errors import AgentError, AgentStalled, OpusError, WorkspaceError
 from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
+from .reactions import artifact_tag, rework_feedback
 from .runtime import Control, Runtime
 from .supervisor import with_retries
 from .workspace import worktree_fingerprint
@@ -36,6 +37,8 @@ def next_step(job: Job, max_iterations: int) -> Step | str:
     last = job.last
     if last is None:
         return (Stage.PLANNER, 1)
+    if job.round > last.round:
+        return (Stage.CODER, 1)  # a rework round starts with the coder (SPEC §15)
     if last.outcome is Outcome.ERROR:
         return FINISH
     if last.outcome is Outcome.REJECTED:
@@ -262,7 +265,9 @@ class Pipeline:
         job, rt = self.job, self.rt
         folder = await anyio.to_thread.run_sync(rt.registry.job_dir, job.id)
         plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
-        feedback = job.feedback if iteration > 1 else None  # OPUS_FEEDBACK_FILE for every stage
+        # OPUS_FEEDBACK_FILE for every stage from iteration 2, and in a rework round
+        feedback = job.feedback if iteration > 1 or job.round > 1 else None
+        tag = artifact_tag(job.round, iteration)
         diff = ""
         if stage is Stage.REVIEWER:
             assert job.base_commit is not None
@@ -278,11 +283,12 @@ class Pipeline:
                 feedback=feedback,
                 base_commit=job.base_commit or "",
                 diff=diff,
+                rework=rework_feedback(job),
             )
         )
         prompt_file = await anyio.to_thread.run_sync(  # rebuilt on a rerun: no fsync needed
             lambda: rt.registry.write_artifact(
-                job.id, f"prompt-{stage}-{iteration}.md", prompt, sync=False
+                job.id, f"prompt-{stage}-{tag}.md", prompt, sync=False
             )
         )
         feedback_file = None
@@ -290,10 +296,10 @@ class Pipeline:
             feedback_file = await anyio.to_thread.run_sync(
                 rt.registry.write_artifact,
                 job.id,
-                f"feedback-{iteration}.json",
+                f"feedback-{tag}.json",
                 feedback.model_dump_json(indent=2),
             )
-        output_file = folder / f"output-{stage}-{iteration}"
+        output_file = folder / f"output-{stage}-{tag}"
         output_file.unlink(missing_ok=True)
         agent_cfg = rt.config.agents.for_stage(stage)
         return StageContext(
@@ -306,9 +312,10 @@ class Pipeline:
             prompt=prompt,
             prompt_file=prompt_file,
             output_file=output_file,
-            log_file=folder / f"{stage}-{iteration}.log",
+            log_file=folder / f"{stage}-{tag}.log",
             base_commit=job.base_commit or "",
             plan=plan,
+            round=job.round,
             feedback=feedback,
             feedback_file=feedback_file,
             timeout=agent_cfg.timeout or rt.config.pipeline.stage_timeout,
@@ -343,6 +350,7 @@ class Pipeline:
         """Turn an agent's result into the checkpoint's outcome (and the next feedback)."""
         job, rt = self.job, self.rt
         write = rt.registry.write_artifact
+        tag = artifact_tag(job.round, iteration)
         if stage is Stage.PLANNER:
             await anyio.to_thread.run_sync(write, job.id, "plan.md", rt.redactor(result.output))
             return Outcome.OK, "plan.md"
@@ -362,20 +370,20 @@ class Pipeline:
                     "no_changes", iteration, "The coder changed nothing in the working tree."
                 )
             self.head = commit
-            return Outcome.OK, f"coder-{iteration}.log"
+            return Outcome.OK, f"coder-{tag}.log"
         if stage is Stage.TESTER:
             if result.passed:
-                return Outcome.OK, f"tester-{iteration}.log"
+                return Outcome.OK, f"tester-{tag}.log"
             outcome, _ = self._reject(
                 "tests_failed",
                 iteration,
                 "The tests failed.",
                 test_output=rt.redactor(result.output),
             )
-            return outcome, f"tester-{iteration}.log"
+            return outcome, f"tester-{tag}.log"
         verdict = result.verdict
         assert verdict is not None, "the reviewer returned no verdict"
-        name = f"review-{iteration}.json"
+        name = f"review-{tag}.json"
         await anyio.to_thread.run_sync(
             write, job.id, name, rt.redactor(verdict.model_dump_json(indent=2))
         )
@@ -395,6 +403,7 @@ class Pipeline:
     ) -> tuple[Outcome, str | None]:
         feedback = Feedback.model_validate(
             {"iteration": iteration, "reason": reason, "message": message, **more}
+            | {"round": self.job.round}
         )
         self.job.feedback = Feedback.model_validate_json(
             self.rt.redactor(feedback.model_dump_json())
@@ -428,6 +437,7 @@ class Pipeline:
                 artifact=artifact,
                 usage=result.usage if result else None,
                 error=rt.redactor(error) if error else None,
+                round=job.round,
             ),
         ]
         await rt.record(

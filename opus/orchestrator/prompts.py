@@ -41,6 +41,9 @@ _INSTRUCTIONS = {
 
 
 def feedback_markdown(feedback: Feedback) -> str:
+    if feedback.reason == "rework":
+        head = f"## Rework round {feedback.round}: what to change ({feedback.source})"
+        return "\n".join([head, "", feedback.message.strip(), ""])
     lines = [f"## Feedback from iteration {feedback.iteration}", "", feedback.message, ""]
     if feedback.test_output:
         lines += ["Test output (tail):", "", "```text", feedback.test_output.rstrip(), "```", ""]
@@ -59,12 +62,15 @@ def render(
     feedback: Feedback | None = None,
     base_commit: str = "",
     diff: str = "",
+    rework: Feedback | None = None,
 ) -> str:
-    """The prompt for one stage: instructions, the FR, the plan, feedback, the diff."""
+    """The prompt for one stage: instructions, the FR, the plan, a rework round's request,
+    feedback, the diff."""
+    in_round = f" · round {rework.round}" if rework is not None else ""
     parts = [
         f"# {fr.id}: {fr.title}",
         "",
-        f"Stage: {stage} · iteration {iteration}",
+        f"Stage: {stage} · iteration {iteration}{in_round}",
         "",
         _INSTRUCTIONS[stage],
         "",
@@ -75,7 +81,9 @@ def render(
     ]
     if plan and stage is not Stage.PLANNER:
         parts += ["## Plan", "", plan.strip(), ""]
-    if feedback and stage is Stage.CODER:
+    if rework is not None and stage in (Stage.CODER, Stage.REVIEWER):
+        parts += [feedback_markdown(rework)]
+    if feedback and stage is Stage.CODER and feedback.reason != "rework":
         parts += [feedback_markdown(feedback)]
     if stage is Stage.REVIEWER:
         parts += [f"## The change (against base commit {base_commit[:12]})", ""]

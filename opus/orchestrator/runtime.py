@@ -113,6 +113,8 @@ class Runtime:
             job.pr_url,
             job.error,
             job.fr_path,
+            job.round,
+            job.plan_note,
         )
         if note and self._mirrored.get(job.id) != shown:
             self._mirrored[job.id] = shown  # (forgotten again if the write fails)
@@ -127,6 +129,8 @@ class Runtime:
             "status": job.status.value,
             "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
             "iteration": job.iteration if job.status in WITH_STAGE else None,
+            "round": job.round if job.round > 1 else None,
+            "plan": f"[[{job.plan_note.removesuffix('.md')}]]" if job.plan_note else None,
             "job_id": job.id,
             "branch": job.branch,
             "pr_url": job.pr_url,

@@ -14,6 +14,7 @@ from .errors import OpusError, WorkspaceError
 from .lifecycle import FINISHED, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline
+from .reactions import Rounds, Trigger
 from .runtime import Control, Runtime
 from .supervisor import kill_group
 from .vault import Scan
@@ -22,7 +23,15 @@ log = logging.getLogger(__name__)
 
 #: Statuses opus writes into a note; a mismatch with the registry is repaired from it.
 OPUS_SET = frozenset(
-    {Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW, Status.DONE, Status.FAILED, Status.BLOCKED}
+    {
+        Status.QUEUED,
+        Status.IN_PROGRESS,
+        Status.REVIEW,
+        Status.PLAN_REVIEW,
+        Status.DONE,
+        Status.FAILED,
+        Status.BLOCKED,
+    }
 )
 
 
@@ -36,6 +45,8 @@ class Scheduler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.delivery = Delivery(rt)
+        self.rounds = Rounds(rt)
+        """Where every rework trigger starts its round (SPEC §15; reactions.py)."""
         self.running: dict[str, Running] = {}
         self.accepting = True
         self.finished = anyio.Event()
@@ -171,6 +182,8 @@ class Scheduler:
                 job.status = Status.APPROVED
                 result, error = await self.delivery.merge(job)
                 await self._end(job, result, error, result.value)
+        elif status is Status.CHANGES_REQUESTED:
+            await self._changes_requested(fr, job, run is not None)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
             if settle_reviews and fr.job_id == job.id:
                 settled = await self.delivery.merged_or_closed(job)
@@ -187,6 +200,20 @@ class Scheduler:
                     await self._claim(fr, "requeued")
             elif job is not None and job.status is not status and run is None:
                 await rt.mirror(job)
+
+    async def _changes_requested(self, fr: FeatureRequest, job: Job | None, running: bool) -> None:
+        """A person's ``changes-requested``: a rework round for a job in review."""
+        if job is None or running:
+            return
+        if job.status is Status.REVIEW:
+            if fr.feedback is None:
+                job.error = "changes-requested needs a `feedback` text saying what to change"
+                await self.rt.record(job, "feedback_missing", note=False)
+                await self.rt.mirror(job)  # back to review, with the error
+                return
+            await self.rounds.start(job, Trigger(source="person", feedback=fr.feedback))
+        else:
+            await self.rt.mirror(job)  # nothing to rework: the note shows the job again
 
     async def _claim(self, fr: FeatureRequest, event: str) -> Job:
         rt = self.rt

@@ -49,9 +49,22 @@ __all__ = (
 log = logging.getLogger(__name__)
 
 OPUS_KEYS = frozenset(
-    {"status", "stage", "iteration", "job_id", "branch", "pr_url", "error", "updated_at"}
+    {
+        "status",
+        "stage",
+        "iteration",
+        "round",
+        "plan",
+        "job_id",
+        "branch",
+        "pr_url",
+        "error",
+        "updated_at",
+    }
 )
 """The only frontmatter keys opus ever writes."""
+PERSON_COMMAND_KEYS = frozenset({"feedback"})
+"""A person's keys that a person's command (``opus rework``) writes on their behalf."""
 
 _IGNORED_SUFFIXES = (".tmp", ".swp", ".part", "~")
 _IGNORED_DIRS = frozenset({".obsidian", ".opus"})
@@ -276,6 +289,7 @@ class Vault:
         changes: Mapping[str, object | None],
         *,
         respect: frozenset[Status] = frozenset(),
+        person: bool = False,
     ) -> Status | None:
         """Write opus's keys into the note now (re-read first); returns the status as read.
 
@@ -283,8 +297,9 @@ class Vault:
         in ``respect``. When any other key changes, ``updated_at`` is stamped with the
         clock unless ``changes`` sets it; ``updated_at`` alone never causes a write.
         Raises ValueError for a key opus does not own, NoteError for a broken note.
+        ``person``: a person's command writes (may also set ``PERSON_COMMAND_KEYS``).
         """
-        foreign = sorted(set(changes) - OPUS_KEYS)
+        foreign = sorted(set(changes) - OPUS_KEYS - (PERSON_COMMAND_KEYS if person else set()))
         if foreign:
             raise ValueError(f"opus never writes these keys: {', '.join(foreign)}")
         p = _abs(path)
@@ -378,6 +393,13 @@ def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRe
             approval = "auto"
         else:
             invalid.append(("approval", f"approval must be manual or auto, not {spelled!r}"))
+    plan_approval = meta.get("plan_approval")
+    if plan_approval is not None and not isinstance(plan_approval, bool):
+        invalid.append(
+            ("plan_approval", f"plan_approval must be true or false, not {plan_approval!r}")
+        )
+        plan_approval = None
+    feedback = meta.get("feedback")
     stage = _text(meta.get("stage")) or ""
     iteration = meta.get("iteration")
     return FeatureRequest(
@@ -396,6 +418,8 @@ def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRe
         if isinstance(iteration, int) and not isinstance(iteration, bool)
         else None,
         error=_text(meta.get("error")),
+        feedback=feedback.strip() or None if isinstance(feedback, str) else _text(feedback),
+        plan_approval=plan_approval,
         invalid=invalid[0] if invalid else None,
     )
 

@@ -7,6 +7,8 @@
 ``OPUS_OUTPUT_FILE`` · ``verdict`` object (written as JSON to the output file) · ``usage`` ·
 ``exit`` code · ``hang`` (sleep until killed) · ``wait_for`` a file path to appear ·
 ``write_before`` {path: text} written before waiting (``{pid}`` in the name).
+Steps for a rework round N (``OPUS_ROUND``) are under ``"STAGE@N"``, else ``STAGE``'s apply;
+the default coder writes a different text in each round.
 Every start and end is appended to ``$CALLS`` as a JSON line.
 """
 
@@ -28,9 +30,19 @@ def main() -> int:
     stage = sys.argv[1]
     env = os.environ
     fr, iteration = env["OPUS_FR_ID"], int(env["OPUS_ITERATION"])
+    round_ = int(env.get("OPUS_ROUND", "1"))
     script = json.loads(Path(env["SCRIPT"]).read_text()) if env.get("SCRIPT") else {}
-    steps = script.get(fr, {}).get(stage) or script.get("*", {}).get(stage)
-    step = steps[min(iteration, len(steps)) - 1] if steps else DEFAULTS[stage]
+    mine, anyone = script.get(fr, {}), script.get("*", {})
+    steps = (
+        mine.get(f"{stage}@{round_}")
+        or anyone.get(f"{stage}@{round_}")
+        or mine.get(stage)
+        or anyone.get(stage)
+    )
+    default = DEFAULTS[stage]
+    if stage == "coder" and round_ > 1:
+        default = {"write": {"{fr}.txt": "change of round {round}, iteration {iteration}\n"}}
+    step = steps[min(iteration, len(steps)) - 1] if steps else default
     calls = Path(env["CALLS"]) if env.get("CALLS") else None
 
     def record(event: str) -> None:
@@ -40,6 +52,7 @@ def main() -> int:
                 "stage": stage,
                 "fr": fr,
                 "iteration": iteration,
+                "round": round_,
                 "pid": os.getpid(),
                 "pgid": os.getpgid(0),
                 "feedback": env.get("OPUS_FEEDBACK_FILE"),
@@ -58,9 +71,9 @@ def main() -> int:
         time.sleep(1000)
     worktree = Path(env["OPUS_WORKTREE"])
     for name, text in step.get("write", {}).items():
-        path = worktree / name.format(fr=fr, iteration=iteration)
+        path = worktree / name.format(fr=fr, iteration=iteration, round=round_)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text.format(fr=fr, iteration=iteration))
+        path.write_text(text.format(fr=fr, iteration=iteration, round=round_))
     output = Path(env["OPUS_OUTPUT_FILE"])
     if "output" in step:
         output.write_text(step["output"])

@@ -35,6 +35,8 @@ class StageContext:
     timeout: float
     stall_timeout: float
     plan: str | None = None
+    round: int = 1
+    """The rework round (SPEC §15; ``OPUS_ROUND``): 1 up to the first delivery."""
     feedback: Feedback | None = None
     feedback_file: Path | None = None
     """The previous iteration's feedback as JSON, from iteration 2 on."""

@@ -51,6 +51,7 @@ def opus_vars(ctx: StageContext, fr_file: Path) -> dict[str, str]:
     env = {
         "OPUS_STAGE": ctx.stage.value,
         "OPUS_ITERATION": str(ctx.iteration),
+        "OPUS_ROUND": str(ctx.round),
         "OPUS_JOB_ID": ctx.job_id,
         "OPUS_FR_ID": ctx.fr.id,
         "OPUS_FR_FILE": str(fr_file.absolute()),

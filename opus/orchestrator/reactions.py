@@ -1,0 +1,138 @@
+"""What starts a rework round (SPEC §15): a person's feedback, PR reviews, CI, conflicts.
+
+After the first delivery an FR rests in ``review``; a **rework round** runs the coder →
+tester → reviewer loop again on the same branch and worktree, with the round's feedback as
+the coder's first input, delivers again and returns to ``review``.
+
+The seam
+--------
+Whatever notices a reason for rework builds a ``Trigger`` and hands it to
+``Rounds.start``::
+
+    trigger = Trigger(source="github-review", feedback=markdown, keys=("review:123",))
+    status = await Rounds(rt).start(job, trigger)
+
+- ``source`` says who asked: ``person`` (a note's ``changes-requested`` + ``feedback``),
+  ``github-review`` / ``github-comment`` (a PR review or review comments), ``ci`` (a failing
+  check run or commit status), ``conflict`` (the branch no longer merges into the base).
+- ``feedback`` is markdown for the coder: it becomes the first iteration's
+  ``OPUS_FEEDBACK_FILE`` (``reason: "rework"``) and a section of every coder prompt of the
+  round.
+- ``keys`` are the stable ids the trigger consumes (a review's id, each comment's id, a
+  check run's id and head sha …). They are stored with the job in the registry
+  (``Job.reacted``), so a trigger whose keys were all acted on already is ignored, also
+  after a restart: ``start`` returns None then and changes nothing.
+
+``start`` takes a job in ``review`` or ``approved`` (back to ``queued``: the scheduler
+gives it a slot, the pipeline resumes in the new round), or ``in-progress`` at its
+delivery (a conflict found before delivering: the running pipeline carries on in the new
+round). It records the round (``round`` event, the ``round`` key in the note, a
+``trigger-r<N>.md`` artifact) before anything runs, so a crash resumes in that round.
+A trigger that would start round ``[reactions] max_rounds + 1`` makes the job ``blocked``
+with the trigger in ``error`` and notifies the person (``blocked`` event).
+
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Literal
+
+import anyio
+
+from .lifecycle import Stage, Status, check_transition
+from .models import Feedback, Job, Round
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+
+__all__ = ("Rounds", "Source", "Trigger", "artifact_tag", "rework_feedback")
+
+log = logging.getLogger(__name__)
+
+Source = Literal["person", "github-review", "github-comment", "ci", "conflict"]
+
+#: Job statuses a round may start from.
+STARTS_FROM = frozenset({Status.REVIEW, Status.APPROVED, Status.IN_PROGRESS})
+
+
+@dataclass(frozen=True)
+class Trigger:
+    """One reason for a rework round (see the module docstring)."""
+
+    source: Source
+    feedback: str
+    """Markdown for the coder."""
+    keys: tuple[str, ...] = ()
+    """Stable ids this trigger consumes (for dedupe across polls and restarts)."""
+
+    @property
+    def summary(self) -> str:
+        """One line for ``error`` and logs."""
+        first = next(
+            (ln.strip("# ").strip() for ln in self.feedback.splitlines() if ln.strip()), ""
+        )
+        return f"{self.source}: {first}"[:300]
+
+
+def artifact_tag(round_: int, iteration: int) -> str:
+    """The suffix of a stage's artifacts: ``2`` in round 1, ``r2-1`` in round 2."""
+    return str(iteration) if round_ <= 1 else f"r{round_}-{iteration}"
+
+
+class Rounds:
+    """Starts rework rounds for jobs (the one door every trigger goes through)."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self.rt = rt
+
+    async def start(self, job: Job, trigger: Trigger) -> Status | None:
+        """Start the job's next round from ``trigger``; return the job's new status
+        (``queued``, ``in-progress`` or ``blocked`` when ``max_rounds`` is used up), or None
+        when the trigger was acted on already (every key known) and nothing changed."""
+        rt = self.rt
+        if job.status not in STARTS_FROM:
+            raise ValueError(f"{job.fr_id}: a round cannot start from {job.status}")
+        if trigger.keys and set(trigger.keys) <= set(job.reacted):
+            log.debug("%s: %s already acted on", job.fr_id, trigger.summary)
+            return None
+        job.reacted = [*job.reacted, *(k for k in trigger.keys if k not in job.reacted)]
+        feedback = rt.redactor(trigger.feedback.strip() or "(no text given)")
+        number = job.round + 1
+        cap = rt.config.reactions.max_rounds
+        if number > cap:
+            job.status = check_transition(job.status, Status.BLOCKED)
+            job.stage = None
+            job.error = rt.redactor(f"max_rounds ({cap}) used up; {trigger.summary}")
+            await rt.record(job, "blocked", source=trigger.source)
+            log.info("%s: blocked: %s (job %s)", job.fr_id, job.error, job.id)
+            await rt.notify("blocked", job, job.error, feedback=feedback)
+            return job.status
+        await anyio.to_thread.run_sync(
+            rt.registry.write_artifact, job.id, f"trigger-r{number}.md", feedback
+        )
+        job.round = number
+        job.rounds = [
+            *job.rounds,
+            Round(round=number, source=trigger.source, feedback=feedback, started_at=rt.now()),
+        ]
+        job.feedback = Feedback(
+            iteration=0, reason="rework", message=feedback, round=number, source=trigger.source
+        )
+        if job.status is not Status.IN_PROGRESS:
+            job.status = check_transition(job.status, Status.QUEUED)
+        job.stage, job.iteration, job.error = Stage.CODER, 1, None
+        await rt.record(job, "round", round=number, source=trigger.source)
+        log.info("%s: round %d (%s) (job %s)", job.fr_id, number, trigger.summary, job.id)
+        return job.status
+
+
+def rework_feedback(job: Job) -> Feedback | None:
+    """The current round's request, for every coder prompt of the round (None in round 1)."""
+    if job.round <= 1 or not job.rounds:
+        return None
+    last = job.rounds[-1]
+    return Feedback(
+        iteration=0, reason="rework", message=last.feedback, round=last.round, source=last.source
+    )

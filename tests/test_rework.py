@@ -1,0 +1,139 @@
+"""Rework rounds (SPEC §15): a person's feedback, the round cap, and the Trigger seam."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import anyio
+import pytest
+
+from opus.orchestrator.config import load_config
+from opus.orchestrator.lifecycle import Status
+from opus.orchestrator.reactions import Trigger
+from opus.orchestrator.service import Orchestrator
+
+from .conftest import Vault, git
+from .test_cli_basics import meta, opus
+from .test_pipeline_flow import fr, registry
+
+
+def set_keys(note: Path, **keys: str) -> None:
+    """A person's edit: set top-level frontmatter keys (as an editor would)."""
+    head, _, body = note.read_text().partition("\n---\n")
+    lines = [ln for ln in head.splitlines() if ln.split(":")[0] not in keys]
+    lines += [f"{k}: {json.dumps(v)}" for k, v in keys.items()]
+    note.write_text("\n".join(lines) + "\n---\n" + body)
+
+
+def job_dir(vault: Vault) -> Path:
+    (job,) = registry(vault)
+    return vault.state / "jobs" / str(job["id"])
+
+
+def test_a_persons_feedback_runs_a_round_on_the_same_branch(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "review" and "round" not in meta(note)
+    set_keys(note, status="changes-requested", feedback="Rename the file's greeting to `hi`.")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    m = meta(note)
+    assert m["status"] == "review" and m["round"] == 2, m
+    assert m["feedback"] == "Rename the file's greeting to `hi`."  # a person's key stays
+    assert "stage" not in m and "iteration" not in m
+    coders = vault.runs("coder")
+    assert [(c["round"], c["iteration"]) for c in coders] == [(1, 1), (2, 1)]
+    assert len(vault.runs("planner")) == 1  # a round never re-plans
+    feedback = json.loads(Path(coders[1]["feedback"]).read_text())
+    assert feedback["reason"] == "rework" and feedback["source"] == "person"
+    assert feedback["message"] == "Rename the file's greeting to `hi`."
+    folder = job_dir(vault)
+    prompt = (folder / "prompt-coder-r2-1.md").read_text()
+    assert "## Rework round 2: what to change (person)" in prompt
+    assert "Rename the file's greeting to `hi`." in prompt
+    # every round's artifacts side by side, none overwritten
+    for name in ("coder-1.log", "coder-r2-1.log", "tester-r2-1.log", "review-1.json"):
+        assert (folder / name).exists(), name
+    assert (folder / "review-r2-1.json").exists()
+    assert "round 2 · iteration 1 · reviewer: ok" in (folder / "pr.md").read_text()
+    # the same branch, one commit per round
+    assert git(vault.repo, "log", "--format=%s", "main..opus/fr-1").splitlines() == [
+        "opus(FR-1): coder, iteration 1",
+        "opus(FR-1): coder, iteration 1",
+    ]
+    assert git(vault.repo, "show", "opus/fr-1:FR-1.txt") == "change of round 2, iteration 1"
+    (job,) = registry(vault)
+    assert job["round"] == 2 and job["status"] == "review"
+    assert [(c["round"], c["stage"]) for c in job["history"]][-4:] == [
+        (2, "coder"),
+        (2, "tester"),
+        (2, "reviewer"),
+        (2, "delivery"),
+    ]
+    assert [r["source"] for r in job["rounds"]] == ["person"]
+    # and a person approves the reworked branch
+    code, out = opus(vault, "approve", "FR-1")
+    assert code == 0, out
+    code, out = opus(vault, "run", "--once")
+    assert meta(note)["status"] == "done"
+    assert git(vault.repo, "show", "main:FR-1.txt") == "change of round 2, iteration 1"
+
+
+def test_changes_requested_without_feedback_says_what_is_missing(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    set_keys(note, status="changes-requested")
+    assert opus(vault, "run", "--once")[0] == 0
+    m = meta(note)
+    assert m["status"] == "review"
+    assert "feedback" in str(m["error"])
+    assert len(vault.runs("coder")) == 1
+
+
+def test_the_round_after_max_rounds_blocks_with_the_trigger(vault: Vault) -> None:
+    vault.write_config(reactions="max_rounds = 2")
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    set_keys(note, status="changes-requested", feedback="First request.")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["round"] == 2 and meta(note)["status"] == "review"
+    set_keys(note, status="changes-requested", feedback="Second request: more.")
+    assert opus(vault, "run", "--once")[0] == 0
+    m = meta(note)
+    assert m["status"] == "blocked", m
+    assert m["error"] == "max_rounds (2) used up; person: Second request: more."
+    assert len(vault.runs("coder")) == 2  # no third round ran
+    events = [
+        json.loads(line)["event"]
+        for line in (job_dir(vault) / "events.jsonl").read_text().splitlines()
+    ]
+    assert events.count("round") == 1 and events[-1] == "blocked"
+
+
+@pytest.mark.anyio
+async def test_the_trigger_seam_dedupes_by_keys_also_after_a_restart(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    config = load_config(vault.config)
+    review = Trigger(source="github-review", feedback="## Review\n\nUse a constant.", keys=("r:1",))
+    async with Orchestrator(config) as orch:
+        await orch.run_once()
+        (job,) = orch.rt.registry.jobs()
+        assert job.status is Status.REVIEW
+        assert await orch.scheduler.rounds.start(job, review) is Status.QUEUED
+        await orch.run_once()
+        assert job.status is Status.REVIEW and job.round == 2
+    async with Orchestrator(config) as orch:
+        (job,) = orch.rt.registry.jobs()
+        assert job.reacted == ["r:1"]
+        assert await orch.scheduler.rounds.start(job, review) is None  # acted on already
+        assert job.status is Status.REVIEW and job.round == 2
+        again = Trigger(source="github-comment", feedback="x", keys=("r:1", "c:7"))
+        assert await orch.scheduler.rounds.start(job, again) is Status.QUEUED
+        assert job.round == 3 and job.reacted == ["r:1", "c:7"]
+    assert meta(note)["round"] == 3
+    artifact = (job_dir(vault) / "trigger-r2.md").read_text()
+    assert re.search(r"Use a constant\.", artifact)
+    await anyio.lowlevel.checkpoint()
