@@ -20,6 +20,7 @@ from pathlib import Path
 from report import Figure, median, ms, ratio
 from world import World
 
+from opus.orchestrator.plain_yaml import forget
 from opus.orchestrator.vault import Vault
 
 # --- 3. vault scan ---------------------------------------------------------------------------
@@ -57,6 +58,7 @@ def vault_scan(world: World, count: int, cold_runs: int) -> tuple[Figure, float]
     vault = Vault(config)
     for _ in range(cold_runs):
         vault = Vault(config)
+        forget()  # a cold scan starts with the line memos of a new process
         start = time.perf_counter()
         scan = vault.scan()
         cold.append(time.perf_counter() - start)
@@ -70,8 +72,8 @@ def vault_scan(world: World, count: int, cold_runs: int) -> tuple[Figure, float]
     return Figure(
         3,
         measured=f"cold {ms(c)}, unchanged {ms(unchanged)} ({count:,} notes)",
-        target="cold ≤ 1 s, unchanged ≤ 100 ms",
-        ok=c <= 1.0 and unchanged <= 0.100,
+        target="cold ≤ 0.7 s (SPEC: 1 s), unchanged ≤ 100 ms",
+        ok=c <= 0.7 and unchanged <= 0.100,
         baseline=f"bare scandir + stat {ms(bare)}",
         ratio=f"{ratio(c, bare)} / {ratio(unchanged, bare)}",
         details=[

@@ -34,6 +34,7 @@ from ruamel.yaml.util import load_yaml_guess_indent
 
 from .atomic import TEMP_PREFIX
 from .errors import NoteError
+from .plain_yaml import parse_plain
 
 try:
     from yaml import CSafeLoader as _BaseLoader
@@ -294,6 +295,9 @@ def _load_yaml(path: Path, yaml_text: str) -> dict[str, Any] | None:
     """The frontmatter mapping; None when the block is prose (a plain string)."""
     if not yaml_text.strip():
         return {}
+    plain = parse_plain(yaml_text)
+    if plain is not None:
+        return plain
     loader = _FastLoader(yaml_text)
     try:
         data = loader.get_single_data()
