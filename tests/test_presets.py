@@ -82,8 +82,8 @@ SECTION = {"model": "m1", "args": ["--extra", "{stage}"],
 # name → (flags a reviewer must get, flags a coder must get, model flag, how the prompt arrives)
 EXPECTED: dict[str, tuple[list[str], list[str], list[str], str]] = {
     "claude": (
-        ["-p", "--output-format", "json", "--permission-mode", "dontAsk", "--allowedTools"],
-        ["-p", "--output-format", "json", "--permission-mode", "acceptEdits"],
+        ["-p", "--output-format", "stream-json", "--tools", "Read,Grep,Glob", "dontAsk"],
+        ["-p", "--output-format", "stream-json", "--permission-mode", "acceptEdits"],
         ["--model", "m1"],
         "stdin",
     ),
@@ -200,14 +200,30 @@ async def test_planner_gets_the_cli_message_as_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_claude_reported_error_is_a_retryable_crash(tmp_path: Path) -> None:
+async def test_claude_reported_error_is_read_before_the_exit_status(tmp_path: Path) -> None:
     bin_dir = tmp_path / "bin"
     install(bin_dir, "claude")
-    (bin_dir / "mode.json").write_text('{"error": true}')
+    said = "API Error: 500 Internal server error. This is a server-side issue"
+    (bin_dir / "mode.json").write_text(json.dumps({"error": True, "status": 500, "said": said}))
     agent = build_agent(AgentSection(kind="claude"), Stage.CODER, environ=environ_with(bin_dir))
     with pytest.raises(AgentCrashed) as info:
         await agent.run(make_ctx(tmp_path, Stage.CODER))
+    assert str(info.value) == f"claude: {said}"  # its words, not "exited with status 1: }"
     assert info.value.retryable
+    assert info.value.usage is not None and info.value.usage.output_tokens == 42
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("status", [400, 401, 403, 404])
+async def test_claude_auth_and_request_errors_are_permanent(tmp_path: Path, status: int) -> None:
+    bin_dir = tmp_path / "bin"
+    install(bin_dir, "claude")
+    mode = {"error": True, "status": status, "said": "Invalid API key · Fix external API key"}
+    (bin_dir / "mode.json").write_text(json.dumps(mode))
+    agent = build_agent(AgentSection(kind="claude"), Stage.PLANNER, environ=environ_with(bin_dir))
+    with pytest.raises(AgentCrashed, match="Invalid API key") as info:
+        await agent.run(make_ctx(tmp_path, Stage.PLANNER))
+    assert not info.value.retryable
 
 
 @pytest.mark.anyio
@@ -281,8 +297,8 @@ def test_long_prompt_is_passed_by_file(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_quiet_json_clis_are_not_taken_for_stalled(tmp_path: Path) -> None:
-    """claude and gemini print one JSON object at the end: their silence is not a stall
-    (only the stage timeout applies); codex streams JSONL events, so silence is one."""
+    """gemini prints one JSON object at the end: its silence is not a stall (only the stage
+    timeout applies); codex and claude (stream-json) stream events, so silence is one."""
     import dataclasses
 
     from opus.orchestrator.errors import AgentStalled
@@ -292,10 +308,9 @@ async def test_quiet_json_clis_are_not_taken_for_stalled(tmp_path: Path) -> None
         install(bin_dir, name)
     (bin_dir / "mode.json").write_text('{"think": 1.0}')
     ctx = dataclasses.replace(make_ctx(tmp_path, Stage.PLANNER), stall_timeout=0.3)
-    for name in ("claude", "gemini"):
+    gemini = build_agent(AgentSection(kind="gemini"), Stage.PLANNER, environ=environ_with(bin_dir))
+    assert "Plan from" in (await gemini.run(ctx)).output
+    for name in ("codex", "claude"):
         agent = build_agent(AgentSection(kind=name), Stage.PLANNER, environ=environ_with(bin_dir))
-        result = await agent.run(ctx)
-        assert "Plan from" in result.output, name
-    codex = build_agent(AgentSection(kind="codex"), Stage.PLANNER, environ=environ_with(bin_dir))
-    with pytest.raises(AgentStalled):
-        await codex.run(ctx)
+        with pytest.raises(AgentStalled):
+            await agent.run(ctx)

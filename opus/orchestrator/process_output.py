@@ -7,6 +7,7 @@ each line, redacted and tagged ``out|`` / ``err|``, plus ``# `` notes, to the lo
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import IO
 
@@ -15,7 +16,16 @@ from anyio.abc import ByteReceiveStream
 
 from .redact import Redactor
 
-__all__ = ("MAX_KEPT", "TAIL_BYTES", "TAIL_LINES", "Capture", "LogSink", "Progress", "output_tail")
+__all__ = (
+    "MAX_KEPT",
+    "TAIL_BYTES",
+    "TAIL_LINES",
+    "Capture",
+    "Counts",
+    "LogSink",
+    "Progress",
+    "output_tail",
+)
 
 MAX_KEPT = 32 * 2**20
 """Bytes of each stream kept in memory (the tail); the log file has everything."""
@@ -96,21 +106,47 @@ def _append(file: IO[str], text: str) -> None:
     file.flush()
 
 
-class Capture:
-    """Reads one pipe to its end: keeps the bytes, feeds the log, marks progress."""
+Counts = Callable[[str, str], bool]
+"""``counts(tag, line)``: whether a line of output (tag "out" or "err") is a sign of progress."""
 
-    def __init__(self, tag: str, sink: LogSink, progress: Progress) -> None:
+PARTIAL_COUNTS = 65536
+"""Bytes of one unfinished line after which it counts as progress whatever it says."""
+
+
+class Capture:
+    """Reads one pipe to its end: keeps the bytes, feeds the log, marks progress.
+
+    With ``counts``, only the lines it accepts mark progress (a CLI that prints
+    "Reconnecting…" while its model is unreachable is not making any)."""
+
+    def __init__(
+        self, tag: str, sink: LogSink, progress: Progress, counts: Counts | None = None
+    ) -> None:
         self.tag = tag
         self.done = anyio.Event()
         self._sink = sink
         self._progress = progress
+        self._counts = counts
+        self._line = b""
         self._data = bytearray()
         self._cut = 0
+
+    def _mark(self, chunk: bytes) -> None:
+        if self._counts is None:
+            self._progress.touch(anyio.current_time())
+            return
+        data = self._line + chunk
+        *lines, self._line = data.split(b"\n")
+        counted = any(self._counts(self.tag, ln.decode("utf-8", "replace")) for ln in lines)
+        if counted or len(self._line) > PARTIAL_COUNTS:
+            self._progress.touch(anyio.current_time())
+        if len(self._line) > PARTIAL_COUNTS:
+            self._line = b""
 
     async def pump(self, stream: ByteReceiveStream) -> None:
         try:
             async for chunk in stream:
-                self._progress.touch(anyio.current_time())
+                self._mark(chunk)
                 self._data += chunk
                 if len(self._data) > 2 * MAX_KEPT:
                     drop = len(self._data) - MAX_KEPT

@@ -25,7 +25,7 @@ import anyio
 from anyio.abc import ByteSendStream, Process
 
 from .errors import AgentError, AgentNotFound, AgentStalled, AgentTimeout, BackendError
-from .process_output import Capture, LogSink, Progress, output_tail
+from .process_output import Capture, Counts, LogSink, Progress, output_tail
 from .redact import Redactor
 
 __all__ = (
@@ -76,11 +76,13 @@ async def run_process(
     on_exit: Callable[[int], None] | None = None,
     grace: float = 5.0,
     what: str | None = None,
+    counts: Counts | None = None,
 ) -> ProcessResult:
     """Run ``argv`` in its own process group and supervise it until the group is gone.
 
     ``stdin`` is written then closed (None: ``/dev/null``). Output is kept and appended,
-    redacted, to ``log_file``. Raises AgentTimeout, AgentStalled, or AgentNotFound when
+    redacted, to ``log_file``; with ``counts`` only the output lines it accepts are
+    progress for the stall watch. Raises AgentTimeout, AgentStalled, or AgentNotFound when
     the program cannot be started; ``what`` (the stage) words that message.
     """
     args = [os.fspath(a) for a in argv]
@@ -105,7 +107,7 @@ async def run_process(
         name = f"{what} agent `{Path(args[0]).name}`" if what else f"`{Path(args[0]).name}`"
         return await _supervise(
             proc, name, sink, redactor, stdin, timeout, stall_timeout, activity,
-            on_spawn, on_exit, grace,
+            on_spawn, on_exit, grace, counts,
         )  # fmt: skip
     finally:
         with anyio.CancelScope(shield=True):
@@ -124,10 +126,13 @@ async def _supervise(
     on_spawn: Callable[[int], None] | None,
     on_exit: Callable[[int], None] | None,
     grace: float,
+    counts: Counts | None,
 ) -> ProcessResult:
     pgid = proc.pid
+    quiet = "no progress in its output" if counts is not None else "no output"
+    stalled = f"{quiet} and no worktree change for {stall_timeout:g} s"
     progress = Progress(anyio.current_time())
-    out, err = Capture("out", sink, progress), Capture("err", sink, progress)
+    out, err = Capture("out", sink, progress, counts), Capture("err", sink, progress, counts)
     reason: str | None = None
     stopped: bool | None = None
     log.info("%s started (process group %d)", name, pgid)
@@ -145,7 +150,7 @@ async def _supervise(
                 why = {
                     None: "exited; stopping what is left of its group",
                     "timeout": f"ran past its timeout of {timeout:g} s",
-                    "stall": f"no output and no worktree change for {stall_timeout:g} s",
+                    "stall": stalled,
                 }[reason]
                 stopped = await _stop_group(proc, pgid, grace, name, why, sink)
                 with anyio.move_on_after(DRAIN_TIMEOUT):
@@ -169,10 +174,10 @@ async def _supervise(
             output=output_tail(result.stdout, result.stderr),
         )
     if reason == "stall":
-        raise AgentStalled(
-            f"{name} stalled: no output and no worktree change for {stall_timeout:g} s",
-            output=output_tail(result.stdout, result.stderr),
-        )
+        tail = output_tail(result.stdout, result.stderr)
+        last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        said = f" (its last words: {last[:200]})" if last and counts is not None else ""
+        raise AgentStalled(f"{name} stalled: {stalled}{said}", output=tail)
     return result
 
 

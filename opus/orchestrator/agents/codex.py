@@ -49,4 +49,4 @@ class CodexAgent(PresetAgent):
         if failure and not message:
             raise AgentCrashed(f"codex failed: {failure[:300]}", retryable=True)
         usage: Usage | None = priced_usage(self.section, sent, received, None) if seen else None
-        return Reply(message or result.stdout, usage)
+        return self.answer(message, usage, result)

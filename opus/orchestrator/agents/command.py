@@ -23,7 +23,7 @@ from ..config import AgentSection
 from ..errors import AgentCrashed, AgentError, AgentNotFound, AgentOutputError
 from ..lifecycle import Stage
 from ..models import Usage, Verdict
-from ..process_output import output_tail
+from ..process_output import Counts, output_tail
 from ..supervisor import ProcessResult, run_process
 from ..workspace import worktree_fingerprint
 from .base import StageContext, StageResult
@@ -143,8 +143,12 @@ def parse_verdict(text: str) -> Verdict:
 def priced_usage(
     section: AgentSection, input_tokens: int, output_tokens: int, cost_usd: float | None
 ) -> Usage:
-    """Usage with the backend's cost, else one estimated from the section's prices."""
-    if cost_usd is not None:
+    """Usage with the backend's cost, else one estimated from the section's prices.
+
+    A cost of 0 with prices configured is estimated too: CLIs report 0 for a model they
+    have no price for, and that must not hide the person's ``price_*_per_mtok``."""
+    priced = bool(section.price_in_per_mtok or section.price_out_per_mtok)
+    if cost_usd is not None and (cost_usd > 0 or not priced):
         return Usage(input_tokens=input_tokens, output_tokens=output_tokens, cost_usd=cost_usd)
     estimate = (
         input_tokens * (section.price_in_per_mtok or 0.0)
@@ -234,6 +238,16 @@ class CommandAgent:
         """The agent's final message (and usage) from its output: here, all of stdout."""
         return Reply(result.stdout)
 
+    def cli_error(self, ctx: StageContext, result: ProcessResult) -> AgentError | None:
+        """The program's own error, read from its output before the exit status is judged,
+        so the FR's ``error`` carries its words; ``retryable`` False for what another
+        attempt cannot fix (bad auth, unknown model, bad flags). None: no error found."""
+        return None
+
+    def progress(self) -> Counts | None:
+        """Which output lines count as progress for the stall watch (None: all output)."""
+        return None
+
     # -- running ----------------------------------------------------------------------
 
     def quiet(self) -> bool:
@@ -277,6 +291,7 @@ class CommandAgent:
                 on_exit=ctx.on_exit,
                 grace=self.grace,
                 what=self.stage.value,
+                counts=self.progress(),
             )
         except AgentNotFound as e:
             if isinstance(e.__cause__, FileNotFoundError):
@@ -300,6 +315,9 @@ class CommandAgent:
             return self._tester(ctx, result, file_json)
         spent = _usage_from(file_json, self.section)
         try:
+            failure = self.cli_error(ctx, result)
+            if failure is not None:
+                raise failure
             self.check_exit(result)
             reply = self.reply(ctx, result)
         except AgentError as e:
@@ -327,7 +345,8 @@ class CommandAgent:
         """A signal or a non-zero exit of a non-tester agent: AgentCrashed (retryable);
         126/127 (the shell could not run it): AgentNotFound (permanent)."""
         tail = output_tail(result.stdout, result.stderr)
-        last = next((ln.strip() for ln in reversed(tail.splitlines()) if ln.strip()), "")
+        worded = (ln.strip() for ln in reversed(tail.splitlines()) if _has_words(ln))
+        last = next(worded, "")
         said = f": {last[:300]}" if last else ""
         if result.signal is None and result.returncode in (126, 127):
             raise AgentNotFound(
@@ -384,6 +403,11 @@ class CommandAgent:
         except OSError:
             return ""
         return ctx.redactor(raw.decode("utf-8", "replace"))
+
+
+def _has_words(line: str) -> bool:
+    """A line that says something (not a lone ``}`` closing a JSON dump)."""
+    return any(c.isalpha() for c in line)
 
 
 def _load_json(text: str) -> object:

@@ -40,7 +40,7 @@ class GeminiAgent(PresetAgent):
             (o for o in json_objects(result.stdout) if "response" in o or "stats" in o), None
         )
         if doc is None:
-            return Reply(result.stdout)
+            return self.answer("", None, result)
         error = dict_of(doc.get("error"))
         if error and not doc.get("response"):
             raise AgentCrashed(f"gemini failed: {str(error.get('message'))[:300]}", retryable=True)
@@ -51,4 +51,4 @@ class GeminiAgent(PresetAgent):
             sent += int_of(tokens.get("prompt"))
             received += int_of(tokens.get("candidates")) + int_of(tokens.get("thoughts"))
         usage: Usage | None = priced_usage(self.section, sent, received, None) if models else None
-        return Reply(str(doc.get("response") or ""), usage)
+        return self.answer(str(doc.get("response") or ""), usage, result)

@@ -61,4 +61,4 @@ class OpencodeAgent(PresetAgent):
         if failure and not last:
             raise AgentCrashed(f"opencode failed: {failure[:300]}", retryable=True)
         usage = priced_usage(self.section, sent, received, cost) if seen else None
-        return Reply("\n".join(last) if last else result.stdout, usage)
+        return self.answer("\n".join(last), usage, result)

@@ -7,6 +7,11 @@ prompt the way the CLI wants it, and reads the final message and usage from its 
 CLI's model flag. The CLI's ``--version`` is asked once per agent and kept in ``meta``.
 ``home_paths`` names the CLI's own config and credential paths under HOME: the sandbox binds
 only those into the private HOME it makes for a job, and ``opus doctor`` looks for them.
+
+The hooks of SPEC §14 a preset fills in: ``cli_error`` (the CLI's own error, read before the
+exit status), ``progress`` (which output lines are progress for the stall watch),
+``endpoint`` (how ``base_url`` / ``api_key_env`` reach the CLI — refused by default, at
+build time), ``cli_env`` (variables the CLI always gets; the agent's ``env`` wins).
 """
 
 from __future__ import annotations
@@ -18,10 +23,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, ClassVar
 
 from ..config import AgentSection
-from ..errors import AgentError, AgentNotFound
+from ..errors import AgentError, AgentNotFound, AgentOutputError, ConfigError
 from ..lifecycle import Stage
+from ..models import Usage
+from ..process_output import output_tail
+from ..supervisor import ProcessResult
 from .base import StageContext, StageResult
-from .command import CommandAgent, placeholder_values, split_command, substitute
+from .command import CommandAgent, Reply, placeholder_values, split_command, substitute
 
 __all__ = ("PresetAgent", "dict_of", "int_of", "lines_json")
 
@@ -56,6 +64,54 @@ class PresetAgent(CommandAgent):
         else:
             self.head = split_command(section.command) or [self.executable]
         self.version: str | None = None
+        self.endpoint_env = self.endpoint(os.environ if environ is None else environ)
+
+    def endpoint(self, environ: Mapping[str, str]) -> dict[str, str]:
+        """The variables that give the CLI ``base_url`` and the key ``api_key_env`` names.
+
+        This base refuses both (ConfigError): a preset whose CLI takes its endpoint another
+        way must say so rather than ignore them. ``environ`` is opus's environment."""
+        given = [k for k in ("base_url", "api_key_env") if getattr(self.section, k)]
+        if given:
+            raise ConfigError(
+                f"kind = {self.section.kind!r} cannot take {' / '.join(given)}: "
+                f"set {self.product}'s endpoint and key in its own configuration",
+                key=f"agents.{self.stage}",
+            )
+        return {}
+
+    def api_key(self, environ: Mapping[str, str]) -> str | None:
+        """The value of the variable ``api_key_env`` names (ConfigError when it is unset)."""
+        name = self.section.api_key_env
+        if not name:
+            return None
+        value = environ.get(name)
+        if not value:
+            raise ConfigError(
+                f"api_key_env names {name}, which is not set in opus's environment",
+                key=f"agents.{self.stage}",
+            )
+        return value
+
+    def cli_env(self, ctx: StageContext) -> dict[str, str]:
+        """Variables the CLI always gets (quiet, no updates, no analytics); ``env`` wins."""
+        return {}
+
+    def build_env(self, ctx: StageContext) -> dict[str, str]:
+        return {**self.cli_env(ctx), **super().build_env(ctx), **self.endpoint_env}
+
+    def answer(self, text: str, usage: Usage | None, result: ProcessResult) -> Reply:
+        """The reply with the CLI's final message. Without one, the planner and the reviewer
+        fail the attempt (usage kept): the CLI's event stream is never taken for the answer;
+        the coder's work is in the worktree, its message may be empty."""
+        if text.strip() or self.stage is Stage.CODER:
+            return Reply(text, usage)
+        error = AgentOutputError(
+            f"{self.head[0].rsplit(os.sep, 1)[-1]} ended without a final message",
+            output=output_tail(result.stdout, result.stderr),
+        )
+        error.usage = usage
+        raise error
 
     @property
     def read_only(self) -> bool:

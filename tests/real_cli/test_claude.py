@@ -1,0 +1,115 @@
+"""Claude Code (the real ``claude``, pinned) under ``opus run --once``, against a loopback
+Anthropic Messages API (servers/anthropic.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, World, closed_port
+from .servers.anthropic import INPUT_TOKENS, OUTPUT_TOKENS, AnthropicServer, error_response
+
+pytestmark = pytest.mark.cli("claude")
+
+KEY = "sk-ant-test-0123456789abcdef"
+FAST = {"stage_timeout": 90, "stall_timeout": 20, "retries": 1}
+
+
+def claude_world(make_world: Callable[[str], World], url: str, **pipeline: Any) -> World:
+    world = make_world("claude")
+    world.configure(
+        {"kind": "claude", "base_url": url, "api_key_env": "OPUS_TEST_ANTHROPIC_KEY"},
+        pipeline={**FAST, **pipeline},
+    )
+    return world
+
+
+def run(world: World) -> None:
+    result = world.run_once(env={"OPUS_TEST_ANTHROPIC_KEY": KEY})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_claude_runs_every_stage_to_review(make_world: Callable[[str], World]) -> None:
+    with AnthropicServer() as server:
+        world = claude_world(make_world, server.url)
+        run(world)
+
+    fm = world.frontmatter()
+    assert fm["status"] == "review", fm
+    # the coder wrote the file, ran the tests and committed it itself
+    assert COMMIT_MESSAGE in world.commits()
+    assert FAREWELL_FILE in world.branch_files()
+    assert "Goodbye" in world.show(FAREWELL_FILE)
+    # planner and reviewer tried the Write tool and Bash: refused, nothing created anywhere
+    probes = [name for pair in PROBES.values() for name in pair]
+    assert world.stray(probes) == []
+    for stage in ("planner", "reviewer"):
+        results = [
+            block
+            for request in server.stage_requests(stage)
+            for message in request.json["messages"]
+            if isinstance(message.get("content"), list)
+            for block in message["content"]
+            if block.get("type") == "tool_result"
+        ]
+        assert len(results) >= 2 and all(block.get("is_error") for block in results), results
+    plan = (world.job_files() / "plan.md").read_text()
+    assert plan.startswith("## Plan") and "type" not in plan  # the message, not the events
+    # the key went to the CLI, never to disk
+    assert all(r.headers.get("x-api-key") == KEY for r in server.model_requests())
+    assert not [p for p in world.root.rglob("*") if p.is_file() and _holds(p, KEY)]
+    # usage per stage: three model calls each, at the server's token counts
+    for stage in ("planner", "coder", "reviewer"):
+        (checkpoint,) = world.checkpoints(stage)
+        usage = checkpoint["usage"]
+        assert usage["input_tokens"] == 3 * INPUT_TOKENS, (stage, usage)
+        assert usage["output_tokens"] == 3 * OUTPUT_TOKENS, (stage, usage)
+    assert world.job()["usage"]["output_tokens"] == 9 * OUTPUT_TOKENS
+
+
+def _holds(path: Any, secret: str) -> bool:
+    try:
+        return secret.encode() in path.read_bytes()
+    except OSError:
+        return False
+
+
+def test_a_401_reaches_error_in_claudes_words_without_retries(
+    make_world: Callable[[str], World],
+) -> None:
+    with AnthropicServer() as server:
+        server.fail = error_response(401, "authentication_error", "invalid x-api-key")
+        world = claude_world(make_world, server.url, retries=2)
+        run(world)
+    fm = world.frontmatter()
+    assert fm["status"] == "failed"
+    assert "Invalid API key" in fm["error"], fm["error"]
+    assert "exited with status" not in fm["error"]
+    assert len(server.model_requests()) == 1  # neither claude nor opus tried again
+
+
+def test_a_500_is_retried_then_fails_in_claudes_words(make_world: Callable[[str], World]) -> None:
+    with AnthropicServer() as server:
+        server.fail = error_response(500, "api_error", "Internal server error")
+        world = claude_world(make_world, server.url, retries=1)
+        run(world)
+    fm = world.frontmatter()
+    assert fm["status"] == "failed"
+    assert "API Error: 500" in fm["error"], fm["error"]
+    assert len(server.model_requests()) == 2  # one attempt, one retry
+    (checkpoint,) = world.checkpoints("planner")
+    assert checkpoint["outcome"] == "error" and checkpoint["attempts"] == 2
+
+
+def test_an_unreachable_endpoint_fails_within_the_stall_timeout(
+    make_world: Callable[[str], World],
+) -> None:
+    world = claude_world(make_world, f"http://127.0.0.1:{closed_port()}", stall_timeout=10)
+    result = world.run_once(env={"OPUS_TEST_ANTHROPIC_KEY": KEY})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fm = world.frontmatter()
+    assert fm["status"] in ("failed", "blocked")
+    assert "Unable to connect to API" in fm["error"], fm["error"]
+    assert result.seconds < 10 * 2 + 15  # two attempts, each within the stall timeout
