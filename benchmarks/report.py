@@ -19,6 +19,8 @@ NAMES = (
     "idle CPU",
     "memory",
     "throughput",
+    "CLI latency",
+    "metrics vs history",
 )
 """Every figure's name, in SPEC §12 order (figure N is ``NAMES[N - 1]``)."""
 

@@ -27,6 +27,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 import checkpoint_figure  # noqa: E402
+import cli_figures  # noqa: E402
 import pipeline_figures  # noqa: E402
 import state_figures  # noqa: E402
 from report import NAMES, Figure, document, environment, median, table  # noqa: E402
@@ -43,12 +44,19 @@ class Sizes:
     saves: int  # 4: saves timed per history
     window: float  # 5: seconds of idle CPU measured
     batch: int  # 7: FRs run at concurrency 3
+    cli_jobs: int  # 8: jobs (and notes) behind `opus status`
+    cli_runs: int  # 8, 9: processes timed per command
+    archived: int  # 9: archived jobs
 
 
 FULL = Sizes(
-    moves=40, runs=10, notes=10_000, cold_runs=3, jobs=100_000, saves=200, window=30.0, batch=100
-)
-QUICK = Sizes(moves=5, runs=2, notes=300, cold_runs=1, jobs=1_000, saves=200, window=3.0, batch=9)
+    moves=40, runs=10, notes=10_000, cold_runs=3, jobs=100_000, saves=200, window=30.0,
+    batch=100, cli_jobs=1_000, cli_runs=10, archived=100_000,
+)  # fmt: skip
+QUICK = Sizes(
+    moves=5, runs=2, notes=300, cold_runs=1, jobs=1_000, saves=200, window=3.0, batch=9,
+    cli_jobs=50, cli_runs=3, archived=1_000,
+)  # fmt: skip
 
 
 class Bench:
@@ -79,6 +87,12 @@ class Bench:
             self._one([2], self._overhead)
         if 7 in self.only:
             self._one([7], self._throughput)
+        if 8 in self.only:
+            self._one([8], lambda: [cli_figures.cli_latency(
+                self.tmp / "cli", self.sizes.cli_jobs, self.sizes.cli_runs)])  # fmt: skip
+        if 9 in self.only:
+            self._one([9], lambda: [cli_figures.metrics_history(
+                self.tmp / "metrics", self.sizes.archived, self.sizes.cli_runs)])  # fmt: skip
         if 4 in self.only:  # last: its 100,000 live jobs take GBs the others should not carry
             self._one([4], self._checkpoint)
 
@@ -134,7 +148,9 @@ def _time(work: Callable[[], object]) -> float:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run")
-    parser.add_argument("--only", default="", help="comma-separated figure numbers (1–7)")
+    parser.add_argument(
+        "--only", default="", help=f"comma-separated figure numbers (1–{len(NAMES)})"
+    )
     parser.add_argument("--out", type=Path, help="where to write the markdown results")
     parser.add_argument("--tmp", type=Path, help="folder for the temporary vaults and repos")
     return parser.parse_args(argv)
@@ -142,9 +158,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    only = {int(n) for n in args.only.split(",") if n.strip()} or set(range(1, 8))
-    if not only <= set(range(1, 8)):
-        print("--only takes figure numbers 1–7", file=sys.stderr)
+    every = set(range(1, len(NAMES) + 1))
+    only = {int(n) for n in args.only.split(",") if n.strip()} or every
+    if not only <= every:
+        print(f"--only takes figure numbers 1–{len(NAMES)}", file=sys.stderr)
         return 2
     sizes = QUICK if args.quick else FULL
     out = args.out or HERE / ("results-quick.md" if args.quick else "results.md")

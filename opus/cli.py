@@ -278,10 +278,16 @@ def health(config_path: Path | None, max_age: float) -> None:
 )
 def metrics(config_path: Path | None, as_json: bool, days: int) -> None:
     """Throughput, success rate, durations, iterations, utilization, tokens and cost."""
-    from .orchestrator.metrics import compute, render
+    from .orchestrator.metrics import compute, render, window_start
 
     config = load(config_path)
+    now = datetime.now()
     data = compute(
-        insp.all_jobs(config), insp.all_events(config), since_days=days, now=datetime.now()
+        insp.read_jobs(config.state_dir),
+        insp.all_events(config),
+        since_days=days,
+        now=now,
+        concurrency=config.pipeline.concurrency,
+        archived=insp.archived_figures(config, window_start(now, days)),
     )
     click.echo(json.dumps(data, indent=2) if as_json else render(data))

@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 FIGURES = (
     "pickup latency",
@@ -16,9 +18,12 @@ FIGURES = (
     "idle CPU",
     "memory",
     "throughput",
+    "CLI latency",
+    "metrics vs history",
 )
 
 
+@pytest.mark.timeout(300)
 def test_quick_run_measures_and_tables_every_figure(tmp_path: Path) -> None:
     out = tmp_path / "results.md"
     done = subprocess.run(
@@ -26,7 +31,7 @@ def test_quick_run_measures_and_tables_every_figure(tmp_path: Path) -> None:
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=280,
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "ERROR" not in done.stdout

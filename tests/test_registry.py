@@ -372,7 +372,9 @@ def test_archive_moves_old_finished_jobs_only(state: Path, clock: Clock) -> None
     assert registry_ids(state) == kept
     assert sorted(p.name for p in (state / "archive").iterdir()) == [
         "2026-09.jsonl",
+        "2026-09.rollup.json",
         "2026-10.jsonl",
+        "2026-10.rollup.json",
     ]
     assert list(registry.archived()) == [jobs["a"], jobs["b"]]
     assert registry.events(jobs["a"].id)[-1]["event"] == "archived"

@@ -4,6 +4,7 @@ Layout under the state folder (SPEC §8)::
 
     registry.json          {"version": 1, "jobs": [...]}: active and recent jobs
     archive/YYYY-MM.jsonl  finished jobs older than keep_days, one JSON per line
+    archive/YYYY-MM.rollup.json  their metrics by day (``rollups``), for ``opus metrics``
     jobs/<job_id>/         artifacts and events.jsonl (append-only)
 
 A checkpoint (:meth:`Registry.save`) is one fsynced append of the job's snapshot
@@ -35,6 +36,7 @@ from .errors import RegistryError
 from .lifecycle import FINISHED, Status
 from .lock import cleanup_temp_files
 from .models import Job, Priority, slug
+from .rollups import RollupCache, ensure_rollups
 
 __all__ = ("Registry",)
 
@@ -73,6 +75,7 @@ class Registry:
         self.flush_interval = flush_interval
         self.max_finished = max_finished
         self.archive_generation = 0
+        self._rollups = RollupCache(self.state_dir / "archive", self.state_dir)
         self._month_cache: tuple[tuple[str, int, int], list[Job]] | None = None
         """Counts archive runs that moved jobs (for caches of archived data)."""
         """Finished jobs kept in registry.json; older ones go to the archive early."""
@@ -120,6 +123,8 @@ class Registry:
             now = self._now()
             self._flush_locked(now)
             self._last_flush = now
+            with _io("cannot write the archive's roll-ups"):
+                ensure_rollups(self.archive_dir, self.state_dir)
         logger.info(
             "registry %s: %d job(s), %d repair(s)",
             self.state_dir,
@@ -380,6 +385,9 @@ class Registry:
             lines = "".join(self._rows[i] + "\n" for i in ids)
             with _io(f"cannot append to {self.archive_dir / name}"):
                 self._append(self.archive_dir / name, lines.encode())
+        with _io("cannot write the archive's roll-ups"):
+            self._rollups.update(months)
+        for name, ids in months.items():
             for job_id in ids:
                 # a marker lost to a crash only duplicates the job (archived() dedupes)
                 if (self.jobs_dir / job_id).is_dir():

@@ -10,8 +10,7 @@ import json
 import os
 import shlex
 import shutil
-from collections.abc import Iterator
-from datetime import datetime
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +20,7 @@ from .config import Config
 from .errors import NoteError, OpusError, WorkspaceError
 from .lifecycle import Stage, Status
 from .models import Job
+from .rollups import Figures, rollups_since
 from .vault import Vault
 from .workspace import Workspace
 
@@ -43,7 +43,9 @@ def read_jobs(state_dir: Path) -> list[Job]:
         for entry in os.scandir(folder):
             log = Path(entry.path) / "events.jsonl"
             try:
-                if entry.name in jobs and log.stat().st_mtime_ns < mtime:
+                # a log older than registry.json holds nothing newer: a live job's state is
+                # in it, and a job missing from it was archived (its marker came first)
+                if log.stat().st_mtime_ns < mtime:
                     continue
                 lines = log.read_bytes().split(b"\n")[:-1]
             except OSError:
@@ -66,23 +68,9 @@ def read_jobs(state_dir: Path) -> list[Job]:
     return sorted(jobs.values(), key=lambda j: j.created_at)
 
 
-def read_archive(state_dir: Path) -> Iterator[Job]:
-    seen: set[str] = set()
-    for path in sorted((state_dir / "archive").glob("*.jsonl")):
-        for line in path.read_bytes().split(b"\n")[:-1]:
-            try:
-                job = Job.model_validate_json(line)
-            except ValidationError:
-                continue
-            if job.id not in seen:
-                seen.add(job.id)
-                yield job
-
-
-def all_jobs(config: Config) -> list[Job]:
-    live = read_jobs(config.state_dir)
-    ids = {j.id for j in live}
-    return [*(j for j in read_archive(config.state_dir) if j.id not in ids), *live]
+def archived_figures(config: Config, since: date) -> tuple[Figures, set[str]]:
+    """The archive's roll-ups of jobs created on or after ``since`` (not the archive)."""
+    return rollups_since(config.state_dir / "archive", since)
 
 
 def events(config: Config, job_id: str) -> list[dict[str, Any]]:

@@ -1,0 +1,119 @@
+"""Figures 8 and 9: the command line's latency, and ``opus metrics`` against history.
+
+8. CLI latency — ``opus --version`` and ``opus status`` (a vault of N FR notes, each with its
+   finished job in ``registry.json``), each a new process, against ``python -c pass``.
+9. metrics — ``opus metrics --json`` with no archive vs with M archived jobs spread over the
+   ten months before this one (their job folders kept, as opus keeps them), each a new
+   process; the registry rolls the archive up when it opens (once, untimed).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from checkpoint_figure import _job_template
+from report import Figure, median, ms, ratio
+from world import World, make_world
+
+from opus.orchestrator.registry import Registry
+
+OPUS = [sys.executable, "-m", "opus"]
+
+
+def _timed(argv: list[str], runs: int, env: dict[str, str] | None = None) -> float:
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        done = subprocess.run(argv, capture_output=True, env=env, check=False)
+        times.append(time.perf_counter() - start)
+        if done.returncode != 0:
+            raise RuntimeError(f"{argv} exited {done.returncode}: {done.stderr.decode()[-500:]}")
+    return median(times)
+
+
+def _fill(world: World, jobs: int) -> None:
+    """N notes resting at ``done`` and their jobs in registry.json."""
+    now = datetime.now().replace(microsecond=0)
+    row = _job_template(now - timedelta(hours=1))
+    state = world.root / ".opus"
+    state.mkdir(exist_ok=True)
+    with open(state / "registry.json", "w") as f:
+        f.write('{"version":1,"jobs":[' + ",".join(row.replace("{i}", str(i)) for i in range(jobs)))
+        f.write("]}")
+    for i in range(jobs):
+        world.put(
+            f"FR-{i}.md",
+            f"---\nid: FR-{i}\nstatus: done\njob_id: 20260101-000000-fr-{i}-beef\n---\n# FR {i}\n",
+        )
+
+
+def cli_latency(base: Path, jobs: int, runs: int) -> Figure:
+    world = make_world(base / "status")
+    _fill(world, jobs)
+    config = str(world.config_file)
+    floor = _timed([sys.executable, "-c", "pass"], runs)
+    version = _timed([*OPUS, "--version"], runs)
+    status = _timed([*OPUS, "status", "--config", config], max(3, runs // 2))
+    return Figure(
+        8,
+        measured=f"--version {ms(version)}, status {ms(status)} ({jobs:,} jobs)",
+        target="--version ≤ 60 ms, status ≤ 150 ms",
+        ok=version <= 0.060 and status <= 0.150,
+        baseline=f"python -c pass {ms(floor)}",
+        ratio=f"{ratio(version, floor)} / {ratio(status, floor)}",
+        details=[f"each a new process, median of {runs} (status: {max(3, runs // 2)})"],
+    )
+
+
+def _archive(state: Path, jobs: int) -> None:
+    """M archived jobs over ten past months, each with its job folder and event log."""
+    archive = state / "archive"
+    archive.mkdir(parents=True)
+    now = datetime.now().replace(microsecond=0)
+    months = 10
+    for m in range(months):
+        finished = (now.replace(day=1) - timedelta(days=1 + 31 * m)).replace(day=15)
+        row = _job_template(finished)
+        ids = range(m, jobs, months)
+        with open(archive / f"{finished:%Y-%m}.jsonl", "w") as f:
+            f.writelines(row.replace("{i}", str(i)) + "\n" for i in ids)
+        for i in ids:
+            folder = state / "jobs" / f"20260101-000000-fr-{i}-beef"
+            folder.mkdir(parents=True)
+            (folder / "events.jsonl").write_text('{"event":"archived"}\n')
+    (state / "registry.json").write_text('{"version":1,"jobs":[]}')
+    Registry(state, now=datetime.now).open()  # rolls the archive up, as opus's start does
+
+
+def metrics_history(base: Path, jobs: int, runs: int) -> Figure:
+    empty, full = make_world(base / "empty"), make_world(base / "full")
+    Registry(empty.root / ".opus", now=datetime.now).open()
+    _archive(full.root / ".opus", jobs)
+    argv = [*OPUS, "metrics", "--json", "--since", "400", "--config"]
+    env = {**os.environ}
+    t0 = t1 = 0.0
+    zero, many = [], []
+    for _ in range(runs):  # interleaved, so noise hits both alike
+        zero.append(_timed([*argv, str(empty.config_file)], 1, env))
+        many.append(_timed([*argv, str(full.config_file)], 1, env))
+    t0, t1 = median(zero), median(many)
+    done = subprocess.run([*argv, str(full.config_file)], capture_output=True, check=True)
+    counted = json.loads(done.stdout)["jobs"]
+    return Figure(
+        9,
+        measured=f"{ms(t0)} vs {ms(t1)} ({jobs:,} archived jobs, {counted:,} counted)",
+        target="≤ 1.5× (independent of history)",
+        ok=t1 <= 1.5 * t0 and counted == jobs,
+        baseline=f"no archive: {ms(t0)}",
+        ratio=ratio(t1, t0),
+        details=[
+            f"`opus metrics --json --since 400`, a new process each, median of {runs}, "
+            "interleaved; the archive is read through its monthly roll-ups"
+        ],
+    )
