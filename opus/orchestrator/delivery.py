@@ -74,19 +74,26 @@ def pr_description(job: Job, fr: FeatureRequest, plan: str, diff_stat: str, revi
     return "\n".join(lines) + "\n"
 
 
+def github_client(rt: Runtime) -> GitHub:
+    """A client for ``[delivery] repository``, sharing the runtime's ETags and rate limit."""
+    d = rt.config.delivery
+    assert d.repository is not None
+    return GitHub(
+        d.repository,
+        token=rt.environ.get(d.token_env),
+        api_url=d.api_url,
+        transport=rt.http_transport,
+        cache=rt.github_cache,
+        clock=lambda: rt.now().timestamp(),
+    )
+
+
 class Delivery:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
     def _github(self) -> GitHub:
-        d = self.rt.config.delivery
-        assert d.repository is not None
-        return GitHub(
-            d.repository,
-            token=self.rt.environ.get(d.token_env),
-            api_url=d.api_url,
-            transport=self.rt.http_transport,
-        )
+        return github_client(self.rt)
 
     async def deliver(
         self, job: Job, fr: FeatureRequest, worktree: Path

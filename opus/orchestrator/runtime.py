@@ -21,6 +21,7 @@ from .agents.base import Agent
 from .budget import over_budget
 from .config import Config
 from .errors import NoteError
+from .github import ResponseCache
 from .lifecycle import FINISHED, WITH_STAGE, Stage, Status
 from .models import Job
 from .notify import Notifier
@@ -76,6 +77,8 @@ class Runtime:
     environ: Mapping[str, str] = field(default_factory=lambda: dict(os.environ))
     http_transport: httpx.AsyncBaseTransport | None = None
     """For tests: where GitHub and webhook requests go."""
+    github_cache: ResponseCache = field(default_factory=ResponseCache)
+    """ETags, bodies and the rate-limit reset of GitHub polls, kept from poll to poll."""
     on_change: Callable[[Job], None] | None = None
     """Called after every recorded change (the dashboard, the demo's printer)."""
     _mirrored: dict[str, tuple[object, ...]] = field(default_factory=dict)
