@@ -30,7 +30,7 @@ from .delivery import github_client
 from .github import CheckRun, CommitStatus, GitHub, GitHubError, RateLimited, Review, ReviewComment
 from .lifecycle import Stage
 from .models import Job
-from .reactions import Trigger
+from .reactions import Source, Trigger
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -86,7 +86,7 @@ async def _poll(rt: Runtime, gh: GitHub, job: Job, since: datetime) -> Trigger |
         return None
     sections: list[str] = []
     keys: list[str] = []
-    source: str | None = None
+    source: Source | None = None
     if rt.config.reactions.github:
         reviews = await gh.reviews(number)
         diff_comments = await gh.review_comments(number, since=since)

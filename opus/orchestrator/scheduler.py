@@ -14,6 +14,7 @@ from .errors import OpusError, WorkspaceError
 from .lifecycle import FINISHED, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline
+from .pr_feedback import github_trigger
 from .reactions import Rounds, Trigger
 from .runtime import Control, Runtime
 from .supervisor import kill_group
@@ -189,6 +190,8 @@ class Scheduler:
                 settled = await self.delivery.merged_or_closed(job)
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
+                elif (trigger := await github_trigger(rt, job)) is not None:
+                    await self.rounds.start(job, trigger)  # PR reviews, comments, CI
         elif status in OPUS_SET:
             # the note may be older than the job (scanned before a pipeline moved on):
             # the registry decides whether a job still claims it
