@@ -81,4 +81,4 @@ def write_dashboard(path: Path, jobs: Sequence[Job], scan: Scan, *, now: datetim
     if old is not None and old.split("---", 2)[-1] == text.split("---", 2)[-1]:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, text.encode("utf-8"), mode=0o644)
+    atomic_write(path, text.encode("utf-8"), mode=0o644, sync=False)  # derived, rewritten

@@ -114,7 +114,9 @@ class Delivery:
             verdict = Verdict.model_validate(json.loads(raw))
             review = f"{verdict.summary} (confidence {verdict.confidence})"
         body = rt.redactor(pr_description(job, fr, plan or "", stat, review))
-        await anyio.to_thread.run_sync(rt.registry.write_artifact, job.id, "pr.md", body)
+        await anyio.to_thread.run_sync(  # rebuilt at every delivery: nothing resumes from it
+            lambda: rt.registry.write_artifact(job.id, "pr.md", body, sync=False)
+        )
         if d.kind == "github":
             token = rt.environ.get(d.token_env)
             await anyio.to_thread.run_sync(lambda: ws.push(worktree, job.branch, d.remote, token))

@@ -43,7 +43,7 @@ def write_health(
     }
     data = json.dumps(record, default=_default, separators=(",", ":")).encode()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    atomic_write(path, data + b"\n")
+    atomic_write(path, data + b"\n", sync=False)  # liveness, rewritten every tick
 
 
 def check_health(path: Path, *, now: datetime, max_age: float) -> tuple[bool, str]:

@@ -76,6 +76,8 @@ class Registry:
         self.max_finished = max_finished
         self.archive_generation = 0
         self._rollups = RollupCache(self.state_dir / "archive", self.state_dir)
+        self._made: set[str] = set()
+        """Job folders this process made or found (``job_dir`` checks each once)."""
         self._month_cache: tuple[tuple[str, int, int], list[Job]] | None = None
         """Counts archive runs that moved jobs (for caches of archived data)."""
         """Finished jobs kept in registry.json; older ones go to the archive early."""
@@ -442,10 +444,12 @@ class Registry:
     # -- job folders ----------------------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
-        """``jobs/<job_id>/``, created (0700) if missing."""
+        """``jobs/<job_id>/``, created (0700) if missing (once per job and process)."""
         folder = self.jobs_dir / _checked(job_id)
-        with _io(f"cannot create {folder}"):
-            _mkdir(folder)
+        if job_id not in self._made:
+            with _io(f"cannot create {folder}"):
+                _mkdir(folder)
+            self._made.add(job_id)
         return folder
 
     def write_artifact(self, job_id: str, name: str, text: str, *, sync: bool = True) -> Path:
