@@ -39,6 +39,8 @@ def main() -> int:
         with (HERE / "calls.jsonl").open("a") as f:
             f.write(json.dumps({"version": True}) + "\n")
         return 0
+    if NAME == "codex" and sys.argv[1:2] == ["sandbox"]:
+        return 0  # `codex sandbox -- true`: its own sandbox starts
     mode_file = HERE / "mode.json"
     mode = json.loads(mode_file.read_text()) if mode_file.exists() else {}
     kind = "pipe" if stat.S_ISFIFO(os.fstat(0).st_mode) else "chardev"
