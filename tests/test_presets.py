@@ -106,8 +106,8 @@ EXPECTED: dict[str, tuple[list[str], list[str], list[str], str]] = {
         "last argument",
     ),
     "gemini": (
-        ["-p", "--output-format", "json", "--approval-mode", "default"],
-        ["-p", "--output-format", "json", "--approval-mode", "auto_edit"],
+        ["-p", "--output-format", "stream-json", "--skip-trust", "--approval-mode", "plan"],
+        ["-p", "--output-format", "stream-json", "--approval-mode", "auto_edit", "--policy"],
         ["--model", "m1"],
         "after -p",
     ),
@@ -297,8 +297,9 @@ def test_long_prompt_is_passed_by_file(tmp_path: Path) -> None:
 
 @pytest.mark.anyio
 async def test_quiet_json_clis_are_not_taken_for_stalled(tmp_path: Path) -> None:
-    """gemini prints one JSON object at the end: its silence is not a stall (only the stage
-    timeout applies); codex and claude (stream-json) stream events, so silence is one."""
+    """gemini told ``--output-format json`` prints one JSON object at the end: its silence is
+    not a stall (only the stage timeout applies); codex, claude and gemini by default
+    (stream-json) stream events, so silence is one."""
     import dataclasses
 
     from opus.orchestrator.errors import AgentStalled
@@ -308,9 +309,10 @@ async def test_quiet_json_clis_are_not_taken_for_stalled(tmp_path: Path) -> None
         install(bin_dir, name)
     (bin_dir / "mode.json").write_text('{"think": 1.0}')
     ctx = dataclasses.replace(make_ctx(tmp_path, Stage.PLANNER), stall_timeout=0.3)
-    gemini = build_agent(AgentSection(kind="gemini"), Stage.PLANNER, environ=environ_with(bin_dir))
+    quiet = AgentSection(kind="gemini", args=["--output-format", "json"])
+    gemini = build_agent(quiet, Stage.PLANNER, environ=environ_with(bin_dir))
     assert "Plan from" in (await gemini.run(ctx)).output
-    for name in ("codex", "claude"):
+    for name in ("codex", "claude", "gemini"):
         agent = build_agent(AgentSection(kind=name), Stage.PLANNER, environ=environ_with(bin_dir))
         with pytest.raises(AgentStalled):
             await agent.run(ctx)

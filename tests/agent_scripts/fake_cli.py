@@ -140,6 +140,25 @@ def main() -> int:
         for event in events:
             print(json.dumps(event))
         return 0
+    if NAME == "gemini" and "stream-json" in sys.argv:
+        events = [
+            {"type": "init", "session_id": "s-1", "model": "gemini-2.5-pro"},
+            {"type": "message", "role": "user", "content": "the prompt"},
+            {"type": "message", "role": "assistant", "content": "Let me look.", "delta": True},
+            {"type": "tool_use", "tool_name": "read_file", "tool_id": "t1", "parameters": {}},
+            {"type": "tool_result", "tool_id": "t1", "status": "success"},
+            {"type": "message", "role": "assistant", "content": text, "delta": True},
+            {
+                "type": "result",
+                "status": "error" if mode.get("error") else "success",
+                **({"error": {"type": "unknown", "message": mode.get("said", "boom")}}
+                   if mode.get("error") else {}),
+                "stats": {"input_tokens": 1000, "output_tokens": 55, "tool_calls": 1},
+            },
+        ]  # fmt: skip
+        for event in events:
+            print(json.dumps(event))
+        return 1 if mode.get("error") else 0
     if NAME == "gemini":
         print(
             json.dumps(
