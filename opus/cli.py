@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
@@ -267,6 +267,29 @@ def health(config_path: Path | None, max_age: float) -> None:
 
 @main.command()
 @config_option
+@click.option("--category", default=None, help="The category (default: least recently used).")
+def ideate(config_path: Path | None, category: str | None) -> None:
+    """Run one ideation now, whatever the queue: an idea note in [ideation] folder."""
+    from .orchestrator.service import Orchestrator
+
+    setup_logging()
+    config = load(config_path)
+
+    async def one() -> Any:
+        async with Orchestrator(config) as orch:
+            return await orch.ideate(category)
+
+    try:
+        run = anyio.run(one)
+    except OpusError as e:
+        fail(str(e))
+    if run.outcome != "proposed":
+        fail(f"no idea written ({run.category}): {run.outcome}: {run.detail}")
+    click.echo(f"{run.idea_id} ({run.category}): {run.title}\n{config.root / run.note}")
+
+
+@main.command()
+@config_option
 @json_option
 @click.option(
     "--since",
@@ -281,13 +304,17 @@ def metrics(config_path: Path | None, as_json: bool, days: int) -> None:
     from .orchestrator.metrics import compute, render, window_start
 
     config = load(config_path)
+    from .orchestrator.ideation import idea_metrics
+
     now = datetime.now()
+    jobs = insp.read_jobs(config.state_dir)
     data = compute(
-        insp.read_jobs(config.state_dir),
+        jobs,
         insp.all_events(config),
         since_days=days,
         now=now,
         concurrency=config.pipeline.concurrency,
         archived=insp.archived_figures(config, window_start(now, days)),
     )
+    data["ideas"] = idea_metrics(config, jobs, since=now - timedelta(days=days))
     click.echo(json.dumps(data, indent=2) if as_json else render(data))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from ..orchestrator.config import load_config
 from ..orchestrator.errors import OpusError
+from ..orchestrator.ideation import waiting_ideas
 from ..orchestrator.models import Job
 from ..orchestrator.service import Orchestrator
 
@@ -113,6 +114,8 @@ async def run_demo(directory: Path | None, echo: Callable[[str], None]) -> int:
         mark = "ok" if expected in (None, status) else f"expected {expected}"
         ok = ok and mark == "ok"
         echo(f"  {fr_id:8} {status:10} {mark}")
+    for path, title, category in waiting_ideas(config):
+        echo(f"  idea     {title} ({category}): {path.relative_to(config.root)}")
     echo("")
     echo(f"Look around: the notes in {config.planned_dir},")
     echo(f"  the branches in {config.repo_path('app')} (git branch -a; git log --all --oneline),")

@@ -139,6 +139,35 @@ def review(base: str, worktree: Path) -> dict[str, object]:
     }
 
 
+# the demo ideator's proposals, first one whose title the prompt does not list yet
+IDEAS = [
+    (
+        "Greet a list of names in one call",
+        "`app.greet` greets one name at a time; callers with a guest list loop themselves.\n\n"
+        "## Proposal\n\nAdd `greet_all(names: list[str]) -> str` that joins one greeting "
+        "per name with newlines, reusing `greet`.\n\n"
+        "## Acceptance criteria\n\n"
+        '- [ ] `greet_all(["Ada", "Alan"])` returns `"Hello, Ada!\\nHello, Alan!"`\n'
+        '- [ ] `greet_all([])` returns `""`\n'
+        "- [ ] a unit test in `tests/` covers both cases; the suite passes\n",
+    ),
+    (
+        "Reject empty names with a clear error",
+        "`greet('')` returns `Hello, !`.\n\n## Proposal\n\nRaise `ValueError` naming the "
+        "problem when the name is empty or only spaces.\n\n## Acceptance criteria\n\n"
+        "- [ ] `greet('')` and `greet('  ')` raise `ValueError('name must not be empty')`\n"
+        "- [ ] `greet('Ada')` is unchanged; a unit test covers all three\n",
+    ),
+]
+
+
+def ideate(prompt: str) -> str:
+    for title, body in IDEAS:
+        if f"- {title}" not in prompt:
+            return f"# {title}\n\n{body}"
+    return f"# {IDEAS[0][0]}\n\n{IDEAS[0][1]}"  # opus drops it as a duplicate
+
+
 def main() -> int:
     stage = sys.argv[1]
     env = os.environ
@@ -146,7 +175,9 @@ def main() -> int:
     worktree, output = Path(env["OPUS_WORKTREE"]), Path(env["OPUS_OUTPUT_FILE"])
     prompt = sys.stdin.read()
     title = prompt.splitlines()[0].partition(": ")[2] if prompt else fr_id
-    if stage == "planner":
+    if stage == "ideator":
+        output.write_text(ideate(prompt))
+    elif stage == "planner":
         output.write_text(plan(fr_id, title))
     elif stage == "coder":
         code(fr_id, iteration, worktree)

@@ -22,7 +22,11 @@ def _age(since: datetime, now: datetime) -> str:
     return f"{seconds // 3600} h"
 
 
-def render_dashboard(jobs: Sequence[Job], scan: Scan, *, now: datetime) -> str:
+def render_dashboard(
+    jobs: Sequence[Job], scan: Scan, *, now: datetime, extra: Sequence[str] = ()
+) -> str:
+    """The note's text; ``extra`` lines (a section of their own, e.g. waiting ideas) go
+    before the notes opus cannot read."""
     running = [j for j in jobs if j.status is Status.IN_PROGRESS]
     queued = [j for j in jobs if j.status in (Status.QUEUED, Status.PAUSED)]
     review = [j for j in jobs if j.status is Status.REVIEW]
@@ -65,15 +69,19 @@ def render_dashboard(jobs: Sequence[Job], scan: Scan, *, now: datetime) -> str:
         f"- {j.fr_id} {j.title} — **{j.status}**" + (f": {j.error}" if j.error else "")
         for j in recent
     ] or ["(none)"]
+    if extra:
+        lines += ["", *extra]
     if scan.problems:
         lines += ["", "## Notes opus cannot read", ""]
         lines += [f"- `{p.path.name}`: {p.message}" for p in scan.problems]
     return "\n".join(lines) + "\n"
 
 
-def write_dashboard(path: Path, jobs: Sequence[Job], scan: Scan, *, now: datetime) -> None:
+def write_dashboard(
+    path: Path, jobs: Sequence[Job], scan: Scan, *, now: datetime, extra: Sequence[str] = ()
+) -> None:
     """Rewrite the dashboard note atomically (only when its content changed)."""
-    text = render_dashboard(jobs, scan, now=now)
+    text = render_dashboard(jobs, scan, now=now, extra=extra)
     try:
         old = path.read_text(encoding="utf-8")
     except OSError:

@@ -60,4 +60,10 @@ def render(data: Mapping[str, Any]) -> str:
         f"tokens: {data['tokens']['input']} in, {data['tokens']['output']} out; "
         f"cost ${data['cost_usd']:.4f}",
     ]
+    if "ideas" in data:
+        ideas = data["ideas"]
+        lines.append(
+            f"ideas: {ideas['proposed']} proposed, {ideas['taken_up']} taken up "
+            f"({ideas['dropped_as_duplicates']} dropped as duplicates; ${ideas['cost_usd']:.4f})"
+        )
     return "\n".join(lines)

@@ -79,6 +79,8 @@ class Runtime:
     """For tests: where GitHub and webhook requests go."""
     github_cache: ResponseCache = field(default_factory=ResponseCache)
     """ETags, bodies and the rate-limit reset of GitHub polls, kept from poll to poll."""
+    other_spend: list[tuple[datetime, float]] = field(default_factory=list)
+    """Spending outside jobs, (when, USD): ideation runs (SPEC §19)."""
     on_change: Callable[[Job], None] | None = None
     """Called after every recorded change (the dashboard, the demo's printer)."""
     _mirrored: dict[str, tuple[object, ...]] = field(default_factory=dict)
@@ -88,7 +90,7 @@ class Runtime:
         now = self.now()
         archived = self.registry.archived_in(f"{now:%Y-%m}")  # this month's spend counts too
         jobs = {j.id: j for j in [*archived, *self.registry.jobs()]}  # each job once
-        return over_budget(self.config.budget, jobs.values(), now)
+        return over_budget(self.config.budget, jobs.values(), now, self.other_spend)
 
     def workspace(self, job: Job) -> Workspace:
         return self.workspaces[job.repo]

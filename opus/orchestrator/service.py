@@ -29,6 +29,7 @@ from .config import Config
 from .dashboard import write_dashboard
 from .errors import OpusError
 from .health import write_health
+from .ideation import IdeaRun, Ideation, dashboard_lines
 from .lifecycle import Status
 from .lock import InstanceLock, cleanup_temp_files
 from .models import Job
@@ -89,6 +90,7 @@ class Orchestrator:
         self.systemd = SystemdNotifier(self._environ)
         self.rt: Runtime
         self.scheduler: Scheduler
+        self.ideation: Ideation
 
     # -- lifetime ------------------------------------------------------------------------------
 
@@ -130,6 +132,8 @@ class Orchestrator:
                 on_change=self._changed,
             )
             self.scheduler = Scheduler(self.rt)
+            self.ideation = Ideation(self.rt, on_written=self._ideas_changed)
+            await anyio.to_thread.run_sync(self.ideation.load)
             await self.scheduler.recover()
         except BaseException:
             self._release()
@@ -159,6 +163,9 @@ class Orchestrator:
         if self._on_change is not None:
             self._on_change(job)
 
+    def _ideas_changed(self) -> None:
+        self._dirty = True
+
     _dirty = True
     _state_written = -1e9
 
@@ -172,8 +179,14 @@ class Orchestrator:
         self._last_scan = scan
         await self.scheduler.reconcile(scan, settle_reviews=settle_reviews)
         await self.scheduler.start_ready(tg, scan)
+        idle = not self.scheduler.running and self.scheduler.accepting and not self.stopping
+        await self.ideation.tick(tg, self.rt.registry.jobs(), busy=not idle)
         await anyio.to_thread.run_sync(self._write_state, scan)
         return scan
+
+    async def ideate(self, category: str | None = None) -> IdeaRun:
+        """One ideation now, whatever the queue (``opus ideate``; SPEC §19)."""
+        return await self.ideation.run(category)
 
     def _write_state(self, scan: Scan, force: bool = False) -> None:
         """End of a tick: registry.json, health.json, STATUS=, the dashboard — at most once
@@ -185,8 +198,13 @@ class Orchestrator:
         self._heartbeat()
         if self._dirty and self.config.dashboard_path is not None:
             self._dirty = False
+            ideas = dashboard_lines(self.config) if self.config.ideation.enabled else []
             write_dashboard(
-                self.config.dashboard_path, self.rt.registry.jobs(), scan, now=self._now()
+                self.config.dashboard_path,
+                self.rt.registry.jobs(),
+                scan,
+                now=self._now(),
+                extra=ideas,
             )
 
     def _heartbeat(self) -> None:

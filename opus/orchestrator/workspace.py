@@ -132,6 +132,18 @@ class Workspace:
         log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
         return Created(path, chosen, base)
 
+    def detached(self, name: str) -> Path:
+        """Add ``<worktrees_dir>/<name>`` at the base's commit, on no branch (for reading)."""
+        if not name or name in (".", "..") or "/" in name or os.sep in name:
+            raise WorkspaceError(f"invalid worktree name {name!r}")
+        path = self.worktrees_dir.absolute() / name
+        with self._lock():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._git(
+                self.repo_path, "worktree", "add", "-q", "--detach", str(path), self.base_commit()
+            )
+        return path
+
     def remove(self, path: Path) -> None:
         """Remove a job's worktree (uncommitted work included); its branch stays."""
         with self._lock():

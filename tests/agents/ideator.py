@@ -1,0 +1,41 @@
+"""A scripted ideator for tests: a real child process following SPEC §5.1 and §19.
+
+Answers, in turn, the entries of the JSON list in ``$IDEAS`` (the last repeats): a string
+(printed on standard output) or ``{"output": …, "usage": {…}}`` (written as JSON to
+``OPUS_OUTPUT_FILE``). Each run appends ``{"stage", "prompt", "worktree"}`` to ``$CALLS``
+as a JSON line, and scribbles into the worktree (which opus must throw away).
+"""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+
+def main() -> int:
+    env = os.environ
+    prompt = sys.stdin.read()
+    calls = Path(env["CALLS"])
+    done = len(calls.read_text().splitlines()) if calls.exists() else 0
+    answers = json.loads(Path(env["IDEAS"]).read_text())
+    answer = answers[min(done, len(answers) - 1)]
+    worktree = Path(env["OPUS_WORKTREE"])
+    (worktree / "scribble.txt").write_text("an ideator must not change the repository\n")
+    line = {
+        "stage": env["OPUS_STAGE"],
+        "prompt": prompt,
+        "worktree": str(worktree),
+        "at": time.time(),
+    }
+    with open(calls, "a") as f:
+        f.write(json.dumps(line) + "\n")
+    if isinstance(answer, str):
+        print(answer)
+    else:
+        Path(env["OPUS_OUTPUT_FILE"]).write_text(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
