@@ -180,10 +180,10 @@ async def test_max_open_is_respected(vault: Vault) -> None:
         assert orch.ideation.due([], busy=False) is None
         result = await cli("ideate", "--config", str(vault.config))
         assert result.exit_code == 1 and "already serves this vault" in result.output
-    result = await cli("ideate", "--config", str(vault.config))
+    result = await cli("ideate", "--config", str(vault.config), "--category", "documentation")
     assert result.exit_code == 0, result.output
     assert "Document every public function" in result.output
-    assert [front(n)[0]["category"] for n in idea_notes(vault)] == ["security"]
+    assert [front(n)[0]["category"] for n in idea_notes(vault)] == ["documentation"]
     result = await cli("ideate", "--config", str(vault.config))
     assert result.exit_code == 1 and "max_open 1" in result.output
 

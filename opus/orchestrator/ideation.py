@@ -359,8 +359,11 @@ class Ideation:
         try:
             answer, run.usage = await self._ask(category, repo, titles, started)
             title, body = parse_idea(answer)
-        except (AgentError, WorkspaceError) as e:
+        except AgentError as e:
+            run.usage = e.usage or None  # a failed run was still paid for
             run.detail = rt.redactor(f"the ideator failed: {e}")
+        except WorkspaceError as e:
+            run.detail = rt.redactor(f"no worktree for the ideator: {e}")
         except ValueError as e:
             run.outcome, run.detail = "invalid", str(e)
         else:
