@@ -6,7 +6,6 @@
 from __future__ import annotations
 
 import os
-import stat
 from datetime import datetime
 from pathlib import Path
 
@@ -147,14 +146,14 @@ def test_own_write_is_recognised_as_soon_as_the_note_holds_it(
 ) -> None:
     path = note(v, "FR-1.md", "---\nid: FR-1\n---\nbody\n")
     seen: list[tuple[bytes, bool]] = []
-    real_fsync = os.fsync
+    real_replace = os.replace
 
-    def fsync(fd: int) -> None:
-        if stat.S_ISDIR(os.fstat(fd).st_mode):  # after os.replace: what the watcher would see
+    def replace(src: str, dst: str | Path) -> None:
+        real_replace(src, dst)
+        if Path(dst) == path:  # right after the rename: what the watcher would see
             seen.append((path.read_bytes(), v.is_own_write(path)))
-        real_fsync(fd)
 
-    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
     v.update(path, {"status": Status.QUEUED})
     assert seen
     data, own = seen[0]
