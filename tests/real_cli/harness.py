@@ -39,6 +39,7 @@ __all__ = (
     "FAREWELL_FILE",
     "PLAN_TEXT",
     "PROBES",
+    "PUSH_COMMAND",
     "Request",
     "Response",
     "RunResult",
@@ -95,8 +96,14 @@ def stage_of(text: str) -> str | None:
     return None
 
 
-def next_step(stage: str, done: int) -> Step:
-    """What the model says in ``stage`` after ``done`` tool results came back."""
+PUSH_COMMAND = "git push origin HEAD:refs/heads/pushed-by-the-coder"
+
+
+def next_step(stage: str, done: int, *, push: bool = False) -> Step:
+    """What the model says in ``stage`` after ``done`` tool results came back.
+
+    ``push``: the coder also tries ``git push`` to the world's ``origin`` (must be refused:
+    :meth:`World.pushed` stays empty)."""
     if stage in PROBES:
         wrote, shelled = PROBES[stage]
         answer = PLAN_TEXT if stage == "planner" else json.dumps(VERDICT)
@@ -112,6 +119,7 @@ def next_step(stage: str, done: int) -> Step:
                 tool="shell",
                 command=f"python -m pytest -q && git add -A && git commit -q -m '{COMMIT_MESSAGE}'",
             ),
+            *([Step(tool="shell", command=PUSH_COMMAND)] if push else []),
             Step(text="Added calc/farewell.py; the tests pass and the change is committed."),
         ]
     else:
@@ -360,6 +368,9 @@ class World:
         self.git("config", "user.email", "person@example.com")
         self.git("add", "-A")
         self.git("commit", "-q", "-m", "initial")
+        self.remote = self.root / "origin.git"
+        self.git("init", "-q", "--bare", str(self.remote), cwd=self.root)
+        self.git("remote", "add", "origin", str(self.remote))
 
     def _make_vault(self) -> None:
         self.note.parent.mkdir(parents=True)
@@ -479,6 +490,10 @@ class World:
 
     def show(self, path: str, branch: str | None = None) -> str:
         return self.git("show", f"{branch or self.branch()}:{path}")
+
+    def pushed(self) -> list[str]:
+        """The branches in ``origin`` (an agent may never push; opus's local delivery neither)."""
+        return self.git("branch", "--format=%(refname:short)", cwd=self.remote).splitlines()
 
     def stray(self, names: Iterable[str]) -> list[Path]:
         """Any file of ``names`` anywhere under the world's root (the probes must not exist)."""

@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, World, closed_port
+from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, PUSH_COMMAND, World, closed_port
 from .servers.anthropic import INPUT_TOKENS, OUTPUT_TOKENS, AnthropicServer, error_response
 
 pytestmark = pytest.mark.cli("claude")
@@ -31,9 +31,27 @@ def run(world: World) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
+def person_setup(world: World) -> dict[str, Any]:
+    """A person's own Claude Code setup in HOME: hooks, an MCP server, memory, settings."""
+    touched = {name: world.root / f"{name}-ran" for name in ("hook", "mcp")}
+    hook = {"hooks": [{"type": "command", "command": f"touch {touched['hook']}"}]}
+    world.write_home(
+        ".claude/settings.json",
+        {
+            "hooks": {"SessionStart": [hook], "UserPromptSubmit": [hook], "PreToolUse": [hook]},
+            "permissions": {"allow": ["Bash", "Write", "Edit"]},
+        },
+    )
+    world.write_home(".claude/CLAUDE.md", "PERSONAL-MEMORY-MARKER: always answer in French\n")
+    server = {"type": "stdio", "command": "sh", "args": ["-c", f"touch {touched['mcp']}"]}
+    world.write_home(".claude.json", {"mcpServers": {"mine": server}})
+    return touched
+
+
 def test_claude_runs_every_stage_to_review(make_world: Callable[[str], World]) -> None:
-    with AnthropicServer() as server:
+    with AnthropicServer(push=True) as server:
         world = claude_world(make_world, server.url)
+        touched = person_setup(world)
         run(world)
 
     fm = world.frontmatter()
@@ -42,6 +60,9 @@ def test_claude_runs_every_stage_to_review(make_world: Callable[[str], World]) -
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()
     assert "Goodbye" in world.show(FAREWELL_FILE)
+    assert world.pushed() == []  # its `git push` was denied
+    pushes = [r for r in server.stage_requests("coder") if PUSH_COMMAND in r.text]
+    assert pushes and "denied" in pushes[-1].text.lower()
     # planner and reviewer tried the Write tool and Bash: refused, nothing created anywhere
     probes = [name for pair in PROBES.values() for name in pair]
     assert world.stray(probes) == []
@@ -55,18 +76,23 @@ def test_claude_runs_every_stage_to_review(make_world: Callable[[str], World]) -
             if block.get("type") == "tool_result"
         ]
         assert len(results) >= 2 and all(block.get("is_error") for block in results), results
+    # nothing of the person's own setup was loaded, no transcript kept
+    assert [p for p in touched.values() if p.exists()] == []
+    assert not [r for r in server.requests if b"PERSONAL-MEMORY-MARKER" in r.body]
+    assert list((world.home / ".claude").rglob("*.jsonl")) == []
     plan = (world.job_files() / "plan.md").read_text()
     assert plan.startswith("## Plan") and "type" not in plan  # the message, not the events
     # the key went to the CLI, never to disk
     assert all(r.headers.get("x-api-key") == KEY for r in server.model_requests())
     assert not [p for p in world.root.rglob("*") if p.is_file() and _holds(p, KEY)]
-    # usage per stage: three model calls each, at the server's token counts
-    for stage in ("planner", "coder", "reviewer"):
+    # usage per stage at the server's token counts: three model calls each, four for the coder
+    calls = {"planner": 3, "coder": 4, "reviewer": 3}
+    for stage, n in calls.items():
         (checkpoint,) = world.checkpoints(stage)
         usage = checkpoint["usage"]
-        assert usage["input_tokens"] == 3 * INPUT_TOKENS, (stage, usage)
-        assert usage["output_tokens"] == 3 * OUTPUT_TOKENS, (stage, usage)
-    assert world.job()["usage"]["output_tokens"] == 9 * OUTPUT_TOKENS
+        assert usage["input_tokens"] == n * INPUT_TOKENS, (stage, usage)
+        assert usage["output_tokens"] == n * OUTPUT_TOKENS, (stage, usage)
+    assert world.job()["usage"]["output_tokens"] == 10 * OUTPUT_TOKENS
 
 
 def _holds(path: Any, secret: str) -> bool:

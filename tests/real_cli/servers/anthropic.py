@@ -28,7 +28,12 @@ def error_response(status: int, kind: str, message: str) -> Response:
 
 
 class AnthropicServer(ScriptedServer):
-    """Plays the model of harness.next_step over the Messages API."""
+    """Plays the model of harness.next_step over the Messages API (``push``: the coder
+    tries ``git push`` too)."""
+
+    def __init__(self, *, push: bool = False) -> None:
+        super().__init__()
+        self.push = push
 
     def respond(self, request: Request) -> Response:
         if request.method == "HEAD" or request.method == "GET":
@@ -53,7 +58,7 @@ class AnthropicServer(ScriptedServer):
             for block in m["content"]
             if isinstance(block, dict) and block.get("type") == "tool_result"
         )
-        return next_step(stage or "", done)
+        return next_step(stage or "", done, push=self.push)
 
     @staticmethod
     def blocks(step: Step) -> list[dict[str, Any]]:
