@@ -17,11 +17,14 @@ KEY = "sk-ant-test-0123456789abcdef"
 FAST = {"stage_timeout": 90, "stall_timeout": 20, "retries": 1}
 
 
-def claude_world(make_world: Callable[[str], World], url: str, **pipeline: Any) -> World:
+def claude_world(
+    make_world: Callable[[str], World], url: str, sandbox: str = "bwrap", **pipeline: Any
+) -> World:
     world = make_world("claude")
     world.configure(
         {"kind": "claude", "base_url": url, "api_key_env": "OPUS_TEST_ANTHROPIC_KEY"},
         pipeline={**FAST, **pipeline},
+        extra=f'[sandbox]\nkind = "{sandbox}"\n',
     )
     return world
 
@@ -48,9 +51,12 @@ def person_setup(world: World) -> dict[str, Any]:
     return touched
 
 
-def test_claude_runs_every_stage_to_review(make_world: Callable[[str], World]) -> None:
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_claude_runs_every_stage_to_review(
+    make_world: Callable[[str], World], sandbox: str
+) -> None:
     with AnthropicServer(push=True) as server:
-        world = claude_world(make_world, server.url)
+        world = claude_world(make_world, server.url, sandbox)
         touched = person_setup(world)
         run(world)
 
@@ -139,3 +145,33 @@ def test_an_unreachable_endpoint_fails_within_the_stall_timeout(
     assert fm["status"] in ("failed", "blocked")
     assert "Unable to connect to API" in fm["error"], fm["error"]
     assert result.seconds < 10 * 2 + 15  # two attempts, each within the stall timeout
+
+
+def test_claude_retrying_by_itself_is_stopped_by_the_stall_watch(
+    make_world: Callable[[str], World],
+) -> None:
+    """With the CLI's own retries turned back on (``env``), it prints a ``system/api_retry``
+    event every 0.5, 1, 2, 4, 8 … s while the endpoint is down; those are not progress, so
+    the stall watch stops it ``stall_timeout`` after its last real event (any output counted
+    as progress, the 8 s gap would come only after ~16 s)."""
+    world = make_world("claude")
+    url = f"http://127.0.0.1:{closed_port()}"
+    world.configure(
+        {"kind": "claude", "base_url": url, "api_key_env": "OPUS_TEST_ANTHROPIC_KEY",
+         "env": {"CLAUDE_CODE_MAX_RETRIES": "10"}},
+        pipeline={**FAST, "stall_timeout": 6, "retries": 0},
+    )  # fmt: skip
+    result = world.run_once(env={"OPUS_TEST_ANTHROPIC_KEY": KEY})
+    assert result.returncode == 0, result.stderr[-3000:]
+    fm = world.frontmatter()
+    assert fm["status"] == "blocked" and "stalled" in fm["error"], fm
+    assert "api_retry" in fm["error"]  # its last words
+    (checkpoint,) = world.checkpoints("planner")
+    started, finished = (_when(checkpoint[k]) for k in ("started_at", "finished_at"))
+    assert (finished - started).total_seconds() < 12
+
+
+def _when(text: str) -> Any:
+    from datetime import datetime
+
+    return datetime.fromisoformat(text)
