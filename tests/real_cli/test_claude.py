@@ -166,12 +166,8 @@ def test_claude_retrying_by_itself_is_stopped_by_the_stall_watch(
     fm = world.frontmatter()
     assert fm["status"] == "blocked" and "stalled" in fm["error"], fm
     assert "api_retry" in fm["error"]  # its last words
-    (checkpoint,) = world.checkpoints("planner")
-    started, finished = (_when(checkpoint[k]) for k in ("started_at", "finished_at"))
-    assert (finished - started).total_seconds() < 12
-
-
-def _when(text: str) -> Any:
-    from datetime import datetime
-
-    return datetime.fromisoformat(text)
+    # counted on the CLI's own clock (its retry events, ~0.5, 1.7, 3.7, 7.7, 15.7 s after it
+    # started): stopped 6 s after its start, it got out three or four, not five
+    log = (world.job_files() / "planner-1.log").read_text()
+    retries = [line for line in log.splitlines() if '"subtype":"api_retry"' in line]
+    assert 1 <= len(retries) <= 4, retries
