@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, World, closed_port
+from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, World, closed_port, executable
 from .servers.responses import INPUT_TOKENS, OUTPUT_TOKENS, ResponsesServer, error_response
 
 pytestmark = pytest.mark.cli("codex")
@@ -108,3 +108,30 @@ def test_an_unreachable_endpoint_fails_within_the_stall_timeout(
     assert fm["status"] in ("failed", "blocked")
     assert "Reconnecting... waiting for network" in fm["error"], fm["error"]
     assert result.seconds < 8 * 2 + 15  # two attempts, each stopped at the stall timeout
+
+
+def test_a_codex_whose_own_sandbox_cannot_start_fails_at_once_in_its_words(
+    make_world: Callable[[str], World],
+) -> None:
+    """codex inside a bubblewrap that may not map users (as a stricter outer sandbox would
+    be): its own sandbox cannot start, and every shell command would fail while codex exits
+    0. The preset's check says so before any model call, as a permanent error."""
+    cli = executable("codex")
+    assert cli is not None
+    outer = ["bwrap", "--dev-bind", "/", "/", "--unshare-user", "--cap-drop", "ALL", "--",
+             str(cli)]  # fmt: skip
+    with ResponsesServer() as server:
+        world = make_world("codex")
+        world.configure(
+            {"kind": "codex", "command": outer, "base_url": f"{server.url}/v1",
+             "api_key_env": KEY_ENV, "model": "scripted"},
+            pipeline={**FAST, "retries": 2},
+        )  # fmt: skip
+        run(world)
+    fm = world.frontmatter()
+    assert fm["status"] == "failed"
+    assert "codex's own sandbox cannot start here" in fm["error"], fm["error"]
+    assert "bwrap: " in fm["error"]  # its words
+    assert server.model_requests() == []  # stopped before any model call, not retried
+    (checkpoint,) = world.checkpoints("planner")
+    assert checkpoint["attempts"] == 1
