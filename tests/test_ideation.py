@@ -280,3 +280,19 @@ async def test_an_idea_moved_into_planned_runs_to_review_and_counts_as_taken_up(
     assert (ideas["proposed"], ideas["taken_up"]) == (1, 1)
     text = (await cli("metrics", "--config", str(vault.config))).output
     assert "ideas: 1 proposed, 1 taken up" in text
+
+
+@pytest.mark.anyio
+async def test_a_failing_ideator_writes_nothing_and_waits_for_the_interval(vault: Vault) -> None:
+    calls = configure(vault, [{"exit": 3}, IDEA])
+    now = Now()
+    async with orchestrator(vault, now) as orch:
+        await orch.run_once()
+        await orch.run_once()  # no retry before the interval
+        (run,) = orch.ideation.ledger.runs
+        assert run.outcome == "failed" and "the ideator failed" in (run.detail or "")
+        assert idea_notes(vault) == [] and len(ideator_calls(calls)) == 1
+        now.offset = timedelta(hours=1, seconds=1)
+        await orch.run_once()
+    assert len(idea_notes(vault)) == 1
+    assert git(vault.repo, "worktree", "list").count("\n") == 0  # no ideation worktree left

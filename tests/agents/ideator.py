@@ -2,8 +2,9 @@
 
 Answers, in turn, the entries of the JSON list in ``$IDEAS`` (the last repeats): a string
 (printed on standard output) or ``{"output": …, "usage": {…}}`` (written as JSON to
-``OPUS_OUTPUT_FILE``). Each run appends ``{"stage", "prompt", "worktree"}`` to ``$CALLS``
-as a JSON line, and scribbles into the worktree (which opus must throw away).
+``OPUS_OUTPUT_FILE``) or ``{"exit": N}`` (fail with status N). Each run appends
+``{"stage", "prompt", "worktree", "at"}`` to ``$CALLS`` as a JSON line, and scribbles into
+the worktree (which opus must throw away).
 """
 
 import json
@@ -30,6 +31,9 @@ def main() -> int:
     }
     with open(calls, "a") as f:
         f.write(json.dumps(line) + "\n")
+    if isinstance(answer, dict) and "exit" in answer:
+        print("the ideator broke", file=sys.stderr)
+        return int(answer["exit"])
     if isinstance(answer, str):
         print(answer)
     else:
