@@ -180,6 +180,7 @@ class Orchestrator:
         await self.scheduler.reconcile(scan, settle_reviews=settle_reviews)
         await self.scheduler.start_ready(tg, scan)
         idle = not self.scheduler.running and self.scheduler.accepting and not self.stopping
+        idle = idle and self.scheduler.only is None  # not while `process` runs one FR
         await self.ideation.tick(tg, self.rt.registry.jobs(), busy=not idle)
         await anyio.to_thread.run_sync(self._write_state, scan)
         return scan
