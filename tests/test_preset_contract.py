@@ -94,6 +94,23 @@ async def test_no_final_message_never_becomes_the_plan(tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
+async def test_claude_refusing_its_arguments_is_permanent(tmp_path: Path) -> None:
+    bin_dir = tmp_path / "bin"
+    script(
+        bin_dir,
+        "claude",
+        "if '--version' in sys.argv: print('2.1.197'); sys.exit(0)\n"
+        "sys.stderr.write(\"error: unknown option '--nope'\\n(Did you mean --name?)\\n\")\n"
+        "sys.exit(1)",
+    )
+    section = AgentSection(kind="claude", args=["--nope"])
+    agent = build_agent(section, Stage.PLANNER, environ=environ_with(bin_dir))
+    with pytest.raises(AgentCrashed, match="refused its arguments: error: unknown option") as info:
+        await agent.run(make_ctx(tmp_path, Stage.PLANNER))
+    assert not info.value.retryable
+
+
+@pytest.mark.anyio
 async def test_exit_status_names_a_line_with_words(tmp_path: Path) -> None:
     exe = script(
         tmp_path / "bin",

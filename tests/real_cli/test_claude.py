@@ -88,6 +88,11 @@ def test_claude_runs_every_stage_to_review(
     assert list((world.home / ".claude").rglob("*.jsonl")) == []
     plan = (world.job_files() / "plan.md").read_text()
     assert plan.startswith("## Plan") and "type" not in plan  # the message, not the events
+    # nothing but the model API was asked for (no telemetry, update or login calls)
+    assert {(r.method, r.path) for r in server.requests} <= {
+        ("HEAD", "/"),
+        ("POST", "/v1/messages"),
+    }
     # the key went to the CLI, never to disk
     assert all(r.headers.get("x-api-key") == KEY for r in server.model_requests())
     assert not [p for p in world.root.rglob("*") if p.is_file() and _holds(p, KEY)]
@@ -108,18 +113,44 @@ def _holds(path: Any, secret: str) -> bool:
         return False
 
 
-def test_a_401_reaches_error_in_claudes_words_without_retries(
-    make_world: Callable[[str], World],
+@pytest.mark.parametrize(
+    ("status", "kind", "message", "said"),
+    [
+        (401, "authentication_error", "invalid x-api-key", "Invalid API key"),
+        (404, "not_found_error", "model: nope", "There's an issue with the selected model"),
+    ],
+)
+def test_permanent_api_errors_reach_error_in_claudes_words_without_retries(
+    make_world: Callable[[str], World], status: int, kind: str, message: str, said: str
 ) -> None:
     with AnthropicServer() as server:
-        server.fail = error_response(401, "authentication_error", "invalid x-api-key")
+        server.fail = error_response(status, kind, message)
         world = claude_world(make_world, server.url, retries=2)
         run(world)
     fm = world.frontmatter()
     assert fm["status"] == "failed"
-    assert "Invalid API key" in fm["error"], fm["error"]
+    assert said in fm["error"], fm["error"]
     assert "exited with status" not in fm["error"]
-    assert len(server.model_requests()) == 1  # neither claude nor opus tried again
+    (checkpoint,) = world.checkpoints("planner")
+    assert checkpoint["attempts"] == 1  # opus did not try again ...
+    if status == 401:
+        assert len(server.model_requests()) == 1  # ... nor did claude
+
+
+def test_bad_arguments_are_permanent(make_world: Callable[[str], World]) -> None:
+    with AnthropicServer() as server:
+        world = make_world("claude")
+        world.configure(
+            {"kind": "claude", "base_url": server.url, "api_key_env": "OPUS_TEST_ANTHROPIC_KEY",
+             "args": ["--nope"]},
+            pipeline={**FAST, "retries": 2},
+        )  # fmt: skip
+        run(world)
+    fm = world.frontmatter()
+    assert fm["status"] == "failed"
+    assert "error: unknown option '--nope'" in fm["error"], fm["error"]
+    assert world.checkpoints("planner")[0]["attempts"] == 1
+    assert server.model_requests() == []
 
 
 def test_a_500_is_retried_then_fails_in_claudes_words(make_world: Callable[[str], World]) -> None:

@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -41,6 +42,8 @@ CODER_SHELL = (
 DENIED = ("Bash(git push:*)",)
 PERMANENT_STATUS = frozenset({400, 401, 403, 404, 413})
 """API statuses another attempt cannot fix: bad request, auth, permission, unknown model."""
+_USAGE = re.compile(r"error: (unknown option|option '|too many arguments|missing required)", re.I)
+"""A line of its argument parser (commander) refusing the command line."""
 
 
 class ClaudeAgent(PresetAgent):
@@ -102,6 +105,15 @@ class ClaudeAgent(PresetAgent):
 
     def cli_error(self, ctx: StageContext, result: ProcessResult) -> AgentError | None:
         final = _claude_result(result.stdout)
+        if final is None and result.returncode != 0:
+            refused = next((ln for ln in result.stderr.splitlines() if _USAGE.match(ln)), None)
+            if refused is not None:  # its argument parser: every attempt would say the same
+                return AgentCrashed(
+                    f"claude refused its arguments: {refused.strip()[:300]}; "
+                    f"check [agents.{self.stage}] args",
+                    retryable=False,
+                    output=output_tail(result.stdout, result.stderr),
+                )
         if final is None or not final.get("is_error"):
             return None
         status = final.get("api_error_status")
