@@ -1,25 +1,78 @@
-"""The ``opus`` command: a thin click shell over ``opus.orchestrator``; one ``anyio.run``."""
+"""The ``opus`` command: a thin click shell over ``opus.orchestrator``; one ``anyio.run``.
+
+Conventions every command follows (SPEC §9), so a new one only adds its body:
+
+- ``--config PATH`` before the subcommand or after it (``config_option``; ``load()``);
+- ``--json`` (``json_option``) prints only JSON on stdout — ``emit(data)`` — with machine
+  values (seconds as numbers, ISO date-times), and ``fail()`` then prints
+  ``{"error": …}`` with the same exit status: 0 success, 1 failure, 2 usage or config;
+- imports of the library's heavy parts (agents, httpx, the service) stay inside the
+  commands that need them, so ``opus status`` and ``opus --version`` start fast.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 
-import anyio
 import click
 
 from . import __version__
-from .orchestrator import views as insp
-from .orchestrator.config import Config, load_config
-from .orchestrator.errors import ConfigError, LockHeld, NoteError, OpusError
-from .orchestrator.lifecycle import Status
+
+if TYPE_CHECKING:
+    from .orchestrator.config import Config
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+_JSON = "opus.json"
+_ARGV = "opus.argv"
+
+
+class OpusGroup(click.Group):
+    """Remembers the arguments, so a usage error of a ``--json`` command is JSON too."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        ctx.meta[_ARGV] = list(args)
+        return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.ClickException as e:
+            if not _wants_json(ctx):
+                raise
+            _print_json({"error": e.format_message()})
+            sys.exit(e.exit_code)
+
+
+def _wants_json(ctx: click.Context | None = None) -> bool:
+    ctx = ctx or click.get_current_context(silent=True)
+    if ctx is None:
+        return False
+    return bool(ctx.meta.get(_JSON)) or "--json" in ctx.meta.get(_ARGV, ())
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, default=_machine))
+
+
+def _machine(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Path):
+        return str(value)
+    return str(value)
+
+
+def _config_given(ctx: click.Context, _param: click.Parameter, value: Path | None) -> Path | None:
+    if value is not None:
+        ctx.meta["opus.config"] = value
+    return value
 
 
 def config_option(f: F) -> F:
@@ -28,60 +81,91 @@ def config_option(f: F) -> F:
         "config_path",
         type=click.Path(path_type=Path),
         default=None,
+        expose_value=False,
+        is_eager=True,
+        callback=_config_given,
         help="opus.toml to use (default: ./opus.toml, else $OPUS_CONFIG).",
     )(f)
 
 
+def _json_given(ctx: click.Context, _param: click.Parameter, value: bool) -> bool:
+    if value:
+        ctx.meta[_JSON] = True
+    return value
+
+
 def json_option(f: F) -> F:
-    return click.option("--json", "as_json", is_flag=True, help="Print JSON.")(f)
+    return click.option(
+        "--json",
+        "as_json",
+        is_flag=True,
+        is_eager=True,
+        callback=_json_given,
+        help="Print only JSON on stdout (errors too).",
+    )(f)
 
 
-def fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"opus: {message}", err=True)
+def emit(data: Any, text: Callable[[], None] | str | None = None) -> None:
+    """Print ``data`` as JSON under ``--json``, else ``text`` (a string or a printer)."""
+    if _wants_json():
+        _print_json(data)
+    elif callable(text):
+        text()
+    elif text is not None:
+        click.echo(text)
+
+
+def fail(message: str, code: int = 1, *, problems: Sequence[str] = ()) -> NoReturn:
+    if _wants_json():
+        _print_json({"error": message, **({"problems": list(problems)} if problems else {})})
+    else:
+        click.echo(f"opus: {message}", err=True)
+        for problem in problems:
+            click.echo(f"  {problem}", err=True)
     sys.exit(code)
 
 
-def load(config_path: Path | None) -> Config:
+def config_path() -> Path | None:
+    ctx = click.get_current_context()
+    path: Path | None = ctx.meta.get("opus.config")
+    return path
+
+
+def load() -> Config:
+    """The config named by ``--config`` (before or after the subcommand); exit 2 if bad."""
+    from .orchestrator.config import load_config
+    from .orchestrator.errors import ConfigError
+
     try:
-        return load_config(config_path)
+        return load_config(config_path())
     except ConfigError as e:
-        fail(f"configuration error: {e}", 2)
+        _config_failure(e)
 
 
-class _LineFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        text = f"{record.levelname.lower()}: {record.getMessage()}"
-        if record.exc_info:
-            text += "\n" + self.formatException(record.exc_info)
-        return text
+def _config_failure(e: Any) -> NoReturn:
+    problems = list(e.problems)
+    where = f"{e.file}: " if e.file else ""
+    if len(problems) == 1:
+        fail(f"configuration error: {where}{problems[0]}", 2)
+    fail(f"configuration error: {where}{len(problems)} problems", 2, problems=problems)
 
 
-class _JsonFormatter(logging.Formatter):
-    def format(self, record: logging.LogRecord) -> str:
-        data = {
-            "time": datetime.now().isoformat(timespec="milliseconds"),
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        if record.exc_info:
-            data["exception"] = self.formatException(record.exc_info)
-        return json.dumps(data)
+def _quiet_logging() -> None:
+    """Read commands: the library's warnings (an unreadable note…) are the command's output,
+    not log lines printed a second time."""
+    from .log_format import setup_logging
+
+    setup_logging(level=logging.ERROR)
 
 
-def setup_logging(*, json_logs: bool = False, verbose: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_JsonFormatter() if json_logs else _LineFormatter())
-    root = logging.getLogger("opus")
-    root.handlers[:] = [handler]
-    root.setLevel(logging.DEBUG if verbose else logging.INFO)
-    root.propagate = False
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=OpusGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, "--version", prog_name="opus")
+@config_option
 def main() -> None:
     """opus — drive feature-request notes through coding agents, 24/7."""
+
+
+# -- setting up ------------------------------------------------------------------------------
 
 
 @main.command()
@@ -95,29 +179,34 @@ def main() -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing opus.toml.")
 @config_option
-def init(directory: Path, repo: str, force: bool, config_path: Path | None) -> None:
+def init(directory: Path, repo: str, force: bool) -> None:
     """Scaffold a vault in DIR (or the folder of --config): folders, opus.toml, FR template."""
+    from .orchestrator.errors import OpusError
     from .orchestrator.scaffold import init_vault
 
-    if config_path is not None:
-        directory = config_path.parent
+    given = config_path()
+    if given is not None:
+        directory = given.parent
     try:
-        created = init_vault(directory, repo=repo, force=force)
+        report = init_vault(directory, repo=repo, force=force)
     except OpusError as e:
         fail(str(e))
-    for path in created:
-        click.echo(f"created {path}")
+    for line in report.lines():
+        click.echo(line)
 
 
 @main.command()
 @click.argument("directory", type=click.Path(path_type=Path), required=False)
 @config_option
-def demo(directory: Path | None, config_path: Path | None) -> None:
+def demo(directory: Path | None) -> None:
     """Run every example FR end to end with the bundled demo agents."""
-    from .demo import run_demo
+    import anyio
 
-    setup_logging()
-    logging.getLogger("opus").setLevel(logging.WARNING)
+    from .demo import run_demo
+    from .log_format import setup_logging
+    from .orchestrator.errors import OpusError
+
+    setup_logging(level=logging.WARNING)
     try:
         code = anyio.run(run_demo, directory, click.echo)
     except OpusError as e:
@@ -127,21 +216,81 @@ def demo(directory: Path | None, config_path: Path | None) -> None:
 
 @main.command()
 @config_option
+@json_option
+def doctor(as_json: bool) -> None:
+    """Check what `opus run` will need: agents, repositories, sandbox, executor, notifiers."""
+    from .orchestrator.doctor import render, run_checks
+
+    _quiet_logging()
+    checks = run_checks(load())
+    failed = [c for c in checks if not c.ok]
+    emit(
+        {"ok": not failed, "checks": [c.__dict__ for c in checks]},
+        render(checks) + f"\n{len(failed)} check(s) failed" * bool(failed),
+    )
+    sys.exit(1 if failed else 0)
+
+
+@main.command()
+@config_option
+@json_option
+def validate(as_json: bool) -> None:
+    """Check the config and every note; list each problem; exit 1 if any."""
+    from .orchestrator import views
+    from .orchestrator.errors import ConfigError
+
+    _quiet_logging()
+    try:
+        from .orchestrator.config import load_config
+
+        config = load_config(config_path())
+    except ConfigError as e:
+        if as_json:
+            _print_json({"ok": False, "error": "configuration error", "problems": e.problems})
+            sys.exit(2)
+        _config_failure(e)
+    problems = views.validate(config)
+    emit(
+        {"ok": not problems, "problems": problems},
+        "\n".join([*problems, f"{len(problems)} problem(s)" if problems else "ok: no problems"]),
+    )
+    sys.exit(1 if problems else 0)
+
+
+# -- the service -----------------------------------------------------------------------------
+
+
+@main.command()
+@config_option
 @click.option("--once", is_flag=True, help="Settle, run every eligible FR to rest, then exit.")
-@click.option("--json-logs", is_flag=True, help="Log JSON lines instead of text.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json", "journal"]),
+    default=None,
+    help="Log lines as text (a time in front on a terminal), JSON, or with journald "
+    "priorities (the default when $JOURNAL_STREAM is set).",
+)
+@click.option("--json-logs", is_flag=True, help="Same as --log-format json.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
-def run(config_path: Path | None, once: bool, json_logs: bool, verbose: bool) -> None:
+def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
     """Serve the vault until SIGTERM (the service; see systemd/)."""
+    import anyio
+
+    from .log_format import setup_logging
+    from .orchestrator.errors import ConfigError, OpusError
     from .orchestrator.service import serve
 
-    setup_logging(json_logs=json_logs, verbose=verbose)
-    config = load(config_path)
+    setup_logging(
+        log_format="json" if json_logs else log_format,
+        level=logging.DEBUG if verbose else logging.INFO,
+    )
+    config = load()
     try:
-        summary = anyio.run(lambda: serve(config, once=once, config_path=config_path))
-    except LockHeld as e:
-        fail(str(e))
+        summary = anyio.run(lambda: serve(config, once=once, config_path=config_path()))
     except ConfigError as e:
-        fail(f"configuration error: {e}", 2)
+        _config_failure(e)
+    except OSError as e:  # a full disk, a read-only state folder: one line, no traceback
+        fail(_os_error(e))
     except OpusError as e:
         fail(str(e))
     if summary is not None:
@@ -151,103 +300,43 @@ def run(config_path: Path | None, once: bool, json_logs: bool, verbose: bool) ->
             click.echo(f"problem\t{problem}", err=True)
 
 
-@main.command()
-@config_option
-@json_option
-@click.option("--watch", is_flag=True, help="Refresh live (Ctrl-C to leave).")
-def status(config_path: Path | None, as_json: bool, watch: bool) -> None:
-    """Table of FRs and jobs: id, status, stage, iteration, age, branch."""
-    config = load(config_path)
-    if as_json:
-        click.echo(json.dumps(insp.status_rows(config), indent=2, default=str))
-        return
-    if watch:
-        insp.watch_status(config)
-        return
-    insp.print_status(config)
+def _os_error(e: OSError) -> str:
+    where = f" ({e.filename})" if e.filename else ""
+    return f"{e.strerror or e}{where}"
 
 
 @main.command()
-@click.argument("fr")
 @config_option
+@click.option("--now", is_flag=True, help="Kill every agent at once, checkpoint, exit (≤ 5 s).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=None,
+    help="Seconds to wait for the service to exit (default: shutdown_grace + 30; --now: 10).",
+)
 @json_option
-def show(fr: str, config_path: Path | None, as_json: bool) -> None:
-    """One FR's job: every checkpoint, artifacts, last review, usage."""
-    config = load(config_path)
+def stop(now: bool, timeout: float | None, as_json: bool) -> None:
+    """Ask the running service to stop: as SIGTERM, or with --now the emergency stop."""
+    from .orchestrator.control import stop_service
+    from .orchestrator.errors import OpusError
+
+    config = load()
+    limit = (
+        timeout if timeout is not None else (10.0 if now else config.service.shutdown_grace + 30)
+    )
     try:
-        data = insp.show_data(config, fr)
-    except (NoteError, OpusError) as e:
+        pid, seconds = stop_service(config, now=now, timeout=limit)
+    except OpusError as e:
         fail(str(e))
-    if as_json:
-        click.echo(json.dumps(data, indent=2, default=str))
-    else:
-        insp.print_show(data)
+    emit(
+        {"pid": pid, "stopped": True, "seconds": round(seconds, 3), "now": now},
+        f"opus (pid {pid}) stopped in {seconds:.1f} s",
+    )
 
 
 @main.command()
 @config_option
 @json_option
-def validate(config_path: Path | None, as_json: bool) -> None:
-    """Check the config and every note; list each problem; exit 1 if any."""
-    config = load(config_path)
-    problems = insp.validate(config)
-    if as_json:
-        click.echo(json.dumps({"ok": not problems, "problems": problems}, indent=2))
-    else:
-        for problem in problems:
-            click.echo(problem)
-        click.echo(f"{len(problems)} problem(s)" if problems else "ok: no problems")
-    sys.exit(1 if problems else 0)
-
-
-def _control(name: str, target: Status, allowed: frozenset[Status] | None, doc: str) -> None:
-    @main.command(name=name, help=doc)
-    @click.argument("fr")
-    @config_option
-    def command(fr: str, config_path: Path | None) -> None:
-        config = load(config_path)
-        try:
-            old = insp.set_status(config, fr, target, allowed)
-        except (NoteError, OpusError) as e:
-            fail(str(e))
-        click.echo(f"{fr}: {old or 'planned'} → {target}")
-
-
-_S = Status
-_control(
-    "retry",
-    _S.PLANNED,
-    frozenset({_S.FAILED, _S.BLOCKED, _S.CANCELLED}),
-    "Start a fresh job for a failed, blocked or cancelled FR (status: planned).",
-)
-_control(
-    "pause",
-    _S.PAUSED,
-    frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS}),
-    "Stop the FR at its next stage boundary, keeping its checkpoint (status: paused).",
-)
-_control(
-    "resume",
-    _S.PLANNED,
-    frozenset({_S.PAUSED}),
-    "Resume a paused FR from its checkpoint (status: planned).",
-)
-_control(
-    "cancel",
-    _S.CANCELLED,
-    frozenset({_S.PLANNED, _S.QUEUED, _S.IN_PROGRESS, _S.PAUSED, _S.REVIEW}),
-    "Stop the FR now, killing its agent; the branch is kept (status: cancelled).",
-)
-_control(
-    "approve",
-    _S.APPROVED,
-    frozenset({_S.REVIEW}),
-    "Approve an FR in review: opus merges it (status: approved).",
-)
-
-
-@main.command()
-@config_option
 @click.option(
     "--max-age",
     type=float,
@@ -255,25 +344,111 @@ _control(
     show_default=True,
     help="Seconds since the last tick still counted as healthy.",
 )
-def health(config_path: Path | None, max_age: float) -> None:
+def health(as_json: bool, max_age: float) -> None:
     """Exit 0 if a service is running and its last tick is recent, else 1."""
-    from .orchestrator.health import check_health
+    from .orchestrator.health import health_record
 
-    config = load(config_path)
-    ok, why = check_health(config.state_dir / "health.json", now=datetime.now(), max_age=max_age)
-    click.echo(why)
-    sys.exit(0 if ok else 1)
+    config = load()
+    record = health_record(config.state_dir / "health.json", now=datetime.now(), max_age=max_age)
+    emit(record, record["reason"])
+    sys.exit(0 if record["ok"] else 1)
+
+
+# -- looking -------------------------------------------------------------------------------
 
 
 @main.command()
 @config_option
+@json_option
+@click.option("--watch", is_flag=True, help="Refresh live (Ctrl-C to leave).")
+def status(as_json: bool, watch: bool) -> None:
+    """Table of FRs and jobs: id, status, stage, iteration, age, branch."""
+    from .orchestrator import views
+
+    _quiet_logging()
+    config = load()
+    if as_json:
+        _print_json(views.status_rows(config))
+    elif watch:
+        views.watch_status(config)
+    else:
+        views.print_status(config)
+
+
+@main.command()
+@click.argument("fr")
+@config_option
+@json_option
+def show(fr: str, as_json: bool) -> None:
+    """One FR's job: every checkpoint, artifacts, last review, usage."""
+    from .orchestrator import views
+    from .orchestrator.errors import OpusError
+
+    _quiet_logging()
+    config = load()
+    try:
+        data = views.show_data(config, fr)
+    except OpusError as e:
+        fail(str(e))
+    emit(data, lambda: views.print_show(data))
+
+
+@main.command()
+@click.argument("fr")
+@click.option("--stage", type=click.Choice(["planner", "coder", "tester", "reviewer"]))
+@click.option("-f", "--follow", is_flag=True, help="Follow live, across stages, until it rests.")
+@config_option
+def logs(fr: str, stage: str | None, follow: bool) -> None:
+    """The agent output of FR's current (or last) stage; -f follows it live."""
+    from .orchestrator import views
+    from .orchestrator.errors import OpusError
+    from .orchestrator.stage_logs import current_log
+    from .orchestrator.stage_logs import follow as follow_logs
+
+    _quiet_logging()
+    config = load()
+    try:
+        fr_id, job = views.job_for(config, fr)
+    except OpusError as e:
+        fail(str(e))
+    if job is None:
+        fail(f"{fr_id}: no job yet")
+    if follow:
+
+        def latest() -> Any:
+            return views.job_for(config, fr_id)[1]
+
+        try:
+            follow_logs(config, latest, lambda s: click.echo(s, nl=False), stage=stage)
+        except KeyboardInterrupt:
+            pass
+        return
+    path = current_log(config, job, stage)
+    if path is None:
+        fail(f"{fr_id}: no {stage or 'stage'} log yet (job {job.id})")
+    click.echo(f"==> {path} <==", err=True)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 16):
+            sys.stdout.buffer.write(chunk)
+    sys.stdout.flush()
+    if job.status.value == "in-progress":
+        click.echo(f"(still running: opus logs {fr_id} -f follows it)", err=True)
+
+
+@main.command()
+@config_option
+@json_option
 @click.option("--category", default=None, help="The category (default: least recently used).")
-def ideate(config_path: Path | None, category: str | None) -> None:
+def ideate(category: str | None, as_json: bool) -> None:
     """Run one ideation now, whatever the queue: an idea note in [ideation] folder."""
+    import anyio
+
+    from .log_format import setup_logging
+    from .orchestrator.errors import OpusError
     from .orchestrator.service import Orchestrator
 
     setup_logging()
-    config = load(config_path)
+    config = load()
 
     async def one() -> Any:
         async with Orchestrator(config) as orch:
@@ -285,6 +460,16 @@ def ideate(config_path: Path | None, category: str | None) -> None:
         fail(str(e))
     if run.outcome != "proposed":
         fail(f"no idea written ({run.category}): {run.outcome}: {run.detail}")
+    if as_json:
+        _print_json(
+            {
+                "idea_id": run.idea_id,
+                "category": run.category,
+                "title": run.title,
+                "note": str(config.root / run.note),
+            }
+        )
+        return
     click.echo(f"{run.idea_id} ({run.category}): {run.title}\n{config.root / run.note}")
 
 
@@ -299,22 +484,110 @@ def ideate(config_path: Path | None, category: str | None) -> None:
     show_default=True,
     help="Only jobs created in the last DAYS days.",
 )
-def metrics(config_path: Path | None, as_json: bool, days: int) -> None:
+def metrics(as_json: bool, days: int) -> None:
     """Throughput, success rate, durations, iterations, utilization, tokens and cost."""
+    from .orchestrator import views
+    from .orchestrator.ideation import idea_metrics
     from .orchestrator.metrics import compute, render, window_start
 
-    config = load(config_path)
-    from .orchestrator.ideation import idea_metrics
-
+    config = load()
     now = datetime.now()
-    jobs = insp.read_jobs(config.state_dir)
+    jobs = views.read_jobs(config.state_dir)
     data = compute(
         jobs,
-        insp.all_events(config),
+        views.all_events(config),
         since_days=days,
         now=now,
         concurrency=config.pipeline.concurrency,
-        archived=insp.archived_figures(config, window_start(now, days)),
+        archived=views.archived_figures(config, window_start(now, days)),
     )
     data["ideas"] = idea_metrics(config, jobs, since=now - timedelta(days=days))
-    click.echo(json.dumps(data, indent=2) if as_json else render(data))
+    emit(data, lambda: click.echo(render(data)))
+
+
+# -- a person's controls -------------------------------------------------------------------
+
+
+def control_command(
+    name: str,
+    target: str,
+    allowed: frozenset[str] | None,
+    doc: str,
+    *,
+    all_of: frozenset[str] | None = None,
+) -> click.Command:
+    """A command that sets FR's note ``status`` to ``target`` (what a person's edit does);
+    with ``all_of``, ``--all`` sets it on every FR whose status is one of those."""
+
+    @main.command(name=name, help=doc)
+    @click.argument("fr", required=all_of is None)
+    @config_option
+    @json_option
+    def command(as_json: bool, fr: str | None = None, every: bool = False) -> None:
+        from .orchestrator import views
+        from .orchestrator.errors import OpusError
+        from .orchestrator.lifecycle import Status
+
+        _quiet_logging()
+        config = load()
+        goal = Status(target)
+        allow = frozenset(Status(s) for s in allowed) if allowed is not None else None
+        if every:
+            if fr is not None:
+                fail("give an FR or --all, not both", 2)
+            assert all_of is not None
+            changed = views.set_status_all(config, goal, frozenset(Status(s) for s in all_of))
+            emit(
+                [{"fr_id": i, "from": old, "to": goal.value} for i, old in changed],
+                "\n".join(f"{i}: {old} → {goal}" for i, old in changed) or f"no FR to {name}",
+            )
+            return
+        if fr is None:
+            fail(f"give an FR (or --all): opus {name} FR", 2)
+        try:
+            fr_id, old = views.set_status(config, fr, goal, allow)
+        except OpusError as e:
+            fail(str(e))
+        shown = old.value if old else "planned"
+        emit({"fr_id": fr_id, "from": shown, "to": goal.value}, f"{fr_id}: {shown} → {goal}")
+
+    if all_of is not None:
+        states = ", ".join(sorted(all_of))
+        command = click.option("--all", "every", is_flag=True, help=f"Every FR that is {states}.")(
+            command
+        )
+    return command
+
+
+control_command(
+    "retry",
+    "planned",
+    frozenset({"failed", "blocked", "cancelled"}),
+    "Start a fresh job for a failed, blocked or cancelled FR (status: planned).",
+)
+control_command(
+    "pause",
+    "paused",
+    frozenset({"planned", "queued", "in-progress"}),
+    "Stop the FR at its next stage boundary, keeping its checkpoint (status: paused).",
+    all_of=frozenset({"queued", "in-progress"}),
+)
+control_command(
+    "resume",
+    "planned",
+    frozenset({"paused"}),
+    "Resume a paused FR from its checkpoint (status: planned).",
+    all_of=frozenset({"paused"}),
+)
+control_command(
+    "cancel",
+    "cancelled",
+    frozenset({"planned", "queued", "in-progress", "paused", "review"}),
+    "Stop the FR now, killing its agent; the branch is kept (status: cancelled).",
+)
+control_command(
+    "approve",
+    "approved",
+    frozenset({"review"}),
+    "Approve an FR in review: opus merges it (status: approved).",
+)

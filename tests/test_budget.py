@@ -59,6 +59,10 @@ def status(note: Path) -> str:
     return str(data.get("status"))
 
 
+def reached(event: dict[str, Any]) -> bool:
+    return event["event"] == "budget" and "budget reached" in event["message"]
+
+
 async def run_once(vault: Vault, now: Callable[[], datetime]) -> Summary:
     async with Orchestrator(load_config(vault.config), now=now) as orch:
         return await orch.run_once()
@@ -88,7 +92,7 @@ async def test_a_reached_cap_keeps_queued_frs_waiting_until_it_is_raised(
         assert [status(notes[i]) for i in (2, 3)] == ["queued", "queued"]
         assert len(vault.runs("reviewer", "FR-1")) == 1
         assert vault.runs("planner", "FR-2") == [] and vault.runs("planner", "FR-3") == []
-        budget = [e for e in events(events_file) if e["event"] == "budget"]
+        budget = [e for e in events(events_file) if reached(e)]
         assert len(budget) == 1
         assert "daily budget reached" in budget[0]["message"]
         assert "0.60" in budget[0]["message"] and "0.50" in budget[0]["message"]
@@ -97,7 +101,7 @@ async def test_a_reached_cap_keeps_queued_frs_waiting_until_it_is_raised(
         summary = await orch.run_once()
         assert summary.statuses["FR-2"] == "queued"
         assert vault.runs("planner", "FR-2") == []
-        assert len([e for e in events(events_file) if e["event"] == "budget"]) == 1
+        assert len([e for e in events(events_file) if reached(e)]) == 1
 
         # the cap raised: opus.toml rewritten and reloaded into the running orchestrator
         config(vault, events_file, daily=10)
@@ -168,7 +172,7 @@ async def test_the_monthly_cap_counts_the_whole_month(vault: Vault, events_file:
     summary = await run_once(vault, now)
     assert summary.statuses == {"FR-1": "review", "FR-2": "queued", "FR-3": "queued"}
     assert vault.runs("coder", "FR-2") == [] and vault.runs("planner", "FR-3") == []
-    (budget,) = [e for e in events(events_file) if e["event"] == "budget"]
+    (budget,) = [e for e in events(events_file) if reached(e)]
     assert "monthly budget reached" in budget["message"]
 
     # the next month starts from zero
@@ -186,3 +190,23 @@ async def test_agents_without_cost_never_hit_the_cap(vault: Vault, events_file: 
     summary = await run_once(vault, clock(DAY))
     assert summary.statuses == {"FR-1": "review", "FR-2": "review"}
     assert [e["event"] for e in events(events_file)] == ["review", "review"]
+
+
+@pytest.mark.anyio
+async def test_alert_at_tells_the_first_time_each_share_is_spent(
+    vault: Vault, events_file: Path
+) -> None:
+    usage = {"input_tokens": 10, "output_tokens": 10, "cost_usd": 0.3}
+    vault.script({"*": {"planner": [{"output": "# Plan\n", "usage": usage}]}})
+    config(vault, events_file, daily=1)  # alert_at defaults to [50, 75, 90]
+    for i in (1, 2, 3):
+        vault.note(f"FR-{i}.md", NOTE.format(id=f"FR-{i}", priority="high"))
+    now = clock(DAY)
+    await run_once(vault, now)  # 0.30, 0.60, 0.90 spent by the three planners
+    alerts = [e["message"] for e in events(events_file) if "% of the" in e["message"]]
+    assert alerts == [
+        "50 % of the daily budget spent: $0.60 of $1.00",
+        "90 % of the daily budget spent: $0.90 of $1.00",
+    ]  # 75 % was crossed together with 90 %: one message names the highest share
+    await run_once(vault, now)  # a restart does not tell again
+    assert len([e for e in events(events_file) if "% of the" in e["message"]]) == 2

@@ -171,9 +171,38 @@ def test_status_json_lists_frs(vault: Vault) -> None:
 
 
 def test_init_scaffolds_a_vault(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["init", str(tmp_path / "v")])
+    repo = tmp_path / "app"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "master")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "initial")
+    result = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", "../app"])
     assert result.exit_code == 0, result.output
-    assert (tmp_path / "v" / "opus.toml").exists()
     assert (tmp_path / "v" / "10_features" / "03_planned").is_dir()
-    again = CliRunner().invoke(main, ["init", str(tmp_path / "v")])
+    text = (tmp_path / "v" / "opus.toml").read_text()
+    assert 'base = "master"' in text  # the repository's own default branch
+    assert "base branch: master (detected)" in result.output
+    assert "next: opus doctor --config" in result.output
+    template = (tmp_path / "v" / "templates" / "feature-request.md").read_text()
+    assert 'title: "{{title}}"' in template and "created: {{date}}" in template
+    base = yaml.safe_load((tmp_path / "v" / "00_system" / "opus.base").read_text())
+    assert base["filters"]["and"][0] == 'file.inFolder("10_features/03_planned")'
+    views = {v["type"]: v for v in base["views"]}
+    assert views["cards"]["groupBy"]["property"] == "status" and "status" in views["table"]["order"]
+    # the written config loads and validates its repository
+    from opus.orchestrator.checks import repo_problems
+    from opus.orchestrator.config import load_config
+
+    assert repo_problems(load_config(tmp_path / "v" / "opus.toml")) == []
+    again = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", "../app"])
     assert again.exit_code == 1 and "already exists" in again.output
+
+
+def test_init_refuses_a_missing_or_non_git_repository(tmp_path: Path) -> None:
+    missing = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", "../nope"])
+    assert missing.exit_code == 1 and "does not exist" in missing.output
+    (tmp_path / "plain").mkdir()
+    plain = CliRunner().invoke(
+        main, ["init", str(tmp_path / "v"), "--repo", str(tmp_path / "plain")]
+    )
+    assert plain.exit_code == 1 and "is not a git repository" in plain.output
+    assert not (tmp_path / "v" / "opus.toml").exists()

@@ -256,8 +256,82 @@ async def test_desktop_uses_notify_send_from_path(
     empty = tmp_path / "empty"
     empty.mkdir()
     await send(Notifier([section], environ={"PATH": str(empty)}), "review")
-    assert any("notify-send not on PATH" in r.getMessage() for r in caplog.records)
-    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert "`notify-send` not found on PATH" in warning  # not a silent no-op
+
+
+@pytest.mark.anyio
+async def test_webhook_url_and_headers_from_the_environment() -> None:
+    seen = Hook()
+    section = NotifySection(
+        kind="webhook",
+        url_env="HOOK_URL",
+        headers={"X-Team": "core"},
+        headers_env={"Authorization": "HOOK_AUTH"},
+    )
+    env = {"HOOK_URL": "https://hooks.example.com/T0/secret-path", "HOOK_AUTH": "Bearer tk-9"}
+    await send(Notifier([section], transport=seen.transport, environ=env), "done")
+    (request,) = seen.requests
+    assert str(request.url) == env["HOOK_URL"]
+    assert request.headers["x-team"] == "core" and request.headers["authorization"] == "Bearer tk-9"
+
+
+@pytest.mark.anyio
+async def test_webhook_with_its_url_variable_unset_warns_naming_the_variable(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    seen = Hook()
+    section = NotifySection(kind="webhook", url_env="HOOK_URL")
+    await send(Notifier([section], transport=seen.transport, environ={}), "done")
+    assert seen.requests == []
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert "$HOOK_URL is not set" in warning
+
+
+@pytest.mark.anyio
+async def test_command_notifier_placeholders(tmp_path: Path) -> None:
+    out = tmp_path / "argv.json"
+    script = tmp_path / "argv.py"
+    script.write_text("import json, sys\nopen(sys.argv[1], 'w').write(json.dumps(sys.argv[2:]))\n")
+    section = NotifySection(
+        kind="command",
+        command=[sys.executable, str(script), str(out), "{event}", "{fr_id}={status}", "{other}"],
+    )
+    await send(Notifier([section]), "failed", status="failed")
+    assert json.loads(out.read_text()) == ["failed", "FR-1=failed", "{other}"]
+
+
+@pytest.mark.anyio
+async def test_apprise_notifier_posts_through_apprise_to_a_loopback_server() -> None:
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    received: list[dict[str, Any]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            received.append(json.loads(body))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"json://127.0.0.1:{server.server_address[1]}/notify"
+        section = NotifySection(kind="apprise", url_env="APPRISE_URL")
+        await send(Notifier([section], environ={"APPRISE_URL": url}), "review")
+    finally:
+        server.shutdown()
+        server.server_close()
+    (body,) = received
+    assert body["title"] == "opus: FR-1 review: Add greeting"
+    assert body["message"] == "ready for review"
 
 
 @pytest.mark.anyio

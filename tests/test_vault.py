@@ -388,7 +388,9 @@ def test_find_by_id_and_by_path(v: Vault, tmp_path: Path, monkeypatch: pytest.Mo
     assert v.find("export.md") == path  # relative to the planned folder
     monkeypatch.chdir(tmp_path)
     assert v.find("vault/10_features/03_planned/export.md") == path  # relative to cwd
-    with pytest.raises(NoteError, match="no feature request with id 'FR-404'"):
+    with pytest.raises(
+        NoteError, match="no feature request with id, file name, title or alias 'FR-404'"
+    ):
         v.find("FR-404")
     with pytest.raises(NoteError, match="no such note"):
         v.find("missing.md")

@@ -379,19 +379,28 @@ def default_config_path() -> Path:
 
 
 def parse_config(data: dict[str, Any], source: Path) -> Config:
-    """Validate a parsed TOML document; a problem raises ConfigError naming key and file."""
+    """Validate a parsed TOML document. Problems raise one ConfigError naming the file; its
+    ``problems`` lists each one (``[key] message``), in the file's order."""
     try:
         return Config.model_validate({**data, "source": source})
     except ValidationError as e:
-        err = e.errors()[0]
-        key = ".".join(str(part) for part in err["loc"]) or None
-        message = err["msg"]
-        if err["type"] == "extra_forbidden":
-            message = "unknown key"
-        elif err["type"] == "missing":
-            message = "missing required value"
-        more = f" (and {len(e.errors()) - 1} more problem(s))" if len(e.errors()) > 1 else ""
-        raise ConfigError(message + more, key=key, file=source) from e
+        problems: list[tuple[str | None, str]] = []
+        for err in e.errors():
+            key = ".".join(str(part) for part in err["loc"]) or None
+            message = err["msg"].removeprefix("Value error, ")
+            if err["type"] == "extra_forbidden":
+                message = "unknown key"
+            elif err["type"] == "missing":
+                message = "missing required value"
+            if (key, message) not in problems:
+                problems.append((key, message))
+        key, message = problems[0]
+        raise ConfigError(
+            message,
+            key=key,
+            file=source,
+            problems=[f"[{k}] {m}" if k else m for k, m in problems],
+        ) from e
 
 
 def load_config(path: str | Path | None = None) -> Config:

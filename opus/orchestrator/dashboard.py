@@ -1,16 +1,32 @@
-"""The dashboard note: what runs, waits and finished, readable in Obsidian (SPEC §10)."""
+"""The dashboard note: what runs, waits and finished, readable in Obsidian (SPEC §10, §20).
+
+Tables with a wiki-link for every FR, each FR once (its latest job, in its current state),
+a Mermaid ``gantt`` of the last day's pipelines by stage, and ``updated_at`` in the notes'
+date-time form. ``SECTIONS`` renders the tables in order; a module with more to show (the
+ideas waiting, the review rounds) adds a function there.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from datetime import datetime
-from pathlib import Path
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path, PurePosixPath
 
 from .atomic import atomic_write
 from .budget import spent
 from .lifecycle import FINISHED, Status
 from .models import Job
 from .vault import Scan
+
+__all__ = ("SECTIONS", "Board", "render_dashboard", "write_dashboard")
+
+AWAITING = frozenset(s for s in Status if s.value in ("review", "plan-review"))
+"""Statuses waiting on a person's review (``plan-review`` where the plan gate exists)."""
+RECENT = 10
+"""Finished FRs listed under "Recent outcomes"."""
+GANTT_WINDOW = timedelta(days=1)
 
 
 def _age(since: datetime, now: datetime) -> str:
@@ -22,58 +38,193 @@ def _age(since: datetime, now: datetime) -> str:
     return f"{seconds // 3600} h"
 
 
+def _cell(text: object) -> str:
+    """A table cell: one line, its pipes escaped."""
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def link(job: Job) -> str:
+    """A wiki-link to the FR's note (path without ``.md``, so never ambiguous), escaped for
+    a table cell, shown as the FR's id."""
+    target = str(PurePosixPath(job.fr_path).with_suffix(""))
+    return f"[[{target}\\|{job.fr_id}]]"
+
+
+def _table(header: Sequence[str], rows: list[list[str]]) -> list[str]:
+    if not rows:
+        return ["*(none)*"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(_cell(c) if i else c for i, c in enumerate(r)) + " |" for r in rows]
+    return lines
+
+
+def latest_per_fr(jobs: Sequence[Job]) -> list[Job]:
+    """Each FR's latest job: an FR shows once, in its current state."""
+    latest: dict[str, Job] = {}
+    for job in jobs:
+        old = latest.get(job.fr_id)
+        if old is None or job.created_at >= old.created_at:
+            latest[job.fr_id] = job
+    return list(latest.values())
+
+
+@dataclass(frozen=True)
+class Board:
+    """What a section renders from: every job the registry holds, each FR's latest one
+    (``current``: an FR shows once, in its current state), the time, the scan."""
+
+    jobs: Sequence[Job]
+    current: Sequence[Job]
+    now: datetime
+    scan: Scan
+    extra: Sequence[str] = ()
+    """Lines of a section of their own (the ideas waiting, SPEC §19)."""
+
+
+def running(b: Board) -> list[str]:
+    jobs, now = b.current, b.now
+    rows = [
+        [link(j), j.title, str(j.stage or ""), str(j.iteration), _age(j.created_at, now)]
+        for j in jobs
+        if j.status is Status.IN_PROGRESS
+    ]
+    return ["## Running", "", *_table(["FR", "title", "stage", "iteration", "elapsed"], rows)]
+
+
+def queued(b: Board) -> list[str]:
+    jobs = b.current
+    rows = [
+        [link(j), j.title, str(j.status), str(j.priority), j.error or ""]
+        for j in jobs
+        if j.status in (Status.QUEUED, Status.PAUSED)
+    ]
+    return ["## Queued", "", *_table(["FR", "title", "status", "priority", "waiting for"], rows)]
+
+
+def awaiting_review(b: Board) -> list[str]:
+    jobs, now = b.current, b.now
+    rows = [
+        [link(j), j.title, f"`{j.branch}`", j.pr_url or "", _age(j.updated_at, now)]
+        for j in jobs
+        if j.status in AWAITING
+    ]
+    return [
+        "## Awaiting review",
+        "",
+        *_table(["FR", "title", "branch", "pull request", "waiting"], rows),
+    ]
+
+
+def recent_outcomes(b: Board) -> list[str]:
+    done = sorted(
+        (j for j in b.current if j.status in FINISHED),
+        key=lambda j: j.finished_at or j.updated_at,
+        reverse=True,
+    )[:RECENT]
+    rows = [
+        [
+            link(j),
+            j.title,
+            f"**{j.status}**",
+            f"{(j.finished_at or j.updated_at):%Y-%m-%d %H:%M}",
+            j.error or "",
+        ]
+        for j in done
+    ]
+    return [
+        "## Recent outcomes",
+        "",
+        *_table(["FR", "title", "status", "finished", "error"], rows),
+    ]
+
+
+_GANTT_UNSAFE = re.compile(r"[:;#\n\r]")
+
+
+def gantt(b: Board) -> list[str]:
+    """A Mermaid ``gantt``: one section per job of the last day, one bar per stage run."""
+    jobs, now = b.jobs, b.now
+    since = now - GANTT_WINDOW
+    fmt = "%Y-%m-%d %H:%M:%S"
+    sections: list[str] = []
+    for job in sorted(jobs, key=lambda j: j.created_at):
+        bars = []
+        for cp in job.history:
+            if cp.finished_at < since:
+                continue
+            tag = "done" if cp.outcome == "ok" else "crit"
+            end = max(cp.finished_at, cp.started_at + timedelta(seconds=1))
+            bars.append(f"    {cp.stage} {cp.iteration} :{tag}, {cp.started_at:{fmt}}, {end:{fmt}}")
+        if job.status is Status.IN_PROGRESS and job.stage is not None:
+            start = job.updated_at
+            end = max(now, start + timedelta(seconds=1))
+            bars.append(f"    {job.stage} {job.iteration} :active, {start:{fmt}}, {end:{fmt}}")
+        if bars:
+            title = _GANTT_UNSAFE.sub(" ", f"{job.fr_id} {job.title}")[:60].strip()
+            if sum(1 for j in jobs if j.fr_id == job.fr_id) > 1:
+                title += f" ({job.created_at:%H:%M})"  # an earlier job of the same FR
+            sections += [f"    section {title}", *bars]
+    if not sections:
+        return ["## The last day", "", "*(no pipeline ran in the last 24 hours)*"]
+    return [
+        "## The last day",
+        "",
+        "```mermaid",
+        "gantt",
+        "    dateFormat YYYY-MM-DD HH:mm:ss",
+        "    axisFormat %H:%M",
+        *sections,
+        "```",
+    ]
+
+
+def extra(b: Board) -> list[str]:
+    return list(b.extra)
+
+
+def unreadable(b: Board) -> list[str]:
+    if not b.scan.problems:
+        return []
+    rows = [[f"`{p.path.name}`", p.message] for p in b.scan.problems]
+    return ["## Notes opus cannot read", "", *_table(["note", "problem"], rows)]
+
+
+Section = Callable[[Board], list[str]]
+SECTIONS: list[Section] = [
+    running,
+    queued,
+    awaiting_review,
+    recent_outcomes,
+    gantt,
+    extra,
+    unreadable,
+]
+"""The dashboard's sections, in order (one that returns no lines is left out)."""
+
+
 def render_dashboard(
     jobs: Sequence[Job], scan: Scan, *, now: datetime, extra: Sequence[str] = ()
 ) -> str:
     """The note's text; ``extra`` lines (a section of their own, e.g. waiting ideas) go
     before the notes opus cannot read."""
-    running = [j for j in jobs if j.status is Status.IN_PROGRESS]
-    queued = [j for j in jobs if j.status in (Status.QUEUED, Status.PAUSED)]
-    review = [j for j in jobs if j.status is Status.REVIEW]
-    recent = sorted(
-        (j for j in jobs if j.status in FINISHED),
-        key=lambda j: j.finished_at or j.updated_at,
-        reverse=True,
-    )[:10]
     today, month = spent(jobs, now)
+    current = latest_per_fr(jobs)
+    count = {s: sum(1 for j in current if j.status is s) for s in Status}
     lines = [
         "---",
-        f"updated_at: {now.isoformat()}",
+        f"updated_at: {now.replace(microsecond=0).isoformat()}",
         "---",
         "# opus dashboard",
         "",
-        f"{len(running)} running · {len(queued)} queued · {len(review)} awaiting review · "
+        f"{count[Status.IN_PROGRESS]} running · "
+        f"{count[Status.QUEUED] + count[Status.PAUSED]} queued · "
+        f"{sum(count[s] for s in AWAITING)} awaiting review · "
         f"today's cost ${today:.2f} (month ${month:.2f})",
-        "",
-        "## Running",
-        "",
     ]
-    lines += [
-        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.stage}, iteration "
-        f"{j.iteration}, {_age(j.created_at, now)}"
-        for j in running
-    ] or ["(none)"]
-    lines += ["", "## Queued", ""]
-    lines += [
-        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — {j.status}, {j.priority}"
-        for j in queued
-    ] or ["(none)"]
-    lines += ["", "## Awaiting review", ""]
-    lines += [
-        f"- [[{Path(j.fr_path).stem}|{j.fr_id}]] {j.title} — `{j.branch}`"
-        + (f" {j.pr_url}" if j.pr_url else "")
-        for j in review
-    ] or ["(none)"]
-    lines += ["", "## Recent outcomes", ""]
-    lines += [
-        f"- {j.fr_id} {j.title} — **{j.status}**" + (f": {j.error}" if j.error else "")
-        for j in recent
-    ] or ["(none)"]
-    if extra:
-        lines += ["", *extra]
-    if scan.problems:
-        lines += ["", "## Notes opus cannot read", ""]
-        lines += [f"- `{p.path.name}`: {p.message}" for p in scan.problems]
+    board = Board(jobs, current, now, scan, extra)
+    for section in SECTIONS:
+        block = section(board)
+        lines += ["", *block] if block else []
     return "\n".join(lines) + "\n"
 
 

@@ -32,12 +32,29 @@ class OpusError(Exception):
 
 
 class ConfigError(OpusError):
-    def __init__(self, message: str, *, key: str | None = None, file: Path | None = None) -> None:
+    """``problems`` holds every problem found (``[key] message``), the first one included;
+    the message names the file and lists them all, one per line."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        key: str | None = None,
+        file: Path | None = None,
+        problems: list[str] | None = None,
+    ) -> None:
         self.key = key
         self.file = file
-        where = f"{file}: " if file else ""
         what = f"[{key}] " if key else ""
-        super().__init__(f"{where}{what}{message}")
+        self.problems = problems or [f"{what}{message}"]
+        where = f"{file}: " if file else ""
+        if len(self.problems) == 1:
+            text = f"{where}{self.problems[0]}"
+        else:
+            text = f"{where}{len(self.problems)} problems:\n" + "\n".join(
+                f"  {p}" for p in self.problems
+            )
+        super().__init__(text)
 
 
 class NoteError(OpusError):

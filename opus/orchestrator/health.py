@@ -18,7 +18,7 @@ from typing import Any
 
 from .atomic import atomic_write
 
-__all__ = ("check_health", "write_health")
+__all__ = ("check_health", "health_record", "write_health")
 
 VERSION = 1
 
@@ -51,28 +51,49 @@ def check_health(path: Path, *, now: datetime, max_age: float) -> tuple[bool, st
 
     Healthy iff the file exists and parses, its pid is alive and ``now - last_tick <= max_age``.
     """
+    record = health_record(path, now=now, max_age=max_age)
+    return bool(record["ok"]), str(record["reason"])
+
+
+def health_record(path: Path, *, now: datetime, max_age: float) -> dict[str, Any]:
+    """``check_health`` as data for ``opus health --json``: ``ok``, ``reason``, and what the
+    file says (``pid``, ``started_at``, ``last_tick``, ``age`` in seconds, ``running``,
+    ``queued``) when it could be read."""
+    out: dict[str, Any] = {"ok": False, "reason": "", "health_file": str(path)}
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return False, f"no health file at {path}"
+        return {**out, "reason": f"no health file at {path}"}
     except OSError as e:
-        return False, f"cannot read health file {path}: {e.strerror or e}"
+        return {**out, "reason": f"cannot read health file {path}: {e.strerror or e}"}
     try:
         record = json.loads(raw)
         pid = record["pid"]
         last_tick = datetime.fromisoformat(record["last_tick"])
     except (ValueError, TypeError, KeyError) as e:
-        return False, f"health file {path} is unreadable: {type(e).__name__}: {e}"
+        return {**out, "reason": f"health file {path} is unreadable: {type(e).__name__}: {e}"}
     if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        return False, f"health file {path} holds no valid pid: {pid!r}"
-    if not _alive(pid):
-        return False, f"pid {pid} is not running"
+        return {**out, "reason": f"health file {path} holds no valid pid: {pid!r}"}
     age = max(0.0, _seconds_between(last_tick, now))
-    if age > max_age:
-        return False, f"last tick {age:.0f} s ago (limit {max_age:g} s)"
     running = record.get("running")
-    count = len(running) if isinstance(running, list) else 0
-    return True, f"ok: pid {pid}, {count} running, last tick {age:.0f} s ago"
+    out.update(
+        pid=pid,
+        started_at=record.get("started_at"),
+        last_tick=last_tick.isoformat(),
+        age=round(age, 3),
+        running=running if isinstance(running, list) else [],
+        queued=record.get("queued", 0),
+    )
+    if not _alive(pid):
+        return {**out, "reason": f"pid {pid} is not running"}
+    if age > max_age:
+        return {**out, "reason": f"last tick {age:.0f} s ago (limit {max_age:g} s)"}
+    count = len(out["running"])
+    return {
+        **out,
+        "ok": True,
+        "reason": f"ok: pid {pid}, {count} running, last tick {age:.0f} s ago",
+    }
 
 
 def _alive(pid: int) -> bool:

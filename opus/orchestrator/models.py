@@ -84,6 +84,10 @@ class FeatureRequest(BaseModel):
     """Overrides ``[approval] plan`` for this FR."""
     invalid: tuple[str, str] | None = None
     """``(key, problem)`` when a person's key holds a bad value: the FR must fail."""
+    problems: tuple[tuple[str, str], ...] = ()
+    """Every ``(key, problem)`` of the note (``invalid`` is the first)."""
+    aliases: tuple[str, ...] = ()
+    """The note's ``aliases`` (Obsidian's): other names ``opus show`` and friends accept."""
 
 
 class Usage(BaseModel):

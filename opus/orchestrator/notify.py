@@ -4,11 +4,16 @@ Kinds (``[[notify]] kind``):
 
 - ``log``      one INFO line through :mod:`logging`;
 - ``desktop``  ``notify-send "opus: FR-1 review" "message"`` when it is on ``PATH``;
-- ``webhook``  an HTTP POST to ``url``: ``json`` (the event as an object), ``slack``
-  (``{"text": …}``) or ``ntfy`` (plain text body, ``Title`` header);
-- ``command``  runs ``command`` with ``OPUS_EVENT``, ``OPUS_FR_ID``, ``OPUS_STATUS``,
-  ``OPUS_MESSAGE`` (also ``OPUS_TITLE``, ``OPUS_JOB_ID``) in its environment and the event
-  as JSON on standard input.
+- ``webhook``  an HTTP POST to ``url`` (or to the URL in the variable ``url_env`` names:
+  a webhook URL is often a secret) with ``headers`` and ``headers_env`` (header → variable):
+  ``json`` (the event as an object), ``slack`` (``{"text": …}``) or ``ntfy`` (plain text
+  body, ``Title`` header);
+- ``command``  runs ``command``, its ``{event}``, ``{fr_id}``, ``{status}``, ``{title}``,
+  ``{job_id}`` replaced in each argument, with ``OPUS_EVENT``, ``OPUS_FR_ID``,
+  ``OPUS_STATUS``, ``OPUS_MESSAGE`` (also ``OPUS_TITLE``, ``OPUS_JOB_ID``) in its
+  environment and the event as JSON on standard input;
+- ``apprise``  one of the ~100 services Apprise reaches (Slack, ntfy, Matrix, Telegram,
+  e-mail…), its Apprise URL in ``url_env`` (or ``url``); the package is imported lazily.
 
 Every field is redacted before it leaves. A notifier that fails (exception, non-2xx answer,
 timeout, non-zero exit) is logged as one WARNING; :meth:`Notifier.send` never raises.
@@ -19,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -100,6 +106,8 @@ class Notifier:
                     await self._desktop(section, payload)
                 elif section.kind == "webhook":
                     await self._webhook(section, payload)
+                elif section.kind == "apprise":
+                    await self._apprise(section, payload)
                 else:
                     await self._command(section, payload)
         except TimeoutError:
@@ -127,32 +135,62 @@ class Notifier:
         env = self._env()
         exe = shutil.which("notify-send", path=env.get("PATH"))
         if exe is None:
-            logger.debug("notify-send not on PATH; desktop notification skipped")
-            return
+            raise NotifyFailed("`notify-send` not found on PATH (install libnotify-bin)")
         summary = f"opus: {p['fr_id']} {p['event']}"
         body = str(p["message"] or p["title"])
         await _run([exe, summary, body], env=env, stdin=b"")
 
-    async def _webhook(self, section: NotifySection, p: Mapping[str, object]) -> None:
+    def _url(self, section: NotifySection) -> str:
+        if section.url_env:
+            url = self._env().get(section.url_env)
+            if not url:
+                raise NotifyFailed(f"${section.url_env} is not set")
+            return url
         assert section.url is not None
-        async with httpx.AsyncClient(transport=self._transport, timeout=section.timeout) as client:
+        return section.url
+
+    def _headers(self, section: NotifySection) -> dict[str, str]:
+        env = self._env()
+        headers = dict(section.headers)
+        for name, var in section.headers_env.items():
+            value = env.get(var)
+            if not value:
+                raise NotifyFailed(f"headers_env.{name}: ${var} is not set")
+            headers[name] = value
+        return headers
+
+    async def _webhook(self, section: NotifySection, p: Mapping[str, object]) -> None:
+        url, headers = self._url(section), self._headers(section)
+        async with httpx.AsyncClient(
+            transport=self._transport, timeout=section.timeout, headers=headers
+        ) as client:
             if section.format == "json":
-                response = await client.post(section.url, json=dict(p))
+                response = await client.post(url, json=dict(p))
             elif section.format == "slack":
-                response = await client.post(section.url, json={"text": _line(p)})
+                response = await client.post(url, json={"text": _line(p)})
             else:
                 title = f"opus: {p['fr_id']} {p['event']}: {p['title']}"
                 response = await client.post(
-                    section.url,
+                    url,
                     content=str(p["message"] or p["title"]).encode(),
                     headers={"Title": _header(title), "Content-Type": "text/plain; charset=utf-8"},
                 )
         if not response.is_success:
             raise NotifyFailed(f"HTTP {response.status_code}: {response.text[:200]}")
 
+    async def _apprise(self, section: NotifySection, p: Mapping[str, object]) -> None:
+        url = self._url(section)
+        title = f"opus: {p['fr_id']} {p['event']}: {p['title']}"
+        body = str(p["message"] or p["title"])
+        ok = await anyio.to_thread.run_sync(_apprise_send, url, title, body)
+        if not ok:
+            raise NotifyFailed("apprise could not deliver (see its log lines above)")
+
     async def _command(self, section: NotifySection, p: Mapping[str, object]) -> None:
         assert section.command is not None
         argv = shlex.split(section.command) if isinstance(section.command, str) else section.command
+        values = {k: str(p[k] or "") for k in ("event", "fr_id", "status", "title", "job_id")}
+        argv = [_PLACEHOLDER.sub(lambda m: values[m.group(1)], arg) for arg in argv]
         env = {k: v for k, v in self._env().items() if k not in _DROP_ENV}
         env.update(
             OPUS_EVENT=str(p["event"]),
@@ -167,6 +205,19 @@ class Notifier:
 
     def _env(self) -> dict[str, str]:
         return dict(os.environ if self._environ is None else self._environ)
+
+
+_PLACEHOLDER = re.compile(r"\{(event|fr_id|status|title|job_id)\}")
+
+
+def _apprise_send(url: str, title: str, body: str) -> bool:
+    """One notification through Apprise (imported here: most installs never need it)."""
+    import apprise
+
+    sender = apprise.Apprise()
+    if not sender.add(url):
+        raise NotifyFailed("apprise does not understand the URL in url_env")
+    return bool(sender.notify(title=title, body=body))
 
 
 def _line(p: Mapping[str, object]) -> str:
@@ -184,8 +235,12 @@ def _header(value: str) -> str:
 
 def _target(section: NotifySection) -> str:
     """What a warning may name: a webhook's host only (its path is often a secret)."""
+    if section.kind in ("webhook", "apprise") and section.url_env:
+        return f"${section.url_env}"
     if section.kind == "webhook" and section.url:
         return urlsplit(section.url).netloc or "?"
+    if section.kind == "apprise" and section.url:
+        return urlsplit(section.url).scheme or "?"
     if section.kind == "command" and section.command:
         cmd = section.command
         return (shlex.split(cmd) if isinstance(cmd, str) else cmd or ["?"])[0]

@@ -143,7 +143,7 @@ class Pipeline:
             return True
         if step[0] is Stage.DELIVERY:
             return False  # delivery spends nothing: never held back by the budget
-        why = await anyio.to_thread.run_sync(self.rt.over_budget)
+        why = await self.rt.check_budget(self.job)
         if why:
             await self._set(Status.QUEUED, "budget")
             log.warning("%s: waits: %s (job %s)", self.job.fr_id, why, self.job.id)
@@ -502,7 +502,10 @@ class Pipeline:
         job.error = self.rt.redactor(error.splitlines()[0][:500]) if error else None
         job.pgids = []
         await self.rt.record(job, event)
-        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "", job.id)
+        level = logging.WARNING if status in (Status.FAILED, Status.BLOCKED) else logging.INFO
+        log.log(
+            level, "%s: %s%s (job %s)", job.fr_id, status, f": {job.error}" if error else "", job.id
+        )
         if status.value in ("review", "done", "failed", "blocked"):
             message = job.error or (
                 f"ready for review: {job.pr_url or job.branch}"

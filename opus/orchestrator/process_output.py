@@ -1,7 +1,10 @@
-"""A supervised child's output: kept in memory (the tail), appended to its log file.
+"""A supervised child's output: streamed to its log file, only a bounded tail in memory.
 
 ``Capture`` reads one pipe and marks ``Progress`` (for the stall watch); ``LogSink`` writes
-each line, redacted and tagged ``out|`` / ``err|``, plus ``# `` notes, to the log file.
+each line, redacted and tagged ``out|`` / ``err|``, plus ``# `` notes, to the log file as
+it arrives. An agent may print hundreds of MB (SPEC §12: opus stays under 150 MB RSS): the
+log file has everything, memory holds the last ``MAX_KEPT`` bytes of stdout (what a preset
+parses: its final JSON) and ``MAX_KEPT_ERR`` of stderr.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from .redact import Redactor
 
 __all__ = (
     "MAX_KEPT",
+    "MAX_KEPT_ERR",
     "TAIL_BYTES",
     "TAIL_LINES",
     "Capture",
@@ -27,8 +31,10 @@ __all__ = (
     "output_tail",
 )
 
-MAX_KEPT = 32 * 2**20
-"""Bytes of each stream kept in memory (the tail); the log file has everything."""
+MAX_KEPT = 8 * 2**20
+"""Bytes of stdout kept in memory (the tail a preset parses); the log file has everything."""
+MAX_KEPT_ERR = 2**20
+"""Bytes of stderr kept in memory (error messages, the output tail of a failure)."""
 TAIL_LINES = 200
 TAIL_BYTES = 16 * 1024
 
@@ -114,22 +120,31 @@ PARTIAL_COUNTS = 65536
 
 
 class Capture:
-    """Reads one pipe to its end: keeps the bytes, feeds the log, marks progress.
+    """Reads one pipe to its end: keeps the last ``keep`` bytes, feeds the log, marks
+    progress. Memory stays below ``keep`` plus a quarter (the slack that makes trimming
+    cheap) plus one read, whatever the child prints.
 
     With ``counts``, only the lines it accepts mark progress (a CLI that prints
     "Reconnecting…" while its model is unreachable is not making any)."""
 
     def __init__(
-        self, tag: str, sink: LogSink, progress: Progress, counts: Counts | None = None
+        self,
+        tag: str,
+        sink: LogSink,
+        progress: Progress,
+        counts: Counts | None = None,
+        keep: int = MAX_KEPT,
     ) -> None:
         self.tag = tag
         self.done = anyio.Event()
+        self.keep = keep
         self._sink = sink
         self._progress = progress
         self._counts = counts
         self._line = b""
         self._data = bytearray()
         self._cut = 0
+        self._slack = max(keep // 4, 65536)
 
     def _mark(self, chunk: bytes) -> None:
         if self._counts is None:
@@ -148,8 +163,8 @@ class Capture:
             async for chunk in stream:
                 self._mark(chunk)
                 self._data += chunk
-                if len(self._data) > 2 * MAX_KEPT:
-                    drop = len(self._data) - MAX_KEPT
+                if len(self._data) > self.keep + self._slack:
+                    drop = len(self._data) - self.keep
                     del self._data[:drop]
                     self._cut += drop
                 await self._sink.feed(self.tag, chunk)
@@ -159,7 +174,7 @@ class Capture:
             self.done.set()
 
     def text(self, redactor: Redactor) -> str:
-        drop = max(0, len(self._data) - MAX_KEPT)
+        drop = max(0, len(self._data) - self.keep)
         text = bytes(self._data[drop:]).decode("utf-8", "replace")
         if self._cut + drop:
             text = f"[… {self._cut + drop} bytes cut …]\n{text}"

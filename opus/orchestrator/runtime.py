@@ -7,6 +7,7 @@ the registry on the next start.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Callable, Mapping
@@ -18,7 +19,8 @@ import anyio
 import httpx
 
 from .agents.base import Agent
-from .budget import over_budget
+from .atomic import atomic_write
+from .budget import new_alerts, over_caps, spent
 from .config import Config
 from .errors import NoteError
 from .github import ResponseCache
@@ -86,11 +88,37 @@ class Runtime:
     _mirrored: dict[str, tuple[object, ...]] = field(default_factory=dict)
     """What each job's note last showed, so an unchanged note is not read again."""
 
+    _budget_alerts: list[str] = field(default_factory=list)
+    """``alert_at`` messages found by ``over_budget``, sent by ``check_budget``."""
+
     def over_budget(self) -> str | None:
+        caps = self.config.budget
+        if not caps.daily_usd and not caps.monthly_usd:
+            return None
         now = self.now()
         archived = self.registry.archived_in(f"{now:%Y-%m}")  # this month's spend counts too
         jobs = {j.id: j for j in [*archived, *self.registry.jobs()]}  # each job once
-        return over_budget(self.config.budget, jobs.values(), now, self.other_spend)
+        day, month = spent(jobs.values(), now, self.other_spend)
+        if caps.alert_at:
+            told_file = self.config.state_dir / "budget-alerts.json"
+            try:
+                told = json.loads(told_file.read_bytes())
+            except (OSError, ValueError):
+                told = {}
+            fresh = new_alerts(caps, day, month, now, told)
+            if fresh:
+                atomic_write(told_file, json.dumps(told).encode())
+                self._budget_alerts += fresh
+        return over_caps(caps, day, month)
+
+    async def check_budget(self, job: Job) -> str | None:
+        """``over_budget`` in a thread, then the ``budget`` notifications it found due."""
+        why = await anyio.to_thread.run_sync(self.over_budget)
+        alerts, self._budget_alerts = self._budget_alerts, []
+        for message in alerts:
+            log.warning("budget: %s", message)
+            await self.notify("budget", job, message)
+        return why
 
     def workspace(self, job: Job) -> Workspace:
         return self.workspaces[job.repo]

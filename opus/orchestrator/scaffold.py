@@ -1,7 +1,13 @@
-"""``opus init``: a new vault with its folders, ``opus.toml`` and an FR template."""
+"""``opus init``: a new vault with its folders, ``opus.toml``, an FR template (Obsidian's
+``{{title}}``/``{{date}}`` placeholders) and ``00_system/opus.base`` (an Obsidian Bases view
+of the planned folder: a table, and a board grouped by ``status``)."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import OpusError
@@ -19,7 +25,7 @@ keep_days = 30
 
 [repos.app]            # the first repository is the default one
 path = "{repo}"
-base = "main"
+base = "{base}"
 branch_prefix = "opus/"
 
 [pipeline]
@@ -30,17 +36,17 @@ stall_timeout = 600
 retries = 2
 
 [agents.planner]
-kind = "claude"
+kind = "{agent}"
 
 [agents.coder]
-kind = "claude"
+kind = "{agent}"
 
 [agents.tester]
 kind = "command"
 command = "python -m pytest -q"
 
 [agents.reviewer]
-kind = "claude"
+kind = "{agent}"
 
 [approval]
 mode = "manual"
@@ -55,19 +61,64 @@ kind = "log"
 TEMPLATE = """\
 ---
 id: FR-000
-title: A short title
+title: "{{title}}"
 priority: medium
+created: {{date}}
+aliases: []
 # repo: app
 # depends_on: []
 # approval: manual
 ---
-# A short title
+# {{title}}
 
 What should change, and why. Be specific: the agents read exactly this.
 
 ## Acceptance criteria
 
 - …
+"""
+
+BASE = """\
+# An Obsidian Bases view of the feature requests opus serves (open it in Obsidian ≥ 1.9).
+filters:
+  and:
+    - file.inFolder("{planned}")
+    - file.ext == "md"
+properties:
+  note.status:
+    displayName: Status
+  note.stage:
+    displayName: Stage
+  note.updated_at:
+    displayName: Updated
+views:
+  - type: table
+    name: Feature requests
+    order:
+      - file.name
+      - id
+      - title
+      - status
+      - stage
+      - iteration
+      - priority
+      - branch
+      - error
+      - updated_at
+    sort:
+      - property: updated_at
+        direction: DESC
+  - type: cards
+    name: Board
+    groupBy:
+      property: status
+      direction: ASC
+    order:
+      - file.name
+      - title
+      - stage
+      - priority
+      - branch
 """
 
 FOLDERS = (
@@ -78,23 +129,106 @@ FOLDERS = (
     "templates",
 )
 
+AGENT_CLIS = ("claude", "codex", "gemini", "opencode", "aider")
+"""Agent CLIs ``opus init`` looks for on PATH, the first found preferred."""
 
-def init_vault(directory: Path, *, repo: str = "../app", force: bool = False) -> list[Path]:
-    """Create the vault's folders, ``opus.toml`` and the FR template; return what was made."""
+
+@dataclass
+class InitReport:
+    """What ``opus init`` did and found, and what to do next."""
+
+    directory: Path
+    created: list[Path] = field(default_factory=list)
+    base: str = "main"
+    base_detected: bool = False
+    agents_found: list[str] = field(default_factory=list)
+    agent: str = "claude"
+
+    def lines(self) -> list[str]:
+        out = [f"created {p}" for p in self.created]
+        how = "detected" if self.base_detected else "assumed"
+        out.append(f"base branch: {self.base} ({how})")
+        if self.agents_found:
+            out.append(
+                f"agent CLIs on PATH: {', '.join(self.agents_found)}; "
+                f"planner, coder and reviewer use {self.agent}"
+            )
+        else:
+            out.append(
+                "no agent CLI found on PATH (" + ", ".join(AGENT_CLIS) + "): install one, "
+                'or set [agents.*] in opus.toml (kind = "command" runs any program)'
+            )
+        config = self.directory / "opus.toml"
+        out.append(f"next: opus doctor --config {config}   (then: opus run --config {config})")
+        return out
+
+
+def _git(repo: Path, *args: str) -> str | None:
+    try:
+        done = subprocess.run(
+            ["git", "-C", str(repo), *args], capture_output=True, text=True, check=False
+        )
+    except OSError:
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def default_branch(repo: Path) -> str | None:
+    """The repository's default branch: origin's HEAD, else the branch checked out, else
+    ``main`` or ``master`` if one exists."""
+    remote = _git(repo, "symbolic-ref", "--short", "refs/remotes/origin/HEAD")
+    if remote and "/" in remote:
+        return remote.split("/", 1)[1]
+    head = _git(repo, "symbolic-ref", "--short", "HEAD")
+    if head:
+        return head
+    for name in ("main", "master"):
+        if _git(repo, "rev-parse", "-q", "--verify", f"refs/heads/{name}") is not None:
+            return name
+    return None
+
+
+def init_vault(directory: Path, *, repo: str = "../app", force: bool = False) -> InitReport:
+    """Create the vault's folders, ``opus.toml``, the FR template and the Bases view.
+
+    ``repo`` (relative to ``directory``) must be a git repository: its default branch goes
+    into ``opus.toml``. Raises OpusError, creating nothing, when it is not, or when
+    ``opus.toml`` exists (unless ``force``)."""
     directory = directory.expanduser()
     config = directory / "opus.toml"
     if config.exists() and not force:
         raise OpusError(f"{config} already exists (use --force to overwrite it)")
-    created: list[Path] = []
+    repo_path = Path(repo).expanduser()
+    repo_path = Path(
+        os.path.normpath(repo_path if repo_path.is_absolute() else directory.absolute() / repo_path)
+    )
+    if not repo_path.is_dir():
+        raise OpusError(f"--repo {repo}: {repo_path} does not exist (create or clone it first)")
+    if _git(repo_path, "rev-parse", "--git-dir") is None:
+        raise OpusError(f"--repo {repo}: {repo_path} is not a git repository (git init it first)")
+    report = InitReport(directory)
+    base = default_branch(repo_path)
+    report.base, report.base_detected = base or "main", base is not None
+    report.agents_found = [name for name in AGENT_CLIS if shutil.which(name)]
+    report.agent = report.agents_found[0] if report.agents_found else "claude"
     for folder in FOLDERS:
         path = directory / folder
         if not path.exists():
             path.mkdir(parents=True)
-            created.append(path)
-    config.write_text(CONFIG.replace("{repo}", repo), encoding="utf-8")
-    created.append(config)
-    template = directory / "templates" / "feature-request.md"
-    if not template.exists():
-        template.write_text(TEMPLATE, encoding="utf-8")
-        created.append(template)
-    return created
+            report.created.append(path)
+    text = (
+        CONFIG.replace("{repo}", repo.replace("\\", "/"))
+        .replace("{base}", report.base)
+        .replace("{agent}", report.agent)
+    )
+    config.write_text(text, encoding="utf-8")
+    report.created.append(config)
+    extra = {
+        directory / "templates" / "feature-request.md": TEMPLATE,
+        directory / "00_system" / "opus.base": BASE.replace("{planned}", "10_features/03_planned"),
+    }
+    for path, content in extra.items():
+        if not path.exists():
+            path.write_text(content, encoding="utf-8")
+            report.created.append(path)
+    return report

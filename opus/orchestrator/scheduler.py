@@ -241,7 +241,10 @@ class Scheduler:
         job.status = check_transition(job.status, status)
         job.stage, job.error = None, error
         await self.rt.record(job, event)
-        log.info("%s: %s%s (job %s)", job.fr_id, status, f": {error}" if error else "", job.id)
+        level = logging.WARNING if status in (Status.FAILED, Status.BLOCKED) else logging.INFO
+        log.log(
+            level, "%s: %s%s (job %s)", job.fr_id, status, f": {error}" if error else "", job.id
+        )
         if status.value in ("done", "blocked"):
             await self.rt.notify(status.value, job, error or f"merged {job.branch}")
         if status in (Status.DONE, Status.CANCELLED):
@@ -323,7 +326,7 @@ class Scheduler:
         waiting = self.waiting(scan)
         if not waiting:
             return 0
-        why = await anyio.to_thread.run_sync(self.rt.over_budget)
+        why = await self.rt.check_budget(waiting[0][0])
         if why:
             if why != self._budget_told:
                 self._budget_told = why

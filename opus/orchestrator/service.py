@@ -25,9 +25,11 @@ from anyio.streams.memory import MemoryObjectSendStream
 
 from .agents import AgentLike, build_agents
 from .atomic import TEMP_PREFIX
+from .checks import notifier_problems, repo_problems
 from .config import Config
+from .control import STOP_NOW
 from .dashboard import write_dashboard
-from .errors import OpusError
+from .errors import ConfigError, OpusError
 from .health import write_health
 from .ideation import IdeaRun, Ideation, dashboard_lines
 from .lifecycle import Status
@@ -38,6 +40,7 @@ from .redact import RedactingFilter, Redactor
 from .registry import Registry
 from .runtime import Runtime, local_now
 from .scheduler import Scheduler
+from .supervisor import kill_now
 from .systemd import SystemdNotifier
 from .vault import Scan, Vault
 from .watcher import AdaptivePoll, Watcher
@@ -234,10 +237,19 @@ class Orchestrator:
     # -- serving -----------------------------------------------------------------------------------
 
     def reload(self, config: Config) -> None:
-        """Take a new config (SIGHUP): agents, notifiers, budget and limits of new stages."""
+        """Take a new config (SIGHUP): everything in the file, repositories included.
+
+        Refused (OpusError, the old config kept) when it moves the vault or the state
+        folder, or names a repository that is not usable. Running stages finish with what
+        they started with; what starts next uses the new values.
+        """
         if config.state_dir != self.config.state_dir or config.root != self.config.root:
             raise OpusError("a reload cannot move the vault or the state folder; restart opus")
+        problems = repo_problems(config)
+        if problems:
+            raise ConfigError(problems[0], file=None, problems=problems)
         agents = build_agents(config, self._agent_overrides, environ=self._environ)
+        old = self.config
         self.config = config
         self.rt.config = config
         self.rt.agents = agents
@@ -245,22 +257,61 @@ class Orchestrator:
         self.rt.notifier = Notifier(
             config.notify, self.rt.redactor, transport=self._http_transport, environ=self._environ
         )
-        self.rt.workspaces = {
-            name: self.rt.workspaces.get(name)
-            or Workspace(
-                config.repo_path(name), base=repo.base, worktrees_dir=config.state_dir / "worktrees"
+        workspaces = {}
+        for name, repo in config.repos.items():
+            kept = self.rt.workspaces.get(name)
+            same = name in old.repos and (
+                old.repo_path(name) == config.repo_path(name) and old.repos[name].base == repo.base
             )
-            for name, repo in config.repos.items()
-        }
-        log.info("configuration reloaded from %s", config.source)
+            workspaces[name] = (
+                kept
+                if kept is not None and same
+                else Workspace(
+                    config.repo_path(name),
+                    base=repo.base,
+                    worktrees_dir=config.state_dir / "worktrees",
+                )
+            )
+        # a job already running in a repository that left the file keeps its workspace
+        for job in self.rt.registry.jobs():
+            if job.repo not in workspaces and job.repo in self.rt.workspaces:
+                workspaces[job.repo] = self.rt.workspaces[job.repo]
+        self.rt.workspaces = workspaces
+        self.rt.vault.set_repos(config.repos)
+        self._rescan = True
+        for problem in notifier_problems(config, self._environ):
+            log.warning("%s", problem)
+        log.info(
+            "configuration reloaded from %s (repositories: %s)",
+            config.source,
+            ", ".join(config.repos),
+        )
+
+    _grace: float | None = None
+
+    @property
+    def grace(self) -> float:
+        """Seconds running stages get to finish once stopping (0 after an emergency stop)."""
+        return self.config.service.shutdown_grace if self._grace is None else self._grace
 
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
 
-    def stop(self) -> None:
-        """Ask ``run`` to shut down gracefully (what SIGTERM does)."""
+    def stop(self, *, now: bool = False) -> None:
+        """Ask ``run`` to shut down gracefully (what SIGTERM does); ``now``: the emergency
+        stop — every agent's process group killed at once, each job checkpointed where it
+        was (it resumes at that stage on the next start), no grace."""
         self._stop.set()
+        if now:
+            self._grace = 0.0
+            self.scheduler.accepting = False
+            for run in list(self.scheduler.running.values()):
+                run.control.request("shutdown")
+                for pgid in run.job.pgids:
+                    kill_now(pgid)
+                if run.control.scope is not None:
+                    run.control.scope.cancel()
         if self._wake is not None:
             try:
                 self._wake.send_nowait("stop")
@@ -308,10 +359,10 @@ class Orchestrator:
                 log.info(
                     "stopping: %d running job(s) get %.0f s to finish their stage",
                     len(self.scheduler.running),
-                    self.config.service.shutdown_grace,
+                    self.grace,
                 )
                 self.systemd.stopping()
-                await self.scheduler.drain(self.config.service.shutdown_grace)
+                await self.scheduler.drain(self.grace)
                 if self._last_scan is not None:
                     await anyio.to_thread.run_sync(self._write_state, self._last_scan, True)
                 tg.cancel_scope.cancel()
@@ -363,7 +414,7 @@ class Orchestrator:
                 if not self.scheduler.running:
                     break
                 if self._stop.is_set():
-                    await self.scheduler.drain(self.config.service.shutdown_grace)
+                    await self.scheduler.drain(self.grace)
                     break
                 await _first_of(self.scheduler.finished, self._stop)
         self.scheduler.only = None
@@ -403,8 +454,17 @@ async def serve(
     config: Config, *, once: bool = False, config_path: str | Path | None = None
 ) -> Summary | None:
     """``opus run``: the Orchestrator under signals. SIGTERM/SIGINT let running stages
-    finish (``shutdown_grace``); a second SIGINT stops at once; SIGHUP re-reads the config
-    (an invalid one is rejected, the old one kept)."""
+    finish (``shutdown_grace``); a second SIGINT stops at once; SIGQUIT (``opus stop
+    --now``) is the emergency stop; SIGHUP re-reads the config (an invalid one is rejected,
+    the old one kept).
+
+    Raises ConfigError listing every repository that is not a git repository or lacks its
+    base branch, before anything is touched; logs the problems it can serve with."""
+    problems = await anyio.to_thread.run_sync(repo_problems, config)
+    if problems:
+        raise ConfigError(problems[0], problems=problems)
+    for problem in notifier_problems(config):
+        log.warning("%s", problem)
     async with Orchestrator(config) as orch, anyio.create_task_group() as tg:
         tg.start_soon(_signals, orch, tg.cancel_scope, config_path or config.source)
         summary = None
@@ -419,15 +479,20 @@ async def serve(
 async def _signals(orch: Orchestrator, scope: anyio.CancelScope, config_path: str | Path) -> None:
     from .config import load_config
 
-    with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+    wanted = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, STOP_NOW)
+    with anyio.open_signal_receiver(*wanted) as signals:
         async for signum in signals:
             if signum == signal.SIGHUP:
                 orch.systemd.reloading()
                 try:
-                    orch.reload(load_config(config_path))
+                    new = await anyio.to_thread.run_sync(load_config, config_path)
+                    orch.reload(new)
                 except OpusError as e:
                     log.error("reload rejected, keeping the old config: %s", e)
                 orch.systemd.ready()
+            elif signum == STOP_NOW:
+                log.warning("emergency stop: killing every agent now")
+                orch.stop(now=True)
             elif orch.stopping and signum == signal.SIGINT:
                 log.warning("second interrupt: stopping now")
                 scope.cancel()

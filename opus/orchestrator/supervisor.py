@@ -25,13 +25,14 @@ import anyio
 from anyio.abc import ByteSendStream, Process
 
 from .errors import AgentError, AgentNotFound, AgentStalled, AgentTimeout, BackendError
-from .process_output import Capture, Counts, LogSink, Progress, output_tail
+from .process_output import MAX_KEPT_ERR, Capture, Counts, LogSink, Progress, output_tail
 from .redact import Redactor
 
 __all__ = (
     "ProcessResult",
     "group_alive",
     "kill_group",
+    "kill_now",
     "retry_delay",
     "run_process",
     "with_retries",
@@ -52,7 +53,11 @@ EXIT_POLL = 0.2
 
 @dataclass(frozen=True)
 class ProcessResult:
-    """How a supervised process ended; output decoded as UTF-8 (errors replaced), redacted."""
+    """How a supervised process ended; output decoded as UTF-8 (errors replaced), redacted.
+
+    ``stdout`` is the output a preset parses: its last ``MAX_KEPT`` (8 MiB) bytes, behind
+    a ``[… N bytes cut …]`` line when more was printed; ``stderr`` its last MiB. The stage
+    log has all of both."""
 
     returncode: int
     stdout: str
@@ -132,7 +137,8 @@ async def _supervise(
     quiet = "no progress in its output" if counts is not None else "no output"
     stalled = f"{quiet} and no worktree change for {stall_timeout:g} s"
     progress = Progress(anyio.current_time())
-    out, err = Capture("out", sink, progress, counts), Capture("err", sink, progress, counts)
+    out = Capture("out", sink, progress, counts)
+    err = Capture("err", sink, progress, counts, keep=MAX_KEPT_ERR)
     reason: str | None = None
     stopped: bool | None = None
     log.info("%s started (process group %d)", name, pgid)
@@ -353,6 +359,15 @@ def _signal(pgid: int, sig: signal.Signals) -> None:
         if session == pgid and pid != pgid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
+
+
+def kill_now(pgid: int) -> None:
+    """SIGKILL an agent's process group (and its session's strays) at once: the emergency
+    stop. The supervisor watching it then finds it gone and checkpoints."""
+    if pgid <= 1 or pgid == os.getpgrp():
+        return
+    log.warning("emergency stop: SIGKILL to process group %d", pgid)
+    _signal(pgid, signal.SIGKILL)
 
 
 def kill_group(pgid: int, grace: float = 5.0) -> bool:

@@ -258,7 +258,8 @@ class Vault:
         return fr
 
     def find(self, ref: str) -> Path:
-        """The note an FR id or a path (absolute, or relative to cwd or the vault) names."""
+        """The note an FR names: its id, a path (absolute, or relative to cwd or the vault),
+        its file name's stem, its ``title`` or one of its ``aliases`` (case-insensitive)."""
         if ref.endswith(".md") or "/" in ref or os.sep in ref:
             found: list[Path] = []
             for base in (Path.cwd(), self.root, self.planned_dir):
@@ -273,10 +274,29 @@ class Vault:
         frs = self.scan().frs
         if ref in frs:
             return frs[ref].path
-        folded = [fr for fr_id, fr in frs.items() if fr_id.casefold() == ref.casefold()]
-        if len(folded) == 1:
-            return folded[0].path
-        raise NoteError(Path(ref), f"no feature request with id {ref!r} in {self.planned_dir}")
+        folded = ref.casefold()
+        for names in (
+            lambda fr: (fr.id,),
+            lambda fr: (fr.path.stem,),
+            lambda fr: (fr.title,),
+            lambda fr: fr.aliases,
+        ):
+            hits = [fr for fr in frs.values() if folded in (n.casefold() for n in names(fr))]
+            if len(hits) == 1:
+                return hits[0].path
+            if len(hits) > 1:
+                ids = ", ".join(sorted(fr.id for fr in hits))
+                raise NoteError(Path(ref), f"{ref!r} names several feature requests: {ids}")
+        raise NoteError(
+            Path(ref),
+            f"no feature request with id, file name, title or alias {ref!r} in {self.planned_dir}",
+        )
+
+    def set_repos(self, repos: Collection[str]) -> None:
+        """Take a new set of repository names (a reload); notes are judged again."""
+        with self._lock:
+            self._repos = frozenset(repos)
+            self._cache.clear()
 
     def _to_fr(self, note: ParsedNote) -> FeatureRequest:
         return to_feature_request(note, repos=self._repos)
@@ -421,7 +441,15 @@ def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRe
         feedback=feedback.strip() or None if isinstance(feedback, str) else _text(feedback),
         plan_approval=plan_approval,
         invalid=invalid[0] if invalid else None,
+        problems=tuple(invalid),
+        aliases=_aliases(meta.get("aliases")),
     )
+
+
+def _aliases(value: object) -> tuple[str, ...]:
+    """Obsidian's ``aliases``: a list of names, or one name."""
+    items = value if isinstance(value, list) else [value]
+    return tuple(t for t in (_text(v) for v in items) if t)
 
 
 def _text(value: object) -> str | None:

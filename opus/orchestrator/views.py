@@ -8,21 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-import shutil
+from collections.abc import Mapping
 from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
+from .checks import agent_problems, notifier_problems, repo_problems
 from .config import Config
-from .errors import NoteError, OpusError, WorkspaceError
-from .lifecycle import Stage, Status
+from .errors import NoteError, OpusError
+from .lifecycle import Status
 from .models import Job
 from .rollups import Figures, rollups_since
 from .vault import Vault
-from .workspace import Workspace
 
 
 def read_jobs(state_dir: Path) -> list[Job]:
@@ -92,8 +91,9 @@ def all_events(config: Config) -> dict[str, list[dict[str, Any]]]:
     return {job.id: events(config, job.id) for job in read_jobs(config.state_dir)}
 
 
-def _age(since: datetime, now: datetime) -> str:
-    s = max(0, int((now - since).total_seconds()))
+def age_text(seconds: float) -> str:
+    """``4m``, ``2h``… for a table; JSON carries the seconds."""
+    s = max(0, int(seconds))
     return (
         f"{s}s"
         if s < 120
@@ -132,7 +132,7 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                     else None
                 ),
                 "iteration": job.iteration if job else None,
-                "age": _age(job.created_at, now) if job else None,
+                "age": round(max(0.0, (now - job.created_at).total_seconds()), 3) if job else None,
                 "branch": job.branch if job else None,
                 "job_id": job.id if job else None,
                 "priority": (fr.priority.value if fr else job.priority.value if job else None),
@@ -188,7 +188,7 @@ def status_table(config: Config) -> Any:
             r["status"],
             r["stage"] or "",
             str(r["iteration"] or ""),
-            r["age"] or "",
+            age_text(r["age"]) if r["age"] is not None else "",
             r["branch"] or "",
             r["error"]
             if r["status"] in ("unreadable", "failed", "blocked", "queued") and r["error"]
@@ -211,7 +211,9 @@ def watch_status(config: Config) -> None:
             return
 
 
-def _job_for(config: Config, ref: str) -> tuple[str, Job | None]:
+def job_for(config: Config, ref: str) -> tuple[str, Job | None]:
+    """The FR ``ref`` names (see ``Vault.find``; a gone note's id still works) and its
+    latest job."""
     vault = Vault(config)
     jobs = read_jobs(config.state_dir)
     try:
@@ -226,7 +228,7 @@ def _job_for(config: Config, ref: str) -> tuple[str, Job | None]:
 
 
 def show_data(config: Config, ref: str) -> dict[str, Any]:
-    fr_id, job = _job_for(config, ref)
+    fr_id, job = job_for(config, ref)
     if job is None:
         raise OpusError(f"{fr_id}: no job yet")
     folder = config.state_dir / "jobs" / job.id
@@ -304,55 +306,32 @@ def print_show(data: dict[str, Any]) -> None:
     console.print(f"artifacts in {data['artifacts_dir']}: {', '.join(data['artifacts'])}")
 
 
-def validate(config: Config) -> list[str]:
-    """Every problem with the repositories, the agents and the notes, one line each."""
-    problems: list[str] = []
-    for name, repo in config.repos.items():
-        try:
-            Workspace(
-                config.repo_path(name), base=repo.base, worktrees_dir=config.state_dir / "worktrees"
-            ).check()
-        except WorkspaceError as e:
-            problems.append(f"{config.source}: [repos.{name}] {e}")
-    for stage in Stage:
-        if stage is Stage.DELIVERY:
-            continue
-        section = config.agents.for_stage(stage)
-        if section.kind in ("openai", "python"):
-            if section.api_key_env and not os.environ.get(section.api_key_env):
-                problems.append(
-                    f"{config.source}: [agents.{stage}] api_key_env: "
-                    f"${section.api_key_env} is not set"
-                )
-            continue
-        command = section.command
-        argv = (shlex.split(command) if isinstance(command, str) else list(command or [])) or [
-            section.kind
-        ]
-        if shutil.which(argv[0]) is None:
-            problems.append(f"{config.source}: [agents.{stage}] `{argv[0]}` not found on PATH")
-    if config.delivery.kind == "github" and not os.environ.get(config.delivery.token_env):
-        problems.append(
-            f"{config.source}: [delivery] token_env: ${config.delivery.token_env} is not set"
-        )
+def validate(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
+    """Every problem with the repositories, agents, notifiers and notes, one line each."""
+    problems = [
+        *repo_problems(config),
+        *agent_problems(config, environ),
+        *notifier_problems(config, environ),
+    ]
     scan = Vault(config).scan()
     for p in scan.problems:
         problems.append(f"{p.path}: {p.message}")
     for fr in scan.frs.values():
-        if fr.invalid:
-            problems.append(f"{fr.path}: `{fr.invalid[0]}`: {fr.invalid[1]}")
+        for key, problem in fr.problems or ([fr.invalid] if fr.invalid else []):
+            problems.append(f"{fr.path}: `{key}`: {problem}")
         for dep in fr.depends_on:
             if dep not in scan.frs and dep != fr.id:
                 problems.append(f"{fr.path}: depends_on: no FR with id {dep!r} in the vault")
             if dep == fr.id:
                 problems.append(f"{fr.path}: depends_on: an FR cannot depend on itself")
-    return problems
+    return list(dict.fromkeys(problems))
 
 
 def set_status(
     config: Config, ref: str, target: Status, allowed: frozenset[Status] | None
-) -> Status | None:
-    """Write a person's ``status`` into the note (what ``opus pause FR`` and friends do)."""
+) -> tuple[str, Status | None]:
+    """Write a person's ``status`` into the note (what ``opus pause FR`` and friends do);
+    return the FR's id and the status it had."""
     vault = Vault(config)
     path = vault.find(ref)
     fr = vault.read(path)
@@ -365,4 +344,21 @@ def set_status(
     vault.update(
         path, {"status": target.value, "updated_at": datetime.now().replace(microsecond=0)}
     )
-    return fr.status
+    return fr.id, fr.status
+
+
+def set_status_all(
+    config: Config, target: Status, current: frozenset[Status]
+) -> list[tuple[str, str]]:
+    """``set_status`` on every FR whose status is in ``current``: ``[(fr_id, old)]``."""
+    vault = Vault(config)
+    changed = []
+    for fr in sorted(vault.scan().frs.values(), key=lambda f: f.id):
+        status = fr.status or Status.PLANNED
+        if status in current:
+            vault.update(
+                fr.path,
+                {"status": target.value, "updated_at": datetime.now().replace(microsecond=0)},
+            )
+            changed.append((fr.id, status.value))
+    return changed

@@ -1,0 +1,227 @@
+"""``opus doctor``: check what ``opus run`` will need before it runs (SPEC §9).
+
+``CHECKS`` is a list of small functions ``(config, environ) -> Iterable[Check]``, one per
+concern (agents, repositories, sandbox, executor, notifiers); a module that brings a new
+concern appends its own. Each ``Check`` is one printed line; the command exits 1 if any
+check failed. A check never raises: what it cannot find is a failed check saying so.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .checks import notifier_problem, split_argv
+from .config import AgentSection, Config
+from .errors import WorkspaceError
+from .lifecycle import Stage
+
+__all__ = ("CHECKS", "Check", "CheckFn", "render", "run_checks")
+
+VERSION_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True)
+class Check:
+    """One line of the report: ``what`` was checked, whether it is ``ok``, and ``detail``."""
+
+    what: str
+    ok: bool
+    detail: str
+
+    def line(self) -> str:
+        return f"{'ok  ' if self.ok else 'FAIL'}  {self.what}: {self.detail}"
+
+
+CheckFn = Callable[[Config, Mapping[str, str]], Iterable[Check]]
+
+
+# -- agents ----------------------------------------------------------------------------------
+
+
+def _agents(config: Config) -> list[tuple[str, AgentSection]]:
+    named = [(s.value, config.agents.for_stage(s)) for s in Stage if s is not Stage.DELIVERY]
+    if config.agents.ideator is not None:
+        named.append(("ideator", config.agents.ideator))
+    return named
+
+
+def _preset(kind: str) -> type | None:
+    from .agents.preset import PresetAgent
+    from .agents.presets import KINDS
+
+    factory = KINDS.get(kind)
+    return factory if isinstance(factory, type) and issubclass(factory, PresetAgent) else None
+
+
+def _version(argv: list[str], env: Mapping[str, str]) -> tuple[bool, str]:
+    try:
+        done = subprocess.run(
+            [*argv, "--version"],
+            capture_output=True,
+            stdin=subprocess.DEVNULL,
+            env=dict(env),
+            timeout=VERSION_TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        return False, f"`{argv[0]} --version` gave no answer in {VERSION_TIMEOUT:g} s"
+    except OSError as e:
+        return False, f"`{argv[0]} --version` cannot run: {e.strerror or e}"
+    text = (done.stdout or done.stderr).decode("utf-8", "replace").strip()
+    first = text.splitlines()[0][:120] if text else ""
+    if done.returncode != 0:
+        return False, f"`{argv[0]} --version` exited {done.returncode}: {first}"
+    return True, first or "(no version printed)"
+
+
+def check_agents(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """Each agent's program on PATH and its ``--version``; its config under HOME; its keys."""
+    seen: set[tuple[str, ...]] = set()
+    for name, section in _agents(config):
+        what = f"agents.{name} ({section.kind})"
+        if section.api_key_env:
+            ok = bool(env.get(section.api_key_env))
+            yield Check(what, ok, f"${section.api_key_env} {'is set' if ok else 'is not set'}")
+        if section.kind in ("openai", "python"):
+            if not section.api_key_env:
+                yield Check(what, True, "nothing to check locally")
+            continue
+        argv = split_argv(section.command) or [section.kind]
+        exe = shutil.which(argv[0], path=env.get("PATH"))
+        if exe is None:
+            yield Check(what, False, f"`{argv[0]}` not found on PATH")
+            continue
+        preset = _preset(section.kind)
+        if preset is None:  # a plain command: finding it is all one can check
+            yield Check(what, True, f"`{argv[0]}` found at {exe}")
+            continue
+        key = (exe, *argv[1:])
+        if key in seen:
+            yield Check(what, True, f"{exe} (checked above)")
+            continue
+        seen.add(key)
+        ok, version = _version([exe, *argv[1:]], env)
+        yield Check(what, ok, f"{version} ({exe})" if ok else version)
+        home = Path(env.get("HOME") or Path.home())
+        paths: tuple[str, ...] = getattr(preset, "home_paths", ())
+        if paths:
+            found = [p for p in paths if (home / p).exists()]
+            yield Check(
+                f"{what} config",
+                bool(found),
+                f"found ~/{', ~/'.join(found)}"
+                if found
+                else f"none of ~/{', ~/'.join(paths)} exists (log in with `{argv[0]}` first)",
+            )
+
+
+# -- repositories ----------------------------------------------------------------------------
+
+
+def check_repos(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """Each repository a git repository, its base branch present."""
+    from .workspace import Workspace
+
+    for name, repo in config.repos.items():
+        path = config.repo_path(name)
+        ws = Workspace(path, base=repo.base, worktrees_dir=config.state_dir / "worktrees")
+        try:
+            ws.check()
+        except WorkspaceError as e:
+            yield Check(f"repos.{name}", False, str(e))
+            continue
+        yield Check(f"repos.{name}", True, f"git repository {path}, base branch '{repo.base}'")
+
+
+# -- sandbox, executor: their modules fill these slots ---------------------------------------
+
+
+def check_sandbox(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """The sandbox (SPEC §17). ``opus.orchestrator.sandbox`` may provide ``doctor_checks``;
+    until it does, only bubblewrap's presence is checked."""
+    try:
+        from . import sandbox  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        sandbox = None
+    provided = getattr(sandbox, "doctor_checks", None)
+    if provided is not None:
+        yield from provided(config, env)
+        return
+    kind = config.sandbox.kind
+    if kind == "none":
+        yield Check("sandbox", True, 'off ([sandbox] kind = "none")')
+        return
+    exe = shutil.which("bwrap", path=env.get("PATH"))
+    if exe is not None:
+        yield Check("sandbox", True, f"bubblewrap found at {exe}")
+    else:
+        yield Check(
+            "sandbox",
+            kind == "auto",
+            "bubblewrap (`bwrap`) not found on PATH"
+            + (": agents run unsandboxed" if kind == "auto" else ""),
+        )
+
+
+def check_executor(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """The executor (SPEC §18). ``opus.orchestrator.agents.remote`` may provide
+    ``doctor_checks``; until it does, the package and the token are checked."""
+    ex = config.executor
+    if ex.kind == "local":
+        yield Check("executor", True, "local")
+        return
+    try:
+        from .agents import remote  # type: ignore[attr-defined, unused-ignore]
+    except ImportError:
+        remote = None
+    provided = getattr(remote, "doctor_checks", None)
+    if provided is not None:
+        yield from provided(config, env)
+        return
+    import importlib.util
+
+    has_ray = importlib.util.find_spec("ray") is not None
+    yield Check(
+        "executor (ray)",
+        has_ray,
+        "ray is installed"
+        if has_ray
+        else "ray is not installed: pip install 'opus-orchestrator[ray]'",
+    )
+    if ex.token_env:
+        ok = bool(env.get(ex.token_env))
+        yield Check("executor (ray)", ok, f"${ex.token_env} {'is set' if ok else 'is not set'}")
+
+
+# -- notifiers -------------------------------------------------------------------------------
+
+
+def check_notifiers(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """Each notifier's tool, package and environment variables."""
+    for i, section in enumerate(config.notify):
+        problem = notifier_problem(section, env)
+        yield Check(f"notify.{i} ({section.kind})", problem is None, problem or "ready")
+
+
+CHECKS: list[CheckFn] = [check_agents, check_repos, check_sandbox, check_executor, check_notifiers]
+"""Run in this order; append a function to add a concern."""
+
+
+def run_checks(config: Config, environ: Mapping[str, str] | None = None) -> list[Check]:
+    env = dict(os.environ if environ is None else environ)
+    results: list[Check] = []
+    for fn in CHECKS:
+        try:
+            results.extend(fn(config, env))
+        except Exception as e:  # a broken check is a failed line, never a traceback
+            results.append(Check(fn.__name__.removeprefix("check_"), False, f"{e!r}"))
+    return results
+
+
+def render(checks: Iterable[Check]) -> str:
+    return "\n".join(c.line() for c in checks)

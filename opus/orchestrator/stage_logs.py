@@ -1,0 +1,92 @@
+"""``opus logs FR [--stage S] [-f]``: an FR's agent output, from its stage log files.
+
+A stage writes ``jobs/<job>/<stage>-<iteration>.log`` as its agent prints (SPEC §8); these
+functions only read those files, so they work while the service runs, or without it.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from .config import Config
+from .lifecycle import Status
+from .models import Job
+
+__all__ = ("current_log", "follow", "stage_logs")
+
+_LOG = re.compile(r"^(?P<stage>[a-z]+)-(?P<iteration>\d+)\.log$")
+_MOVING = (Status.IN_PROGRESS, Status.QUEUED)
+
+
+def stage_logs(config: Config, job: Job) -> list[Path]:
+    """The job's stage logs, oldest first (by iteration, then by when they were written)."""
+    folder = config.state_dir / "jobs" / job.id
+    found = []
+    for path in folder.glob("*.log") if folder.is_dir() else []:
+        m = _LOG.match(path.name)
+        if m:
+            try:
+                found.append((path.stat().st_mtime_ns, int(m["iteration"]), path))
+            except OSError:
+                continue
+    return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]))]
+
+
+def current_log(config: Config, job: Job, stage: str | None = None) -> Path | None:
+    """The log of ``stage`` (its latest iteration), else of the running stage, else the last."""
+    logs = stage_logs(config, job)
+    if stage is not None:
+        mine = [p for p in logs if p.name.startswith(f"{stage}-")]
+        return mine[-1] if mine else None
+    if job.status is Status.IN_PROGRESS and job.stage is not None:
+        running = config.state_dir / "jobs" / job.id / f"{job.stage}-{job.iteration}.log"
+        if running.exists():
+            return running
+    return logs[-1] if logs else None
+
+
+def follow(
+    config: Config,
+    job_of: Callable[[], Job | None],
+    echo: Callable[[str], None],
+    *,
+    stage: str | None = None,
+    poll: float = 0.25,
+    sleep: Callable[[float], None] = time.sleep,
+) -> None:
+    """Print the current stage log as it grows and move on to each next stage's log,
+    until the FR rests (its job is no longer queued or in progress)."""
+    shown: Path | None = None
+    offset = 0
+    while True:
+        job = job_of()
+        if job is None:
+            return
+        path = current_log(config, job, stage)
+        if path is not None and path != shown:
+            if shown is not None:
+                offset = _drain(shown, offset, echo)
+            shown, offset = path, 0
+            echo(f"==> {path.name} <==\n")
+        if shown is not None:
+            offset = _drain(shown, offset, echo)
+        if job.status not in _MOVING:
+            return
+        sleep(poll)
+
+
+def _drain(path: Path, offset: int, echo: Callable[[str], None]) -> int:
+    """Print the complete lines written since ``offset``; return the new offset."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            data = f.read()
+    except OSError:
+        return offset
+    cut = data.rfind(b"\n") + 1
+    if cut:
+        echo(data[:cut].decode("utf-8", "replace"))
+    return offset + cut
