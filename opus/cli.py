@@ -293,11 +293,31 @@ def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
         fail(_os_error(e))
     except OpusError as e:
         fail(str(e))
+    except BaseExceptionGroup as group:  # the same, raised inside the service's task groups
+        leaf = _os_leaf(group)
+        if leaf is None:
+            raise
+        fail(_os_error(leaf))
     if summary is not None:
         for fr_id, status in summary.statuses.items():
             click.echo(f"{fr_id}\t{status}")
         for problem in summary.problems:
             click.echo(f"problem\t{problem}", err=True)
+
+
+def _os_leaf(group: BaseExceptionGroup[BaseException]) -> OSError | None:
+    """The first OSError of a group whose every leaf is an OSError or cancellation."""
+    found: list[OSError] = []
+
+    def walk(e: BaseException) -> bool:
+        if isinstance(e, BaseExceptionGroup):
+            return all(walk(x) for x in e.exceptions)
+        if isinstance(e, OSError):
+            found.append(e)
+            return True
+        return e.__class__.__name__ == "CancelledError"
+
+    return found[0] if walk(group) and found else None
 
 
 def _os_error(e: OSError) -> str:

@@ -343,3 +343,23 @@ def test_an_agent_printing_200_mb_keeps_opus_rss_bounded(vault: Vault, tmp_path:
         if s.proc.poll() is None:
             s.proc.kill()
             s.proc.wait()
+
+
+def test_a_retry_reuses_the_frs_branch_and_removes_the_failed_worktree(vault: Vault) -> None:
+    vault.script({"FR-7": {"tester": [{"exit": 1}]}})
+    vault.write_config(
+        pipeline="stage_timeout = 60\nstall_timeout = 30\nretries = 0\nmax_iterations = 1"
+    )
+    note = vault.note("FR-7.md", FR)
+    cfg = str(vault.config)
+    assert cli("run", "--once", "--config", cfg)[0] == 0
+    assert meta(note)["status"] in ("failed", "blocked")
+    failed_job = meta(note)["job_id"]
+    assert (vault.state / "worktrees" / failed_job).is_dir()
+    vault.script({})
+    assert cli("retry", "FR-7", "--config", cfg)[0] == 0
+    assert cli("run", "--once", "--config", cfg)[0] == 0
+    assert meta(note)["status"] == "review"
+    assert meta(note)["branch"] == "opus/fr-7"  # not opus/fr-7-2
+    assert not (vault.state / "worktrees" / failed_job).exists()
+    assert "opus/fr-7-2" not in git(vault.repo, "branch", "--list")

@@ -190,8 +190,27 @@ def test_create_recovers_from_a_worktree_folder_deleted_by_hand(ws: Workspace, r
     created = ws.create("job-1", "opus/fr-1")
     subprocess.run(["rm", "-rf", str(created.path)], check=True)
     again = ws.create("job-1", "opus/fr-1")
-    assert again.branch == "opus/fr-1-2"
+    assert again.branch == "opus/fr-1"  # it held nothing beyond the base: reused
     assert again.path.is_dir()
+
+
+def test_a_retry_reuses_the_branch_unless_a_person_committed_to_it(
+    ws: Workspace, repo: Path
+) -> None:
+    first = ws.create("job-1", "opus/fr-1")
+    (first.path / "opus.txt").write_text("opus's work")
+    mine = ws.commit_all(first.path, "opus(FR-1): coder", since=first.base_commit)
+    assert mine is not None
+    ws.remove(first.path)
+    again = ws.create("job-2", "opus/fr-1", reusable={mine})
+    assert again.branch == "opus/fr-1" and ws.head(again.path) == ws.base_commit()  # reset
+    (again.path / "person.txt").write_text("a person's fix")
+    git(again.path, "add", "-A")
+    git(again.path, "commit", "-q", "-m", "a person's commit")
+    ws.remove(again.path)
+    third = ws.create("job-3", "opus/fr-1", reusable={mine})
+    assert third.branch == "opus/fr-1-2"  # the person's commit is kept on opus/fr-1
+    assert "person.txt" in git(repo, "ls-tree", "--name-only", "opus/fr-1")
 
 
 def test_remove_deletes_the_worktree_and_keeps_the_branch(ws: Workspace, repo: Path) -> None:

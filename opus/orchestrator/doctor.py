@@ -138,6 +138,14 @@ def check_repos(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
         yield Check(f"repos.{name}", True, f"git repository {path}, base branch '{repo.base}'")
 
 
+def check_delivery(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
+    """GitHub delivery's token variable."""
+    d = config.delivery
+    if d.kind == "github":
+        ok = bool(env.get(d.token_env))
+        yield Check("delivery (github)", ok, f"${d.token_env} {'is set' if ok else 'is not set'}")
+
+
 # -- sandbox, executor: their modules fill these slots ---------------------------------------
 
 
@@ -208,7 +216,14 @@ def check_notifiers(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
         yield Check(f"notify.{i} ({section.kind})", problem is None, problem or "ready")
 
 
-CHECKS: list[CheckFn] = [check_agents, check_repos, check_sandbox, check_executor, check_notifiers]
+CHECKS: list[CheckFn] = [
+    check_agents,
+    check_repos,
+    check_delivery,
+    check_sandbox,
+    check_executor,
+    check_notifiers,
+]
 """Run in this order; append a function to add a concern."""
 
 

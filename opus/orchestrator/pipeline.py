@@ -108,7 +108,10 @@ class Pipeline:
         job, ws = self.job, self.rt.workspace(self.job)
         try:
             if job.base_commit is None:
-                created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
+                reusable = await self._retire_earlier()
+                created = await anyio.to_thread.run_sync(
+                    lambda: ws.create(job.id, job.branch, reusable=reusable)
+                )
                 job.branch, job.base_commit = created.branch, created.base_commit
                 self.worktree, self.head = created.path, created.base_commit
                 await self.rt.record(job, "worktree", note=False, path=str(created.path))
@@ -122,6 +125,25 @@ class Pipeline:
             await self._finish(Status.FAILED, f"repository unusable: {e}", event="failed")
             return False
         return True
+
+    async def _retire_earlier(self) -> set[str]:
+        """A retry (SPEC §7): remove the worktrees the FR's finished jobs left, and return
+        the commits they made, so the FR's branch still at one of them is reused (reset to
+        the base) instead of a suffixed one. A branch a person committed to is kept."""
+        job, ws = self.job, self.rt.workspace(self.job)
+        earlier = [
+            j
+            for j in self.rt.registry.jobs()
+            if j.fr_id == job.fr_id and j.id != job.id and j.status in FINISHED
+        ]
+        for old in earlier:
+            path = self.rt.config.state_dir / "worktrees" / old.id
+            if path.exists():
+                try:
+                    await anyio.to_thread.run_sync(ws.remove, path)
+                except WorkspaceError as e:
+                    log.warning("%s: could not remove worktree %s: %s", job.fr_id, path, e)
+        return {c for j in earlier for c in (j.base_commit, *(cp.commit for cp in j.history)) if c}
 
     async def _should_stop(self, step: Step) -> bool:
         """Honour pause, preemption, shutdown and the budget before ``step`` starts.

@@ -370,7 +370,11 @@ class Scheduler:
                 control.scope = scope
                 await Pipeline(self.rt, job, fr, control).run()
         except Exception as e:
-            log.exception("%s: internal error in job %s", job.fr_id, job.id)
+            if isinstance(e, OSError):  # a full disk, a vanished folder: one line, no traceback
+                where = f" ({e.filename})" if e.filename else ""
+                log.error("%s: job %s stopped: %s%s", job.fr_id, job.id, e.strerror or e, where)
+            else:
+                log.exception("%s: internal error in job %s", job.fr_id, job.id)
             with anyio.CancelScope(shield=True):
                 job.status, job.error, job.pgids = Status.FAILED, f"internal error: {e!r}", []
                 await self.rt.record(job, "failed")

@@ -17,7 +17,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -107,12 +107,15 @@ class Workspace:
 
     # -- worktrees --------------------------------------------------------------------------
 
-    def create(self, job_id: str, branch: str) -> Created:
+    def create(self, job_id: str, branch: str, *, reusable: Collection[str] = ()) -> Created:
         """Add ``<worktrees_dir>/<job_id>`` on a new branch from the base.
 
-        A taken branch name gets the first free ``-2``, ``-3``, … suffix. A path that is
-        already this repository's worktree on ``branch`` (or a suffixed one) is returned
-        unchanged, with the branch's merge base as its base commit (a resumed job).
+        A taken branch name is reused, reset to the base, when it is checked out nowhere
+        and holds nothing to keep: its tip is in ``reusable`` (commits of the FR's earlier,
+        finished jobs) or already in the base. Otherwise it gets the first free ``-2``,
+        ``-3``, … suffix. A path that is already this repository's worktree on ``branch``
+        (or a suffixed one) is returned unchanged, with the branch's merge base as its base
+        commit (a resumed job).
         """
         if not job_id or job_id in (".", "..") or "/" in job_id or os.sep in job_id:
             raise WorkspaceError(f"invalid job id {job_id!r} for a worktree folder")
@@ -127,8 +130,15 @@ class Workspace:
                 self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
             except WorkspaceError:  # a taken branch name, or a stale worktree entry
                 self._git(self.repo_path, "worktree", "prune")
-                chosen = self._free_branch(branch)
-                self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
+                if self._disposable(branch, reusable):
+                    self._git(
+                        self.repo_path, "worktree", "add", "-q", "-B", branch, str(path), base
+                    )
+                else:
+                    chosen = self._free_branch(branch)
+                    self._git(
+                        self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base
+                    )
         log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
         return Created(path, chosen, base)
 
@@ -260,6 +270,20 @@ class Workspace:
         base = self._git(path, "merge-base", self._base_ref, "HEAD")
         log.debug("reusing worktree %s on branch %s", path, name)
         return Created(path, name, base)
+
+    def _disposable(self, branch: str, reusable: Collection[str]) -> bool:
+        """Whether ``branch`` may be reset: checked out nowhere, its tip opus's own work of
+        an earlier job (``reusable``) or already merged into the base."""
+        ref = f"refs/heads/{branch}"
+        status, out = self._call(self.repo_path, ["rev-parse", "-q", "--verify", ref], ok=(0, 1))
+        tip = _text(out).strip()
+        if status != 0 or not tip:
+            return False
+        if any(w.branch == ref for w in self._worktrees()):
+            return False
+        return tip in reusable or self._ok(
+            self.repo_path, "merge-base", "--is-ancestor", ref, self._base_ref
+        )
 
     def _free_branch(self, branch: str) -> str:
         taken = set(
