@@ -8,7 +8,16 @@ from typing import Any
 
 import pytest
 
-from .harness import COMMIT_MESSAGE, FAREWELL_FILE, PROBES, PUSH_COMMAND, World, closed_port
+from .harness import (
+    COMMIT_MESSAGE,
+    FAREWELL_FILE,
+    PROBES,
+    PUSH_COMMAND,
+    Request,
+    Response,
+    World,
+    closed_port,
+)
 from .servers.anthropic import INPUT_TOKENS, OUTPUT_TOKENS, AnthropicServer, error_response
 
 pytestmark = pytest.mark.cli("claude")
@@ -202,3 +211,24 @@ def test_claude_retrying_by_itself_is_stopped_by_the_stall_watch(
     log = (world.job_files() / "planner-1.log").read_text()
     retries = [line for line in log.splitlines() if '"subtype":"api_retry"' in line]
     assert 1 <= len(retries) <= 4, retries
+
+
+class FailsAfterOne(AnthropicServer):
+    """Answers the first model call, then 500s: an error result after a paid turn."""
+
+    def respond(self, request: Request) -> Response:
+        if len(self.model_requests()) > 1:
+            return error_response(500, "api_error", "Internal server error")
+        return super().respond(request)
+
+
+def test_a_failed_attempt_keeps_what_it_spent(make_world: Callable[[str], World]) -> None:
+    with FailsAfterOne() as server:
+        world = claude_world(make_world, server.url, retries=0)
+        run(world)
+    assert world.frontmatter()["status"] == "failed"
+    (checkpoint,) = world.checkpoints("planner")
+    assert checkpoint["outcome"] == "error"
+    assert checkpoint["usage"]["input_tokens"] == INPUT_TOKENS  # the one answered call
+    assert checkpoint["usage"]["output_tokens"] == OUTPUT_TOKENS
+    assert world.job()["usage"]["output_tokens"] == OUTPUT_TOKENS
