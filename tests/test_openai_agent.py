@@ -191,6 +191,27 @@ async def test_reviewer_gives_up_after_the_second_bad_answer(repo: Path) -> None
     assert "no JSON object" in server.bodies()[1]["messages"][3]["content"]
 
 
+@pytest.mark.anyio
+async def test_a_failed_reviewer_attempt_keeps_the_usage_of_its_answered_requests(
+    repo: Path,
+) -> None:
+    used = {"prompt_tokens": 100, "completion_tokens": 7}
+    server = Server(answer("no json here", used), answer("still {not json", used))
+    with pytest.raises(AgentOutputError) as info:
+        await agent(Stage.REVIEWER, server).run(make_ctx(repo, Stage.REVIEWER))
+    assert info.value.usage == Usage(input_tokens=200, output_tokens=14)
+
+
+@pytest.mark.anyio
+async def test_an_http_failure_after_an_answer_keeps_the_answered_usage(repo: Path) -> None:
+    used = {"prompt_tokens": 50, "completion_tokens": 5}
+    server = Server(answer("no json here", used), httpx.Response(401, text="bad key"))
+    with pytest.raises(BackendError) as info:
+        await agent(Stage.REVIEWER, server).run(make_ctx(repo, Stage.REVIEWER))
+    assert info.value.status == 401
+    assert info.value.usage == Usage(input_tokens=50, output_tokens=5)
+
+
 DIFF_OK = """I changed the greeting.
 
 ```diff

@@ -123,6 +123,7 @@ class OpenAIAgent:
             return hide(ctx.redactor(text))
 
         headers = {"Authorization": f"Bearer {key}"} if key else {}
+        chat: _Chat | None = None
         try:
             with anyio.fail_after(ctx.timeout):
                 async with httpx.AsyncClient(
@@ -135,8 +136,13 @@ class OpenAIAgent:
                     if self.stage is Stage.CODER:
                         return await self._code(ctx, chat)
                     return await self._review(ctx, chat)
+        except AgentError as e:  # a failed attempt still paid for the requests answered
+            e.usage = e.usage or (chat.usage if chat is not None else None)
+            raise
         except TimeoutError as e:
-            raise AgentTimeout(f"no answer from {self.model} within {ctx.timeout:g} s") from e
+            timeout = AgentTimeout(f"no answer from {self.model} within {ctx.timeout:g} s")
+            timeout.usage = chat.usage if chat is not None else None
+            raise timeout from e
 
     def _api_key(self) -> str | None:
         name = self.section.api_key_env
