@@ -103,7 +103,7 @@ EXPECTED: dict[str, tuple[list[str], list[str], list[str], str]] = {
         ["run", "--format", "json", "--agent", "plan"],
         ["run", "--format", "json"],
         ["--model", "m1"],
-        "last argument",
+        "stdin",
     ),
     "gemini": (
         ["-p", "--output-format", "stream-json", "--skip-trust", "--approval-mode", "plan"],

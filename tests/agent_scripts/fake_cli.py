@@ -98,9 +98,14 @@ def main() -> int:
         Path(arg_after("-o")).write_text(text)
         return 0
     if NAME == "aider":
-        print("Aider v0.86.0\nMain model: some-model")
-        print(text)
-        print("Tokens: 3.0k sent, 42 received. Cost: $0.0063 message, $0.0063 session.")
+        tokens = "Tokens: 3.0k sent, 42 received. Cost: $0.0063 message, $0.0063 session."
+        print(f"Aider v0.86.0\nMain model: some-model\n{text}\n{tokens}")
+        asked = "".join(f"#### {line}  \n" for line in got["message_file"].splitlines())
+        history = (  # as aider writes it: its own lines "> ", the prompt "#### "
+            "\n# aider chat started at 2026-12-01 12:00:00\n\n> Aider v0.86.0  \n"
+            f"> Main model: some-model  \n\n{asked}\n{text}\n> {tokens}  \n"
+        )
+        Path(arg_after("--chat-history-file")).write_text(history)
         return 0
     if NAME == "opencode":
         first, _, rest = text.partition("\n")
