@@ -18,6 +18,7 @@ from opus.orchestrator.lifecycle import Stage
 from opus.orchestrator.redact import Redactor
 from opus.orchestrator.supervisor import run_process
 
+from .conftest import Vault
 from .test_presets import environ_with, make_ctx
 
 
@@ -167,3 +168,16 @@ async def test_any_output_is_progress_without_a_filter(tmp_path: Path) -> None:
         redactor=Redactor(),
     )
     assert result.returncode == 0 and result.stdout.count("Reconnecting") == 20
+
+
+def test_validate_names_what_a_preset_refuses(vault: Vault) -> None:
+    from opus.orchestrator.checks import agent_problems
+    from opus.orchestrator.config import load_config
+
+    vault.write_config(**{"agents.planner": 'kind = "claude"\napi_key_env = "NOPE_UNSET_KEY"'})
+    problems = agent_problems(load_config(vault.config), environ={"PATH": "/usr/bin:/bin"})
+    assert f"{vault.config}: [agents.planner] api_key_env names NOPE_UNSET_KEY" in "\n".join(
+        problems
+    )
+    ok = agent_problems(load_config(vault.config), environ={"NOPE_UNSET_KEY": "k", "PATH": ""})
+    assert not [p for p in ok if "api_key_env" in p]

@@ -11,8 +11,8 @@ import os
 import shutil
 from collections.abc import Mapping
 
-from .config import Config, NotifySection
-from .errors import WorkspaceError
+from .config import AgentSection, Config, NotifySection
+from .errors import ConfigError, WorkspaceError
 from .lifecycle import Stage
 
 __all__ = ("agent_problems", "notifier_problems", "repo_problems", "split_argv")
@@ -58,11 +58,26 @@ def agent_problems(config: Config, environ: Mapping[str, str] | None = None) -> 
         argv = split_argv(section.command) or [section.kind]
         if shutil.which(argv[0], path=env.get("PATH")) is None:
             problems.append(f"{config.source}: [agents.{name}] `{argv[0]}` not found on PATH")
+        if section.kind != "command":
+            problems += [f"{config.source}: {p}" for p in _preset_problems(section, name, env)]
     if config.delivery.kind == "github" and not env.get(config.delivery.token_env):
         problems.append(
             f"{config.source}: [delivery.token_env] ${config.delivery.token_env} is not set"
         )
     return problems
+
+
+def _preset_problems(section: AgentSection, name: str, env: Mapping[str, str]) -> list[str]:
+    """What a preset refuses when it is built (a ``base_url`` / ``api_key_env`` it cannot
+    map, a key variable that is not set): ``opus run`` stops on it, so ``validate`` says it."""
+    from .agents.presets import build_agent
+
+    stage = Stage(name) if name in {s.value for s in Stage} else Stage.PLANNER
+    try:
+        build_agent(section, stage, environ=env)
+    except ConfigError as e:
+        return [str(e)]
+    return []
 
 
 def notifier_problem(section: NotifySection, environ: Mapping[str, str]) -> str | None:
