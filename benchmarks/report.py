@@ -21,6 +21,8 @@ NAMES = (
     "throughput",
     "CLI latency",
     "metrics vs history",
+    "remote stage overhead",
+    "remote throughput",
 )
 """Every figure's name, in SPEC §12 order (figure N is ``NAMES[N - 1]``)."""
 

@@ -2,6 +2,10 @@
 
     python benchmarks/run.py            # full sizes, ~3 minutes on 2 cores
     python benchmarks/run.py --quick    # tiny sizes, a smoke run of a few seconds
+    python benchmarks/run.py --only 10,11  # the remote figures alone (a local Ray cluster)
+
+Figures 10 and 11 start a local Ray cluster (``opus-orchestrator[ray]``): a full run includes
+them when Ray is installed, a quick run only when ``--only`` asks for them.
 
 Each figure prints one line — measured value, target, the baseline measured in the same
 run and the ratio against it — then a markdown table of all of them, also written to
@@ -29,6 +33,7 @@ sys.path.insert(0, str(HERE))
 import checkpoint_figure  # noqa: E402
 import cli_figures  # noqa: E402
 import pipeline_figures  # noqa: E402
+import remote_figure  # noqa: E402
 import state_figures  # noqa: E402
 from report import NAMES, Figure, document, environment, median, table  # noqa: E402
 from world import World, fill_vault, isolate_git, make_world  # noqa: E402
@@ -47,16 +52,22 @@ class Sizes:
     cli_jobs: int  # 8: jobs (and notes) behind `opus status`
     cli_runs: int  # 8, 9: processes timed per command
     archived: int  # 9: archived jobs
+    remote_runs: int  # 10: FRs timed one after another, local and remote
+    remote_batch: int  # 11: FRs on one worker node, then on two
 
 
 FULL = Sizes(
     moves=40, runs=10, notes=10_000, cold_runs=3, jobs=100_000, saves=200, window=30.0,
-    batch=100, cli_jobs=1_000, cli_runs=10, archived=100_000,
+    batch=100, cli_jobs=1_000, cli_runs=10, archived=100_000, remote_runs=10, remote_batch=20,
 )  # fmt: skip
 QUICK = Sizes(
     moves=5, runs=2, notes=300, cold_runs=1, jobs=1_000, saves=200, window=3.0, batch=9,
-    cli_jobs=50, cli_runs=3, archived=1_000,
+    cli_jobs=50, cli_runs=3, archived=1_000, remote_runs=3, remote_batch=8,
 )  # fmt: skip
+
+
+REMOTE = {10, 11}
+"""The figures that start a local Ray cluster (``remote_figure``)."""
 
 
 class Bench:
@@ -93,6 +104,8 @@ class Bench:
         if 9 in self.only:
             self._one([9], lambda: [cli_figures.metrics_history(
                 self.tmp / "metrics", self.sizes.archived, self.sizes.cli_runs)])  # fmt: skip
+        if self.only & REMOTE:
+            self._one(sorted(self.only & REMOTE), self._remote)
         if 4 in self.only:  # last: its 100,000 live jobs take GBs the others should not carry
             self._one([4], self._checkpoint)
 
@@ -134,6 +147,11 @@ class Bench:
         tmp, batch = self.tmp / "throughput", self.sizes.batch
         return [anyio.run(pipeline_figures.throughput, tmp, batch, self.single)]
 
+    def _remote(self) -> list[Figure]:
+        tmp, s = self.tmp / "remote", self.sizes
+        figures = anyio.run(remote_figure.remote_figures, tmp, s.remote_runs, s.remote_batch)
+        return [f for f in figures if f.number in self.only]
+
     def _checkpoint(self) -> list[Figure]:
         tmp, s = self.tmp / "registry", self.sizes
         return [checkpoint_figure.checkpoint_cost(tmp, s.jobs, s.saves)]
@@ -143,6 +161,14 @@ def _time(work: Callable[[], object]) -> float:
     start = time.perf_counter()
     work()
     return time.perf_counter() - start
+
+
+def _default(quick: bool) -> set[int]:
+    """Every figure; the remote ones (a local Ray cluster) only in a full run with Ray."""
+    import importlib.util
+
+    remote = not quick and importlib.util.find_spec("ray") is not None
+    return set(range(1, len(NAMES) + 1)) - (set() if remote else REMOTE)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -159,7 +185,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     every = set(range(1, len(NAMES) + 1))
-    only = {int(n) for n in args.only.split(",") if n.strip()} or every
+    only = {int(n) for n in args.only.split(",") if n.strip()} or _default(args.quick)
     if not only <= every:
         print(f"--only takes figure numbers 1–{len(NAMES)}", file=sys.stderr)
         return 2

@@ -31,6 +31,7 @@ def write_health(
     last_tick: datetime,
     running: list[dict[str, Any]],
     queued: int,
+    executor: str | None = None,
 ) -> None:
     """Atomically replace ``path`` with the service's liveness record (mode 0600)."""
     record = {
@@ -41,6 +42,8 @@ def write_health(
         "running": running,
         "queued": queued,
     }
+    if executor:
+        record["executor"] = executor
     data = json.dumps(record, default=_default, separators=(",", ":")).encode()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     atomic_write(path, data + b"\n", sync=False)  # liveness, rewritten every tick
@@ -84,15 +87,19 @@ def health_record(path: Path, *, now: datetime, max_age: float) -> dict[str, Any
         running=running if isinstance(running, list) else [],
         queued=record.get("queued", 0),
     )
+    if record.get("executor"):
+        out["executor"] = record["executor"]  # why remote stages wait (SPEC §18)
     if not _alive(pid):
         return {**out, "reason": f"pid {pid} is not running"}
     if age > max_age:
         return {**out, "reason": f"last tick {age:.0f} s ago (limit {max_age:g} s)"}
     count = len(out["running"])
+    waits = record.get("executor")
+    why = f"; remote stages wait: {waits}" if waits else ""
     return {
         **out,
         "ok": True,
-        "reason": f"ok: pid {pid}, {count} running, last tick {age:.0f} s ago",
+        "reason": f"ok: pid {pid}, {count} running, last tick {age:.0f} s ago{why}",
     }
 
 

@@ -170,6 +170,12 @@ class Pipeline:
             await self._set(Status.QUEUED, "budget")
             log.warning("%s: waits: %s (job %s)", self.job.fr_id, why, self.job.id)
             return True
+        held = self.rt.executor_holds(step[0])
+        if held:  # the cluster is away: wait queued, fail nothing (SPEC §18)
+            self.job.error = f"waiting: {held}"
+            await self._set(Status.QUEUED, "waiting")
+            log.warning("%s: waits: %s (job %s)", self.job.fr_id, held, self.job.id)
+            return True
         return False
 
     async def _set(self, status: Status, event: str) -> None:

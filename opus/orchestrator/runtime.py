@@ -18,7 +18,7 @@ from typing import Any, Literal
 import anyio
 import httpx
 
-from .agents.base import Agent
+from .agents.base import Agent, StageExecutor
 from .atomic import atomic_write
 from .budget import new_alerts, over_caps, spent
 from .config import Config
@@ -85,6 +85,8 @@ class Runtime:
     """Spending outside jobs, (when, USD): ideation runs (SPEC §19)."""
     on_change: Callable[[Job], None] | None = None
     """Called after every recorded change (the dashboard, the demo's printer)."""
+    executor: StageExecutor | None = None
+    """Runs some stages on a cluster (``[executor] kind = "ray"``); None: all stages local."""
     _mirrored: dict[str, tuple[object, ...]] = field(default_factory=dict)
     """What each job's note last showed, so an unchanged note is not read again."""
 
@@ -119,6 +121,12 @@ class Runtime:
             log.warning("budget: %s", message)
             await self.notify("budget", job, message)
         return why
+
+    def executor_holds(self, stage: Stage) -> str | None:
+        """Why ``stage`` cannot start now because it runs remote and the cluster is away."""
+        if self.executor is None or not self.executor.remote(stage):
+            return None
+        return self.executor.ready()
 
     def workspace(self, job: Job) -> Workspace:
         return self.workspaces[job.repo]

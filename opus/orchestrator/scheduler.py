@@ -13,7 +13,7 @@ from .delivery import Delivery
 from .errors import OpusError, WorkspaceError
 from .lifecycle import FINISHED, Status, check_transition
 from .models import FeatureRequest, Job, slug
-from .pipeline import Pipeline
+from .pipeline import Pipeline, next_step
 from .pr_feedback import github_trigger
 from .reactions import Rounds, Trigger
 from .runtime import Control, Runtime
@@ -266,10 +266,15 @@ class Scheduler:
                 continue
             if self.only is not None and job.fr_id not in self.only:
                 continue
-            if all(self._done(dep, scan) for dep in fr.depends_on):
+            if all(self._done(dep, scan) for dep in fr.depends_on) and not self._held(job):
                 ready.append((job, fr))
         ready.sort(key=lambda pair: (pair[0].priority.rank, pair[0].created_at))
         return ready
+
+    def _held(self, job: Job) -> str | None:
+        """Why a job whose next stage runs on the cluster cannot start now (SPEC §18)."""
+        step = next_step(job, self.rt.config.pipeline.max_iterations)
+        return self.rt.executor_holds(step[0]) if isinstance(step, tuple) else None
 
     def _done(self, fr_id: str, scan: Scan) -> bool:
         fr = scan.frs.get(fr_id)
@@ -314,6 +319,8 @@ class Scheduler:
                         why = f"waits for {dep}, which is {other.status}"
                 if why:
                     break
+            held = None if why else self._held(job)
+            why = why or (f"waiting: {held}" if held else None)
             if why != job.error:
                 job.error = why
                 await self.rt.record(job, "waiting", reason=why or "")

@@ -110,6 +110,14 @@ class Orchestrator:
             for logger in _opus_loggers():
                 logger.addFilter(self._log_filter)
             # checkpoints only append; registry.json is rewritten by each tick and heartbeat
+            agents = build_agents(config, self._agent_overrides, environ=self._environ)
+            executor = None
+            if config.executor.kind == "ray":  # Ray is imported only then
+                from .agents.remote import remote_agents
+
+                agents, executor = await remote_agents(
+                    config, agents, set(self._agent_overrides), self._environ
+                )
             registry = Registry(
                 state, keep_days=config.state.keep_days, now=self._now, flush_interval=30.0
             )
@@ -118,7 +126,7 @@ class Orchestrator:
                 config=config,
                 vault=Vault(config),
                 registry=registry,
-                agents=build_agents(config, self._agent_overrides, environ=self._environ),
+                agents=agents,
                 workspaces={
                     name: Workspace(
                         config.repo_path(name), base=repo.base, worktrees_dir=state / "worktrees"
@@ -133,7 +141,10 @@ class Orchestrator:
                 environ=self._environ,
                 http_transport=self._http_transport,
                 on_change=self._changed,
+                executor=executor,
             )
+            if executor is not None:
+                executor.on_event = self._remote_event
             self.scheduler = Scheduler(self.rt)
             self.ideation = Ideation(self.rt, on_written=self._ideas_changed)
             await anyio.to_thread.run_sync(self.ideation.load)
@@ -152,6 +163,8 @@ class Orchestrator:
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(self.rt.registry.flush)
             self.systemd.stopping()
+            if self.rt.executor is not None:
+                await anyio.to_thread.run_sync(self.rt.executor.close)
         self._release()
 
     def _release(self) -> None:
@@ -160,6 +173,11 @@ class Orchestrator:
                 logger.removeFilter(self._log_filter)
         self.systemd.close()
         self._lock.release()
+
+    def _remote_event(self, job_id: str, event: str, data: dict[str, str]) -> None:
+        job = self.rt.registry.get(job_id)
+        if job is not None:
+            self.rt.registry.save(job, event, sync=False, **data)
 
     def _changed(self, job: Job) -> None:
         self._dirty = True
@@ -231,6 +249,7 @@ class Orchestrator:
             last_tick=self._now(),
             running=running,
             queued=queued,
+            executor=self.rt.executor.problem if self.rt.executor is not None else None,
         )
         self.systemd.status(f"{len(running)} running, {queued} queued")
 
@@ -249,6 +268,13 @@ class Orchestrator:
         if problems:
             raise ConfigError(problems[0], file=None, problems=problems)
         agents = build_agents(config, self._agent_overrides, environ=self._environ)
+        executor = self.rt.executor
+        if executor is not None:
+            from .agents.remote import Executor
+
+            assert isinstance(executor, Executor)
+            built = {s for s in agents if s.value not in self._agent_overrides}
+            agents = executor.wrap(agents, config, built)  # [executor] itself needs a restart
         old = self.config
         self.config = config
         self.rt.config = config

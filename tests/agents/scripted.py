@@ -5,8 +5,8 @@
 (the last step repeats). A step is an object with any of:
 ``write`` {path: text} into the worktree · ``stdout`` text · ``output`` text into
 ``OPUS_OUTPUT_FILE`` · ``verdict`` object (written as JSON to the output file) · ``usage`` ·
-``exit`` code · ``hang`` (sleep until killed) · ``wait_for`` a file path to appear ·
-``write_before`` {path: text} written before waiting (``{pid}`` in the name).
+``exit`` code · ``hang`` (sleep until killed) · ``sleep`` seconds · ``wait_for`` a file
+path to appear · ``write_before`` {path: text} written before waiting (``{pid}`` in the name).
 Steps for a rework round N (``OPUS_ROUND``) are under ``"STAGE@N"``, else ``STAGE``'s apply;
 the default coder writes a different text in each round.
 Every start and end is appended to ``$CALLS`` as a JSON line.
@@ -56,6 +56,9 @@ def main() -> int:
                 "pid": os.getpid(),
                 "pgid": os.getpgid(0),
                 "feedback": env.get("OPUS_FEEDBACK_FILE"),
+                "node": env.get("OPUS_TEST_NODE"),
+                "worktree": env["OPUS_WORKTREE"],
+                "time": time.time(),
             }
             with open(calls, "a") as f:
                 f.write(json.dumps(line) + "\n")
@@ -69,6 +72,7 @@ def main() -> int:
             time.sleep(0.02)
     if step.get("hang"):
         time.sleep(1000)
+    time.sleep(step.get("sleep", 0))  # an agent that takes its time
     worktree = Path(env["OPUS_WORKTREE"])
     for name, text in step.get("write", {}).items():
         path = worktree / name.format(fr=fr, iteration=iteration, round=round_)

@@ -70,3 +70,23 @@ class Agent(Protocol):
     """One stage's worker. Raise an ``AgentError`` to fail the attempt."""
 
     async def run(self, ctx: StageContext) -> StageResult: ...
+
+
+@runtime_checkable
+class StageExecutor(Protocol):
+    """Where stages run (SPEC §18): locally, or some of them on a cluster."""
+
+    problem: str | None
+    """Why remote stages cannot start now (the cluster is unreachable, …); None when they can."""
+
+    def remote(self, stage: Stage) -> bool:
+        """Whether ``stage`` runs on the cluster."""
+        ...
+
+    def ready(self) -> str | None:
+        """``problem``, after asking for another attempt to connect when one is due."""
+        ...
+
+    def close(self) -> None:
+        """Leave the cluster (blocking)."""
+        ...
