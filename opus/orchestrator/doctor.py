@@ -177,33 +177,25 @@ def check_sandbox(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
 
 
 def check_executor(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
-    """The executor (SPEC §18). ``opus.orchestrator.agents.remote`` may provide
-    ``doctor_checks``; until it does, the package and the token are checked."""
+    """The executor (SPEC §18): with Ray installed, ``agents.remote.doctor_checks`` joins the
+    cluster (reachable, token accepted, a node with an `agent` resource, versions match)."""
     ex = config.executor
     if ex.kind == "local":
         yield Check("executor", True, "local")
         return
-    try:
-        from .agents import remote  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        remote = None
-    provided = getattr(remote, "doctor_checks", None)
-    if provided is not None:
-        yield from provided(config, env)
-        return
     import importlib.util
 
-    has_ray = importlib.util.find_spec("ray") is not None
-    yield Check(
-        "executor (ray)",
-        has_ray,
-        "ray is installed"
-        if has_ray
-        else "ray is not installed: pip install 'opus-orchestrator[ray]'",
-    )
-    if ex.token_env:
-        ok = bool(env.get(ex.token_env))
-        yield Check("executor (ray)", ok, f"${ex.token_env} {'is set' if ok else 'is not set'}")
+    if importlib.util.find_spec("ray") is None:
+        yield Check(
+            "executor (ray)", False, "ray is not installed: pip install 'opus-orchestrator[ray]'"
+        )
+        return
+    if ex.token_env and not env.get(ex.token_env):
+        yield Check("executor (ray)", False, f"${ex.token_env} is not set")
+        return
+    from .agents.remote import doctor_checks
+
+    yield from doctor_checks(config, env)
 
 
 # -- notifiers -------------------------------------------------------------------------------

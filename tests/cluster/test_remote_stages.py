@@ -180,6 +180,10 @@ def test_doctor_checks_the_cluster(worker: Cluster, vault: Vault) -> None:
     assert lines[0] == f"joined the Ray cluster at {worker.address} (token accepted)"
     assert lines[1] == "1 of 2 node(s) offer an `agent` resource"
     assert lines[2].startswith("a worker node runs Python 3.")
+    from opus.orchestrator.doctor import check_executor
+
+    doctor = list(check_executor(config, environ(worker)))
+    assert [(c.what, c.ok) for c in doctor] == [("executor (ray)", True)] * 3
 
 
 def test_what_a_remote_agent_daemonized_dies_with_its_stage(
