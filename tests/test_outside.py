@@ -363,3 +363,51 @@ def test_a_retry_reuses_the_frs_branch_and_removes_the_failed_worktree(vault: Va
     assert meta(note)["branch"] == "opus/fr-7"  # not opus/fr-7-2
     assert not (vault.state / "worktrees" / failed_job).exists()
     assert "opus/fr-7-2" not in git(vault.repo, "branch", "--list")
+
+
+def test_logs_follow_across_stages_until_the_fr_rests(vault: Vault, tmp_path: Path) -> None:
+    flag = tmp_path / "go-on"
+    vault.script(
+        {
+            "*": {
+                "coder": [
+                    {"stdout": "coder says hi", "wait_for": str(flag), "write": {"FR-7.txt": "x\n"}}
+                ]
+            }
+        }  # fmt: skip
+    )
+    note = vault.note("FR-7.md", FR)
+    s = Service(vault)
+    try:
+        wait(started(vault, "coder"), "the coder to start")
+        follow = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "opus",
+                "logs",
+                "thing-adder",
+                "-f",
+                "--config",
+                str(vault.config),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert follow.stdout is not None
+        first = follow.stdout.readline()  # it is following the running coder's log
+        flag.touch()
+        rest, _ = follow.communicate(timeout=60)
+        out = first + rest
+        assert follow.returncode == 0
+        assert status_of(note) == "review"
+        headers = [line for line in out.splitlines() if line.startswith("==> ")]
+        assert headers[0] == "==> coder-1.log <==" and headers[-1] == "==> reviewer-1.log <=="
+        assert "==> tester-1.log <==" in headers
+        assert "out| coder says hi" in out
+        assert s.stop()[0] == 0
+    finally:
+        flag.touch()
+        if s.proc.poll() is None:
+            s.proc.kill()
+            s.proc.wait()

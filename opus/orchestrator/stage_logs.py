@@ -57,25 +57,47 @@ def follow(
     poll: float = 0.25,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Print the current stage log as it grows and move on to each next stage's log,
-    until the FR rests (its job is no longer queued or in progress)."""
+    """Print the job's stage logs as they grow — from the current one on, then each log a
+    later stage starts (stages that run side by side included), a ``==> name <==`` line
+    whenever the output switches file — until the FR rests (its job is neither queued nor
+    in progress). With ``stage``, only that stage's logs."""
+    offsets: dict[Path, int] = {}
     shown: Path | None = None
-    offset = 0
+    first = True
     while True:
         job = job_of()
         if job is None:
             return
-        path = current_log(config, job, stage)
-        if path is not None and path != shown:
-            if shown is not None:
-                offset = _drain(shown, offset, echo)
-            shown, offset = path, 0
-            echo(f"==> {path.name} <==\n")
-        if shown is not None:
-            offset = _drain(shown, offset, echo)
+        logs = stage_logs(config, job)
+        if stage is not None:
+            logs = [p for p in logs if p.name.startswith(f"{stage}-")]
+        if first:  # earlier stages are history: start at the current (or last) log
+            first = False
+            start = current_log(config, job, stage)
+            if start is not None and start in logs:
+                logs = logs[logs.index(start) :]
+                for p in stage_logs(config, job):
+                    if p not in logs:
+                        offsets[p] = -1  # never shown
+        for path in logs:
+            if offsets.get(path, 0) < 0:
+                continue
+            before = offsets.get(path, 0)
+            after = _drain(path, before, echo if path == shown else _headed(path, echo))
+            if after != before:
+                shown = path
+            offsets[path] = after
         if job.status not in _MOVING:
             return
         sleep(poll)
+
+
+def _headed(path: Path, echo: Callable[[str], None]) -> Callable[[str], None]:
+    def out(text: str) -> None:
+        echo(f"==> {path.name} <==\n")
+        echo(text)
+
+    return out
 
 
 def _drain(path: Path, offset: int, echo: Callable[[str], None]) -> int:
