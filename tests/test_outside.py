@@ -172,15 +172,19 @@ def test_doctor_checks_one_line_each(vault: Vault, tmp_path: Path) -> None:
     vault.write_config(
         **{
             "agents.coder": 'kind = "claude"\ncommand = "no-such-claude"',
+            "agents.reviewer": 'kind = "codex"\nenv_passthrough = ["OPENAI_API_KEY"]',
             "[[notify]]": 'kind = "desktop"',
         }
     )
-    bin_dir = tmp_path / "bin"  # git and python only: no claude, no notify-send
+    bin_dir = tmp_path / "bin"  # git, python and a codex: no claude, no notify-send
     bin_dir.mkdir()
     for name, target in (("git", shutil.which("git")), ("python", sys.executable)):
         assert target is not None
         (bin_dir / name).symlink_to(target)
-    env = {"PATH": str(bin_dir)}
+    codex = bin_dir / "codex"
+    codex.write_text(f"#!{sys.executable}\nprint('codex-cli 9.9.9')\n")
+    codex.chmod(0o755)
+    env = {"PATH": str(bin_dir), "OPENAI_API_KEY": "sk-test-1234", "HOME": str(tmp_path)}
     result = CliRunner().invoke(main, ["doctor", "--config", str(vault.config)], env=env)
     assert result.exit_code == 1
     lines = result.stdout.splitlines()
@@ -191,6 +195,9 @@ def test_doctor_checks_one_line_each(vault: Vault, tmp_path: Path) -> None:
     assert any(
         line.startswith("FAIL  notify.0 (desktop)") and "notify-send" in line for line in lines
     )
+    assert f"ok    agents.reviewer (codex): codex-cli 9.9.9 ({codex})" in lines
+    assert "ok    agents.reviewer (codex) credentials: $OPENAI_API_KEY handed to the agent" in lines
+    assert "sk-test-1234" not in result.stdout
     assert any(line.startswith(("ok    sandbox", "FAIL  sandbox")) for line in lines)
     assert any(line.startswith("ok    executor") for line in lines)
     # validate reports the missing notify-send too (exit 1)

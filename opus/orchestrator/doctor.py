@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .checks import notifier_problem, split_argv
-from .config import AgentSection, Config
+from .config import _SECRET_NAME, AgentSection, Config
 from .errors import WorkspaceError
 from .lifecycle import Stage
 
@@ -109,7 +109,11 @@ def check_agents(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
         yield Check(what, ok, f"{version} ({exe})" if ok else version)
         home = Path(env.get("HOME") or Path.home())
         paths: tuple[str, ...] = getattr(preset, "home_paths", ())
-        if paths:
+        keys = [n for n in section.env_passthrough if _SECRET_NAME.search(n) and env.get(n)]
+        keys += [k for k, v in section.env.items() if _SECRET_NAME.search(k) and v]
+        if keys:  # a key handed over in the environment is a login too
+            yield Check(f"{what} credentials", True, f"${', $'.join(keys)} handed to the agent")
+        elif paths:
             found = [p for p in paths if (home / p).exists()]
             yield Check(
                 f"{what} config",
