@@ -381,7 +381,7 @@ def test_logs_follow_across_stages_until_the_fr_rests(vault: Vault, tmp_path: Pa
                     {"stdout": "coder says hi", "wait_for": str(flag), "write": {"FR-7.txt": "x\n"}}
                 ]
             }
-        }  # fmt: skip
+        }
     )
     note = vault.note("FR-7.md", FR)
     s = Service(vault)
