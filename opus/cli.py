@@ -608,6 +608,28 @@ control_command(
 control_command(
     "approve",
     "approved",
-    frozenset({"review"}),
-    "Approve an FR in review: opus merges it (status: approved).",
+    frozenset({"review", "plan-review", "blocked"}),
+    "Approve an FR in review (opus merges it), a plan in plan-review (the coder starts), or "
+    "retry the refused merge of a blocked FR (status: approved).",
 )
+
+
+@main.command()
+@click.argument("fr")
+@click.option("-m", "--message", "text", required=True, help="What to change (markdown).")
+@config_option
+@json_option
+def rework(fr: str, text: str, as_json: bool) -> None:
+    """Ask for changes on an FR in review (a rework round) or plan-review (a new plan):
+    sets `feedback: TEXT` and `status: changes-requested`."""
+    from .orchestrator import views
+    from .orchestrator.errors import OpusError
+
+    _quiet_logging()
+    config = load()
+    try:
+        fr_id, old = views.rework(config, fr, text)
+    except OpusError as e:
+        fail(str(e))
+    to = "changes-requested"
+    emit({"fr_id": fr_id, "from": old.value, "to": to}, f"{fr_id}: {old} → {to}")

@@ -103,6 +103,9 @@ class FakeGitHub:
                 pr = self.prs[int(match.group(1))]
                 if seen.method == "GET" and not match.group(2):
                     return 200, pr
+                if seen.method == "PATCH" and not match.group(2):
+                    pr.update(json.loads(seen.body))
+                    return 200, pr
                 if seen.method == "PUT" and match.group(2):
                     pr.update(state="closed", merged=True)
                     return 200, {"merged": True, "message": "Pull Request successfully merged"}
@@ -123,7 +126,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = _serve
+    do_GET = do_POST = do_PUT = do_PATCH = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
         pass
@@ -316,3 +319,22 @@ async def test_an_api_failure_fails_the_fr_with_a_clean_error(
     assert job["history"][-1]["stage"] == "delivery"
     assert job["history"][-1]["outcome"] == "error"
     assert git(remote, "rev-parse", "refs/heads/opus/fr-1")  # the push happened first
+
+
+@pytest.mark.anyio
+async def test_a_rework_round_updates_the_same_pr(
+    gh_vault: Vault, github: FakeGitHub, remote: Path
+) -> None:
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    text = note.read_text().replace("status: review", "status: changes-requested\nfeedback: more")
+    note.write_text(text)
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    assert meta(note)["round"] == 2
+    assert len(github.requests("POST", PULLS)) == 1  # not recreated
+    (patch,) = github.requests("PATCH", f"{PULLS}/1")
+    job = registry_job(gh_vault, "FR-1")
+    pr_md = (gh_vault.state / "jobs" / job["id"] / "pr.md").read_text()
+    assert json.loads(patch.body) == {"body": pr_md} and "round 2" in pr_md
+    assert git(remote, "rev-parse", "opus/fr-1") == git(gh_vault.repo, "rev-parse", "opus/fr-1")
+    assert git(remote, "show", "opus/fr-1:FR-1.txt") == "change of round 2, iteration 1"

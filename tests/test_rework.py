@@ -137,3 +137,131 @@ async def test_the_trigger_seam_dedupes_by_keys_also_after_a_restart(vault: Vaul
     artifact = (job_dir(vault) / "trigger-r2.md").read_text()
     assert re.search(r"Use a constant\.", artifact)
     await anyio.lowlevel.checkpoint()
+
+
+SHARED = {"write": {"shared.txt": "{fr} was here\n"}}
+
+
+def two_in_review(vault: Vault, resolve: list[dict[str, object]]) -> tuple[Path, Path]:
+    """FR-1 and FR-2 both change shared.txt; both end in review; FR-1 is then merged."""
+    vault.script({"*": {"coder": [SHARED], "coder@2": resolve}})
+    one, two = fr(vault, "FR-1"), fr(vault, "FR-2")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(one)["status"] == meta(two)["status"] == "review"
+    assert opus(vault, "approve", "FR-1")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(one)["status"] == "done"
+    return one, two
+
+
+def test_a_conflict_at_approval_is_resolved_by_the_coder_in_a_round(vault: Vault) -> None:
+    resolved = {"write": {"shared.txt": "FR-1 was here\nFR-2 was here\n"}}
+    _, two = two_in_review(vault, [resolved])
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    _, out = opus(vault, "run", "--once")
+    m = meta(two)
+    assert m["status"] == "review" and m["round"] == 2, out
+    (coder,) = vault.runs("coder", "FR-2")[1:]
+    feedback = json.loads(Path(coder["feedback"]).read_text())
+    assert feedback["source"] == "conflict"
+    assert "conflicts in shared.txt" in feedback["message"]
+    jobs = [j for j in registry(vault) if j["fr_id"] == "FR-2"]
+    folder = vault.state / "jobs" / str(jobs[0]["id"])
+    assert "- `shared.txt`" in (folder / "prompt-coder-r2-1.md").read_text()
+    # the coder's commit concludes the merge of the base into the branch
+    parents = git(vault.repo, "log", "-1", "--format=%P", "opus/fr-2").split()
+    assert len(parents) == 2 and git(vault.repo, "rev-parse", "main") in parents
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(two)["status"] == "done"
+    assert git(vault.repo, "show", "main:shared.txt") == "FR-1 was here\nFR-2 was here"
+
+
+def test_conflict_markers_are_never_committed(vault: Vault) -> None:
+    leave_markers: dict[str, object] = {"stdout": "done (not really)"}
+    resolved = {"write": {"shared.txt": "both\n"}}
+    _, two = two_in_review(vault, [leave_markers, resolved])
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(two)["status"] == "review"
+    _, second = vault.runs("coder", "FR-2")[1:]
+    feedback = json.loads(Path(second["feedback"]).read_text())
+    assert feedback["reason"] == "conflict_markers"
+    assert "conflict markers left in: shared.txt" in feedback["message"]
+    log = git(vault.repo, "log", "--format=%s", "main..opus/fr-2").splitlines()
+    assert log[0] == "opus(FR-2): coder, iteration 2"  # iteration 1 committed nothing
+    for rev in git(vault.repo, "rev-list", "main..opus/fr-2").split():
+        assert "<<<<<<<" not in git(vault.repo, "show", f"{rev}:shared.txt")
+    assert git(vault.repo, "show", "opus/fr-2:shared.txt") == "both"
+
+
+def test_the_conflict_cap_blocks_with_the_conflicting_paths(vault: Vault) -> None:
+    vault.write_config(reactions="max_rounds = 1")
+    _, two = two_in_review(vault, [SHARED])
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    m = meta(two)
+    assert m["status"] == "blocked"
+    assert "max_rounds (1) used up; conflict:" in str(m["error"])
+    assert "shared.txt" in str(m["error"])
+
+
+def test_a_dirty_base_checkout_blocks_and_approved_retries_the_merge_alone(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    (vault.repo / "README.md").write_text("# a person's unsaved work\n")
+    assert opus(vault, "approve", "FR-1")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    m = meta(note)
+    assert m["status"] == "blocked"
+    assert "uncommitted changes" in str(m["error"]), m
+    calls = len(vault.calls())
+    git(vault.repo, "checkout", "--", "README.md")
+    code, out = opus(vault, "approve", "FR-1")
+    assert code == 0, out
+    assert opus(vault, "run", "--once")[0] == 0
+    m = meta(note)
+    assert m["status"] == "done" and "error" not in m, m
+    assert len(vault.calls()) == calls  # no agent ran: the merge alone
+    assert git(vault.repo, "show", "main:FR-1.txt") == "change of iteration 1"
+    (job,) = registry(vault)
+    assert [c["stage"] for c in job["history"]][-1] == "delivery"
+
+
+def test_update_rebase_replays_the_branch_onto_the_base(vault: Vault) -> None:
+    vault.write_config(reactions='update = "rebase"')
+    resolved = {"write": {"shared.txt": "FR-1 was here\nFR-2 was here\n"}}
+    _, two = two_in_review(vault, [resolved])
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(two)["status"] == "review" and meta(two)["round"] == 2
+    (coder,) = vault.runs("coder", "FR-2")[1:]
+    assert "rebased onto `main`" in json.loads(Path(coder["feedback"]).read_text())["message"]
+    # one commit on top of the base: no merge commit
+    assert git(vault.repo, "rev-list", "--count", "main..opus/fr-2") == "1"
+    assert len(git(vault.repo, "log", "-1", "--format=%P", "opus/fr-2").split()) == 1
+    assert git(vault.repo, "merge-base", "main", "opus/fr-2") == git(
+        vault.repo, "rev-parse", "main"
+    )
+    assert opus(vault, "approve", "FR-2")[0] == 0
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(two)["status"] == "done"
+
+
+def test_opus_rework_sets_feedback_and_changes_requested(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "rework", "FR-1", "-m", "too early")
+    assert code == 1 and "rework needs review or plan-review" in out
+    assert opus(vault, "run", "--once")[0] == 0
+    code, out = opus(vault, "rework", "FR-1", "-m", "Use **bold** here.")
+    assert code == 0, out
+    assert "FR-1: review → changes-requested" in out
+    m = meta(note)
+    assert (m["status"], m["feedback"]) == ("changes-requested", "Use **bold** here.")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["round"] == 2
+    code, out = opus(vault, "show", "FR-1")
+    assert "2: person — Use **bold** here." in out
+    code, out = opus(vault, "status", "--json")
+    (row,) = json.loads(out)
+    assert row["round"] == 2

@@ -9,14 +9,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
+import anyio
+
+from ..orchestrator import views
 from ..orchestrator.config import load_config
 from ..orchestrator.errors import OpusError
 from ..orchestrator.ideation import waiting_ideas
+from ..orchestrator.lifecycle import Status
 from ..orchestrator.models import Job
 from ..orchestrator.service import Orchestrator
 
 HERE = Path(__file__).parent
-EXPECTED = {"FR-101": "done", "FR-102": "review", "FR-103": "review", "FR-104": "review"}
+EXPECTED = {"FR-101": "done", "FR-102": "done", "FR-103": "review", "FR-104": "review"}
+FEEDBACK = "Please give `polite()` a docstring."
 
 
 def example_vault() -> Path:
@@ -72,18 +77,25 @@ class Printer:
 
     def __init__(self, echo: Callable[[str], None]) -> None:
         self.echo = echo
-        self.seen: dict[str, tuple[str, str | None, int]] = {}
+        self.seen: dict[str, tuple[str, str | None, int, int]] = {}
 
     def __call__(self, job: Job) -> None:
-        key = (job.status.value, job.stage.value if job.stage else None, job.iteration)
-        if self.seen.get(job.fr_id) == key:
+        key = (job.status.value, job.stage.value if job.stage else None, job.iteration, job.round)
+        before = self.seen.get(job.fr_id)
+        if before == key:
             return
         self.seen[job.fr_id] = key
+        if job.rounds and (before is None or before[3] != job.round):
+            last = job.rounds[-1]
+            first = last.feedback.strip().splitlines()[0]
+            self.echo(f"  {job.fr_id:8} round {last.round} ({last.source}) ← {first}")
         where = (
             f"{job.stage}, iteration {job.iteration}"
             if job.status.value in ("in-progress", "queued") and job.stage
             else ""
         )
+        if job.round > 1:
+            where += f", round {job.round}" if where else f"round {job.round}"
         more = f" — {job.error}" if job.error else ""
         if (
             job.stage is not None
@@ -107,6 +119,20 @@ async def run_demo(directory: Path | None, echo: Callable[[str], None]) -> int:
     echo("")
     async with Orchestrator(config, on_change=Printer(echo)) as orch:
         summary = await orch.run_once()
+        # a scripted person answers: changes on FR-103, approval of FR-102 (which no longer
+        # merges cleanly since FR-101 was merged: the coder resolves that in a round)
+        echo("")
+        echo(f'  (a person: opus rework FR-103 -m "{FEEDBACK}")')
+        await anyio.to_thread.run_sync(lambda: views.rework(config, "FR-103", FEEDBACK))
+        summary = await orch.run_once()
+        for _ in range(2):
+            if summary.statuses.get("FR-102") != "review":
+                break
+            echo("  (a person: opus approve FR-102)")
+            await anyio.to_thread.run_sync(
+                lambda: views.set_status(config, "FR-102", Status.APPROVED, None)
+            )
+            summary = await orch.run_once()
     echo("")
     ok = True
     for fr_id, status in summary.statuses.items():

@@ -3,7 +3,10 @@
 Run as ``python -m opus.demo.agent STAGE``. It reads the FR id, iteration and paths from the
 ``OPUS_*`` environment, and plays a fixed script per FR, so the demo shows opus at work —
 a failing test fed back to the coder, a review rejection then an approval — without any
-model. The tester is not here: the demo runs the repository's real tests.
+model. In a rework round (``OPUS_ROUND`` 2, 3, …) the coder resolves the conflicts opus left
+in the worktree (keeping both sides) and does what a person's feedback asks for when it
+names a function (``give `polite()` a docstring``). The tester is not here: the demo runs
+the repository's real tests.
 """
 
 from __future__ import annotations
@@ -107,6 +110,39 @@ def code(fr_id: str, iteration: int, worktree: Path) -> None:
         (worktree / name).write_text(content)
 
 
+def _git(worktree: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", *args], cwd=worktree, capture_output=True, text=True, check=True
+    ).stdout
+
+
+def resolve_conflicts(worktree: Path) -> list[str]:
+    """Resolve every conflicted file by keeping both sides (the demo's changes only add)."""
+    paths = _git(worktree, "diff", "--name-only", "--diff-filter=U").split()
+    for rel in paths:
+        path = worktree / rel
+        lines = path.read_text().splitlines(keepends=True)
+        kept = [ln for ln in lines if not re.match(r"(<{7}|={7}|>{7})( |$)", ln)]
+        path.write_text("".join(kept))
+    return paths
+
+
+def rework(fr_id: str, feedback: str, worktree: Path) -> str:
+    """A person's request in a rework round: give the named function a docstring."""
+    named = re.search(r"`(\w+)\(\)`", feedback)
+    if named is None or "docstring" not in feedback:
+        return "nothing I understand in the feedback"
+    greet = worktree / "app" / "greet.py"
+    text = greet.read_text()
+    match = re.search(rf"^def {named.group(1)}\(.*:\n", text, re.MULTILINE)
+    if match is None:
+        return f"no {named.group(1)}() in app/greet.py"
+    doc = f'    """{fr_id}: {named.group(1)}(), as the person asked."""\n'
+    if doc not in text:
+        greet.write_text(text[: match.end()] + doc + text[match.end() :])
+    return f"docstring added to {named.group(1)}()"
+
+
 def review(base: str, worktree: Path) -> dict[str, object]:
     changed = subprocess.run(
         ["git", "diff", "--name-only", base, "HEAD"],
@@ -179,6 +215,13 @@ def main() -> int:
         output.write_text(ideate(prompt))
     elif stage == "planner":
         output.write_text(plan(fr_id, title))
+    elif stage == "coder" and int(env.get("OPUS_ROUND", "1")) > 1:
+        resolved = resolve_conflicts(worktree)
+        if resolved:
+            print(f"{fr_id}: resolved the conflicts in {', '.join(resolved)} (kept both sides)")
+        feedback = json.loads(Path(env["OPUS_FEEDBACK_FILE"]).read_text())
+        if feedback.get("source") == "person":
+            print(f"{fr_id}: {rework(fr_id, feedback['message'], worktree)}")
     elif stage == "coder":
         code(fr_id, iteration, worktree)
         print(f"{fr_id}: iteration {iteration} written")

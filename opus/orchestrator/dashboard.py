@@ -84,11 +84,12 @@ class Board:
 def running(b: Board) -> list[str]:
     jobs, now = b.current, b.now
     rows = [
-        [link(j), j.title, str(j.stage or ""), str(j.iteration), _age(j.created_at, now)]
+        [link(j), j.title, str(j.stage or ""), str(j.iteration), _round(j), _age(j.created_at, now)]
         for j in jobs
         if j.status is Status.IN_PROGRESS
     ]
-    return ["## Running", "", *_table(["FR", "title", "stage", "iteration", "elapsed"], rows)]
+    head = ["FR", "title", "stage", "iteration", "round", "elapsed"]
+    return ["## Running", "", *_table(head, rows)]
 
 
 def queued(b: Board) -> list[str]:
@@ -104,15 +105,32 @@ def queued(b: Board) -> list[str]:
 def awaiting_review(b: Board) -> list[str]:
     jobs, now = b.current, b.now
     rows = [
-        [link(j), j.title, f"`{j.branch}`", j.pr_url or "", _age(j.updated_at, now)]
+        [
+            link(j),
+            j.title,
+            f"the plan [[{j.plan_note.removesuffix('.md')}]]"
+            if j.status is Status.PLAN_REVIEW and j.plan_note
+            else f"`{j.branch}`",
+            j.pr_url or "",
+            _round(j),
+            _age(j.updated_at, now),
+        ]
         for j in jobs
         if j.status in AWAITING
     ]
     return [
         "## Awaiting review",
         "",
-        *_table(["FR", "title", "branch", "pull request", "waiting"], rows),
+        *_table(["FR", "title", "branch", "pull request", "round", "waiting"], rows),
     ]
+
+
+def _round(job: Job) -> str:
+    """``2 (person)`` once rework started (SPEC §15); empty in the first round."""
+    if job.round <= 1:
+        return ""
+    source = job.rounds[-1].source if job.rounds else ""
+    return f"{job.round}" + (f" ({source})" if source else "")
 
 
 def recent_outcomes(b: Board) -> list[str]:

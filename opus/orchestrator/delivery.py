@@ -119,14 +119,21 @@ class Delivery:
         )
         if d.kind == "github":
             token = rt.environ.get(d.token_env)
-            await anyio.to_thread.run_sync(lambda: ws.push(worktree, job.branch, d.remote, token))
+            # a rebased branch (a conflict round with update = "rebase") replaces the old one
+            force = job.round > 1 and rt.config.reactions.update == "rebase"
+            await anyio.to_thread.run_sync(
+                lambda: ws.push(worktree, job.branch, d.remote, token, force=force)
+            )
             base = rt.config.repos[job.repo].base
             async with self._github() as gh:
-                pr = await gh.open_pr(
-                    head=job.branch, base=base, title=f"{fr.id}: {fr.title}", body=body
-                )
+                if job.pr_number is not None:  # a rework round: the same PR, updated
+                    pr = await gh.update_pr(job.pr_number, body=body)
+                else:
+                    pr = await gh.open_pr(
+                        head=job.branch, base=base, title=f"{fr.id}: {fr.title}", body=body
+                    )
             job.pr_url, job.pr_number = pr.url, pr.number
-            log.info("%s: opened %s", job.fr_id, pr.url)
+            log.info("%s: delivered %s", job.fr_id, pr.url)
         if auto_approves(rt.config, fr, job.confidence):
             return await self.merge(job)
         return Status.REVIEW, None

@@ -7,7 +7,8 @@
      ├── LockHeld               another opus serves this vault
      ├── RegistryError          the job registry cannot be read or written
      ├── WorkspaceError         git: repo unusable, worktree, commit, push
-     │    └── MergeConflict     merging the branch into the base conflicts
+     │    ├── MergeConflict     merging the branch into the base conflicts
+     │    └── ConflictMarkers   a commit refused: files still hold conflict markers
      ├── DeliveryError          pushing or opening the pull request failed
      ├── IllegalTransition      a status change the lifecycle forbids
      └── AgentError             a stage's agent failed (``retryable`` decides)
@@ -96,6 +97,12 @@ class MergeConflict(WorkspaceError):
         self.base = base
         self.paths = paths
         super().__init__(f"merging {branch} into {base} conflicts in: {', '.join(paths) or '?'}")
+
+
+class ConflictMarkers(WorkspaceError):
+    def __init__(self, paths: list[str]) -> None:
+        self.paths = paths
+        super().__init__(f"conflict markers left in: {', '.join(paths)}")
 
 
 class DeliveryError(OpusError):

@@ -227,6 +227,15 @@ class GitHub:
                 return existing
         raise self._error("POST", self._pulls, response)
 
+    async def update_pr(self, number: int, *, body: str) -> PullRequest:
+        """Rewrite an open PR's description (a rework round delivers again: SPEC §15)."""
+        path = f"{self._pulls}/{number}"
+        response = await self._request("PATCH", path, json={"body": body})
+        if response.status_code != 200:
+            raise self._error("PATCH", path, response)
+        self._etags.pop(number, None)
+        return _pull_request(self._json(response))
+
     async def pr_state(self, number: int) -> PullRequest:
         """The PR's current state; polls with ``If-None-Match`` (a 304 returns the cached one).
         While a rate limit lasts, the last state seen is returned without a request."""

@@ -175,6 +175,8 @@ class Round(BaseModel):
     source: str
     feedback: str
     started_at: datetime
+    base: str | None = None
+    """For a conflict round: the base commit brought into the branch."""
 
 
 class Job(BaseModel):

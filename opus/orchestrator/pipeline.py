@@ -17,10 +17,10 @@ import anyio
 from . import prompts
 from .agents.base import StageContext, StageResult
 from .delivery import Delivery, auto_approves
-from .errors import AgentError, AgentStalled, OpusError, WorkspaceError
+from .errors import AgentError, AgentStalled, ConflictMarkers, OpusError, WorkspaceError
 from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
-from .reactions import artifact_tag, rework_feedback
+from .reactions import Rounds, artifact_tag, rework_feedback
 from .runtime import Control, Runtime
 from .supervisor import with_retries
 from .workspace import worktree_fingerprint
@@ -63,6 +63,7 @@ class Pipeline:
         self.fr = fr
         self.control = control
         self.delivery = Delivery(rt)
+        self.rounds = Rounds(rt)
         self.worktree: Path = rt.config.state_dir / "worktrees" / job.id
         self.head = ""
         """The worktree's HEAD as opus last left it (only the coder's commits move it)."""
@@ -246,6 +247,8 @@ class Pipeline:
             if n > 1:
                 await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head)
                 ctx.output_file.unlink(missing_ok=True)
+            if stage is Stage.CODER:  # a conflict round: the base comes in first
+                await self.rounds.prepare_coder(job, self.worktree, head)
             try:
                 return await agent.run(ctx)
             except AgentError as e:
@@ -390,9 +393,17 @@ class Pipeline:
                     f"The coder's change could not be applied: {result.output}",
                 )
             message = f"opus({job.fr_id}): coder, iteration {iteration}"
-            commit = await anyio.to_thread.run_sync(
-                lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
-            )
+            try:
+                commit = await anyio.to_thread.run_sync(
+                    lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
+                )
+            except ConflictMarkers as e:
+                return self._reject(
+                    "conflict_markers",
+                    iteration,
+                    f"Nothing was committed: {e}. Resolve those conflicts and remove every "
+                    "marker line.",
+                )
             if commit is None:
                 return self._reject(
                     "no_changes", iteration, "The coder changed nothing in the working tree."
@@ -476,6 +487,10 @@ class Pipeline:
 
     async def _deliver(self, started: datetime) -> None:
         job = self.job
+        trigger = await self.rounds.conflict(job)
+        if trigger is not None:  # the base moved under the branch: a round resolves it
+            await self.rounds.start(job, trigger)
+            return
         try:
             status, error = await self.delivery.deliver(job, self.fr, self.worktree)
         except OpusError as e:
@@ -514,6 +529,7 @@ class Pipeline:
             "changes_requested": "reviewer still requests changes",
             "no_changes": "the coder changed nothing",
             "patch_failed": "the coder's patch did not apply",
+            "conflict_markers": "conflict markers still left",
         }.get(feedback.reason if feedback else "", "not approved")
         error = f"{why} after {self.max_iterations} iterations: {reason}"
         details: dict[str, str] = {}

@@ -37,10 +37,12 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import anyio
 
+from .errors import WorkspaceError
 from .lifecycle import Stage, Status, check_transition
 from .models import Feedback, Job, Round
 
@@ -66,6 +68,8 @@ class Trigger:
     """Markdown for the coder."""
     keys: tuple[str, ...] = ()
     """Stable ids this trigger consumes (for dedupe across polls and restarts)."""
+    base: str | None = None
+    """For ``conflict``: the base commit to bring into the branch (``conflict`` builds it)."""
 
     @property
     def summary(self) -> str:
@@ -115,17 +119,75 @@ class Rounds:
         job.round = number
         job.rounds = [
             *job.rounds,
-            Round(round=number, source=trigger.source, feedback=feedback, started_at=rt.now()),
+            Round(
+                round=number,
+                source=trigger.source,
+                feedback=feedback,
+                started_at=rt.now(),
+                base=trigger.base,
+            ),
         ]
+        if trigger.base is not None:
+            job.base_commit = trigger.base  # what the round's diffs are against
         job.feedback = Feedback(
             iteration=0, reason="rework", message=feedback, round=number, source=trigger.source
         )
+        was = job.status
         if job.status is not Status.IN_PROGRESS:
             job.status = check_transition(job.status, Status.QUEUED)
         job.stage, job.iteration, job.error = Stage.CODER, 1, None
         await rt.record(job, "round", round=number, source=trigger.source)
+        if was is Status.APPROVED:
+            await rt.mirror(job, answer=True)  # the approval led to this round: say so
         log.info("%s: round %d (%s) (job %s)", job.fr_id, number, trigger.summary, job.id)
         return job.status
+
+    async def conflict(self, job: Job) -> Trigger | None:
+        """A ``conflict`` trigger when the job's branch no longer merges cleanly into the
+        base (SPEC §7), with the conflicting paths as the coder's feedback; else None."""
+        ws = self.rt.workspace(job)
+        try:
+            paths = await anyio.to_thread.run_sync(ws.conflicts_with_base, job.branch)
+            if not paths:
+                return None
+            target = await anyio.to_thread.run_sync(ws.base_commit)
+        except WorkspaceError as e:  # the merge or delivery that follows reports it
+            log.warning("%s: cannot check for conflicts: %s", job.fr_id, e)
+            return None
+        how = "rebased onto" if self.rt.config.reactions.update == "rebase" else "merged"
+        listed = "\n".join(f"- `{p}`" for p in paths)
+        feedback = (
+            f"The branch no longer merges cleanly into `{ws.base}` (now at {target[:12]}): "
+            f"conflicts in {', '.join(paths)}.\n\n"
+            f"opus {how} `{ws.base}` into this worktree and left the conflicts in place:\n\n"
+            f"{listed}\n\n"
+            "Resolve every conflict: keep the intent of both sides, remove every conflict "
+            "marker (`<<<<<<<`, `=======`, `>>>>>>>`), and keep the tests passing. opus "
+            "refuses to commit a file that still holds a marker."
+        )
+        return Trigger(source="conflict", feedback=feedback, keys=(), base=target)
+
+    async def prepare_coder(self, job: Job, worktree: Path, head: str) -> None:
+        """Before a coder attempt in a conflict round: if ``head`` lacks the round's base
+        commit, bring it in (conflicts left in place). Idempotent, so a retried attempt or
+        a resumed round starts from the same state."""
+        last = job.rounds[-1] if job.round > 1 and job.rounds else None
+        if last is None or last.round != job.round or last.base is None:
+            return
+        ws, base = self.rt.workspace(job), last.base
+        if await anyio.to_thread.run_sync(ws.contains, head, base):
+            return
+        mode = self.rt.config.reactions.update
+        paths = await anyio.to_thread.run_sync(
+            lambda: ws.bring_base_in(worktree, base, since=head, mode=mode)
+        )
+        log.info(
+            "%s: brought %s into the worktree (%s): %s",
+            job.fr_id,
+            base[:12],
+            mode,
+            f"conflicts in {', '.join(paths)}" if paths else "no conflict",
+        )
 
 
 def rework_feedback(job: Job) -> Feedback | None:

@@ -164,8 +164,9 @@ class Runtime:
             self.on_change(job)
         return on_disk
 
-    async def mirror(self, job: Job) -> Status | None:
-        """Write the job's status into its note's opus keys; a person's control status wins."""
+    async def mirror(self, job: Job, *, answer: bool = False) -> Status | None:
+        """Write the job's status into its note's opus keys; a person's control status wins
+        over progress, unless ``answer``: the job has acted on it (a round after approval)."""
         changes: dict[str, object | None] = {
             "status": job.status.value,
             "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
@@ -180,7 +181,8 @@ class Runtime:
         }
         path = self.config.root / job.fr_path
         # progress never overwrites a person's control; a resting status answers it
-        respect = RESPECT if job.status in (Status.QUEUED, Status.IN_PROGRESS) else frozenset()
+        progress = job.status in (Status.QUEUED, Status.IN_PROGRESS) and not answer
+        respect = RESPECT if progress else frozenset()
         try:
             return await anyio.to_thread.run_sync(
                 lambda: self.vault.update(path, changes, respect=respect)

@@ -11,7 +11,7 @@ from anyio.abc import TaskGroup
 
 from .delivery import Delivery
 from .errors import OpusError, WorkspaceError
-from .lifecycle import FINISHED, Status, check_transition
+from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline, next_step
 from .pr_feedback import github_trigger
@@ -21,6 +21,18 @@ from .supervisor import kill_group
 from .vault import Scan
 
 log = logging.getLogger(__name__)
+
+
+def _merge_retries(job: Job) -> bool:
+    """A blocked job whose pipeline delivered: its merge was refused, ``approved`` retries it."""
+    last = job.last
+    return (
+        job.status is Status.BLOCKED
+        and last is not None
+        and last.stage is Stage.DELIVERY
+        and last.outcome is Outcome.OK
+    )
+
 
 #: Statuses opus writes into a note; a mismatch with the registry is repaired from it.
 OPUS_SET = frozenset(
@@ -177,12 +189,13 @@ class Scheduler:
             ):
                 await self._end(job, Status.CANCELLED, None, "cancelled")
         elif status is Status.APPROVED:
-            if job is not None and job.status in (Status.DONE, Status.BLOCKED) and run is None:
+            if job is not None and run is None and _merge_retries(job):
+                log.info("%s: approved again: retrying the merge alone (job %s)", fr.id, job.id)
+                await self._approved(job)
+            elif job is not None and job.status in (Status.DONE, Status.BLOCKED) and run is None:
                 await rt.mirror(job)  # merged (or not) before a crash hid it from the note
             elif job is not None and job.status is Status.REVIEW:
-                job.status = Status.APPROVED
-                result, error = await self.delivery.merge(job)
-                await self._end(job, result, error, result.value)
+                await self._approved(job)
         elif status is Status.CHANGES_REQUESTED:
             await self._changes_requested(fr, job, run is not None)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
@@ -203,6 +216,16 @@ class Scheduler:
                     await self._claim(fr, "requeued")
             elif job is not None and job.status is not status and run is None:
                 await rt.mirror(job)
+
+    async def _approved(self, job: Job) -> None:
+        """Merge an approved job; a branch that no longer merges cleanly gets a round."""
+        job.status = check_transition(job.status, Status.APPROVED)
+        trigger = await self.rounds.conflict(job)
+        if trigger is not None:
+            await self.rounds.start(job, trigger)
+            return
+        result, error = await self.delivery.merge(job)
+        await self._end(job, result, error, result.value)
 
     async def _changes_requested(self, fr: FeatureRequest, job: Job | None, running: bool) -> None:
         """A person's ``changes-requested``: a rework round for a job in review."""

@@ -20,6 +20,7 @@ from .config import Config
 from .errors import NoteError, OpusError
 from .lifecycle import Status
 from .models import Job
+from .reactions import artifact_tag
 from .rollups import Figures, rollups_since
 from .vault import Vault
 
@@ -132,6 +133,7 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                     else None
                 ),
                 "iteration": job.iteration if job else None,
+                "round": job.round if job and job.round > 1 else None,
                 "age": round(max(0.0, (now - job.created_at).total_seconds()), 3) if job else None,
                 "branch": job.branch if job else None,
                 "job_id": job.id if job else None,
@@ -150,6 +152,7 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                 "status": "unreadable",
                 "stage": None,
                 "iteration": None,
+                "round": None,
                 "age": None,
                 "branch": None,
                 "job_id": None,
@@ -176,6 +179,7 @@ def status_table(config: Config) -> Any:
         "status",
         "stage",
         "iter",
+        "round",
         "age",
         "branch",
         "title / problem",
@@ -188,6 +192,7 @@ def status_table(config: Config) -> Any:
             r["status"],
             r["stage"] or "",
             str(r["iteration"] or ""),
+            str(r["round"] or ""),
             age_text(r["age"]) if r["age"] is not None else "",
             r["branch"] or "",
             r["error"]
@@ -232,14 +237,18 @@ def show_data(config: Config, ref: str) -> dict[str, Any]:
     if job is None:
         raise OpusError(f"{fr_id}: no job yet")
     folder = config.state_dir / "jobs" / job.id
-    reviews = sorted(folder.glob("review-*.json"), key=lambda p: int(p.stem.split("-")[1]))
-    review = json.loads(reviews[-1].read_text()) if reviews else None
+    names = {f"review-{artifact_tag(cp.round, cp.iteration)}.json" for cp in job.history}
+    reviews = [folder / cp.artifact for cp in job.history if cp.artifact in names]
+    review = json.loads(reviews[-1].read_text()) if reviews and reviews[-1].exists() else None
+    rounds = [{"round": 1, "source": "first delivery", "feedback": None, "started_at": None}]
+    rounds += [r.model_dump(mode="json", exclude={"base"}) for r in job.rounds]
     return {
         "fr_id": fr_id,
         "job": job.model_dump(mode="json"),
         "artifacts": sorted(p.name for p in folder.iterdir()) if folder.is_dir() else [],
         "artifacts_dir": str(folder),
         "review": review,
+        "rounds": rounds,
     }
 
 
@@ -263,7 +272,13 @@ def print_show(data: dict[str, Any]) -> None:
     )
     if job.get("error"):
         console.print(f"error: {job['error']}")
+    if len(data["rounds"]) > 1:
+        console.print("rounds:")
+        for r in data["rounds"]:
+            first = (r["feedback"] or "").strip().splitlines()[:1]
+            console.print(f"  {r['round']}: {r['source']}" + (f" — {first[0]}" if first else ""))
     table = Table(
+        "round",
         "stage",
         "iter",
         "outcome",
@@ -280,6 +295,7 @@ def print_show(data: dict[str, Any]) -> None:
         ).total_seconds()
         usage = cp.get("usage") or {}
         table.add_row(
+            str(cp.get("round", 1)),
             cp["stage"],
             str(cp["iteration"]),
             cp["outcome"],
@@ -345,6 +361,23 @@ def set_status(
         path, {"status": target.value, "updated_at": datetime.now().replace(microsecond=0)}
     )
     return fr.id, fr.status
+
+
+def rework(config: Config, ref: str, text: str) -> tuple[str, Status]:
+    """``opus rework FR -m TEXT``: a person's ``feedback`` and ``changes-requested``
+    (SPEC §15, §16) on an FR in ``review`` or ``plan-review``; returns its id and old status."""
+    if not text.strip():
+        raise OpusError("the feedback text is empty: say what to change")
+    vault = Vault(config)
+    path = vault.find(ref)
+    fr = vault.read(path)
+    current = fr.status or Status.PLANNED
+    if current not in (Status.REVIEW, Status.PLAN_REVIEW):
+        raise OpusError(f"{fr.id} is {current}; rework needs review or plan-review")
+    now = datetime.now().replace(microsecond=0)
+    changes = {"status": Status.CHANGES_REQUESTED.value, "feedback": text, "updated_at": now}
+    vault.update(path, changes, person=True)
+    return fr.id, current
 
 
 def set_status_all(

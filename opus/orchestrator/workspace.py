@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, NamedTuple
 if TYPE_CHECKING:  # GitPython runs `git version` when imported: import it on first use
     from git.exc import CommandError
 
-from .errors import MergeConflict, WorkspaceError
+from .errors import ConflictMarkers, MergeConflict, WorkspaceError
 from .redact import Redactor
 
 __all__ = ("PUSH_TIMEOUT", "Created", "Workspace", "worktree_fingerprint")
@@ -37,6 +37,8 @@ PUSH_TIMEOUT = 300.0
 # Spare a maintenance child per command; keep a person's signing setup out of opus's commits.
 _QUIET = ("-c", "maintenance.auto=false", "-c", "gc.auto=0")
 _COMMIT = (*_QUIET, "-c", "commit.gpgsign=false")
+_MARK_START = re.compile(rb"^<{7}(?: |\r?$)", re.MULTILINE)
+_MARK_END = re.compile(rb"^>{7}(?: |\r?$)", re.MULTILINE)
 _ERROR_LINE = re.compile(r"^(fatal|error|CONFLICT|!)[: ]")
 _URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+@")
 _LOCKS: dict[str, threading.Lock] = {}
@@ -169,13 +171,22 @@ class Workspace:
         return self._git(path, "rev-parse", "--verify", "HEAD^{commit}")
 
     def commit_all(self, path: Path, message: str, *, since: str) -> str | None:
-        """Stage everything and commit it if anything is staged.
+        """Stage everything and commit it if anything is staged (a merge in progress is
+        concluded by it).
 
         Returns HEAD when it differs from ``since`` (opus's commit or the agent's own),
-        else None: nothing changed.
+        else None: nothing changed. Raises ``ConflictMarkers`` (and commits nothing) when a
+        changed file still holds git's conflict markers.
         """
         self._git(path, "add", "-A")
-        if not self._ok(path, "diff", "--cached", "--quiet"):
+        _, out = self._call(path, ["diff", "--cached", "--name-only", "-z", "--no-renames"])
+        staged = [p for p in _text(out).split("\0") if p]
+        _, out = self._call(path, ["diff", "--name-only", "-z", "--no-renames", since, "HEAD"])
+        marked = _marked(path, sorted({*staged, *(p for p in _text(out).split("\0") if p)}))
+        if marked:
+            self._git(path, "reset", "-q")  # unstage: the worktree stays as the agent left it
+            raise ConflictMarkers(marked)
+        if staged or self._ok(path, "rev-parse", "-q", "--verify", "MERGE_HEAD"):
             self._git(path, "commit", "-q", "--no-verify", "-m", message, opts=_COMMIT)
         head = self.head(path)
         return head if head != since else None
@@ -200,6 +211,52 @@ class Workspace:
             path, ["diff", "--name-only", "-z", "--no-renames", base_commit, "HEAD"]
         )
         return sorted(p for p in _text(out).split("\0") if p)
+
+    def contains(self, commit: str, ancestor: str) -> bool:
+        """Whether ``ancestor`` is reachable from ``commit``."""
+        return self._ok(self.repo_path, "merge-base", "--is-ancestor", ancestor, commit)
+
+    def conflicts_with_base(self, branch: str) -> list[str]:
+        """The paths that conflict when ``branch`` is merged into the base now ([] = clean)."""
+        import subprocess
+
+        args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z"]
+        command = ["git", "-C", os.fspath(self.repo_path), *_QUIET, *args,
+                   self._base_ref, f"refs/heads/{branch}"]  # fmt: skip
+        done = subprocess.run(command, capture_output=True, env={**os.environ, **self._env({})})
+        if done.returncode == 0:
+            return []
+        if done.returncode != 1:
+            line = _text(done.stderr).strip().splitlines()[:1] or [f"exit {done.returncode}"]
+            raise WorkspaceError(f"git merge-tree (in {self.repo_path}): {line[0]}")
+        return sorted({p for p in _text(done.stdout).split("\0")[1:] if p.strip()})
+
+    def bring_base_in(self, path: Path, target: str, *, since: str, mode: str) -> list[str]:
+        """Bring the base commit ``target`` into the worktree at ``since``, uncommitted.
+
+        ``merge``: ``git merge --no-commit target`` (the next commit concludes the merge).
+        ``rebase``: the branch's whole change since its merge base is replayed onto
+        ``target`` (``git apply --3way``), so the next commit is one commit on the base.
+        Conflicts stay in the files, with markers; returns the conflicting paths.
+        """
+        self.reset(path, since)
+        if mode == "rebase":
+            old_base = self._git(path, "merge-base", since, target)
+            _, patch = self._call(path, ["diff", "--binary", "--no-color", old_base, since])
+            self._git(path, "reset", "-q", "--hard", target)
+            if patch.strip():
+                gitdir = Path(self._git(path, "rev-parse", "--absolute-git-dir"))
+                patch_file = gitdir / "opus-rebase.patch"
+                patch_file.write_bytes(patch)
+                try:
+                    self._call(path, ["apply", "--3way", str(patch_file)], ok=(0, 1))
+                finally:
+                    patch_file.unlink(missing_ok=True)
+        else:
+            args = ["merge", "-q", "--no-commit", "--no-ff", "--no-verify", target]
+            self._call(path, args, opts=_COMMIT, ok=(0, 1))
+        _, out = self._call(path, ["diff", "--name-only", "--diff-filter=U", "-z"])
+        return sorted({p for p in _text(out).split("\0") if p})
 
     # -- delivery ---------------------------------------------------------------------------
 
@@ -226,8 +283,11 @@ class Workspace:
         log.info("merged %s into %s: %s → %s", branch, self.base, old[:12], new[:12])
         return new
 
-    def push(self, path: Path, branch: str, remote: str, token: str | None) -> None:
-        """Push ``branch`` to ``remote``; a token travels in git's environment config only."""
+    def push(
+        self, path: Path, branch: str, remote: str, token: str | None, *, force: bool = False
+    ) -> None:
+        """Push ``branch`` to ``remote``; a token travels in git's environment config only.
+        ``force``: the branch was rewritten (``--force-with-lease``)."""
         env: dict[str, str] = {}
         hidden: list[str] = []
         if token:
@@ -241,7 +301,7 @@ class Workspace:
         refspec = f"refs/heads/{branch}:refs/heads/{branch}"
         self._call(
             path,
-            ["push", "--no-verify", remote, refspec],
+            ["push", "--no-verify", *(["--force-with-lease"] if force else []), remote, refspec],
             env=env,
             hidden=hidden,
             timeout=PUSH_TIMEOUT,
@@ -407,6 +467,22 @@ class Workspace:
             message = _URL_CREDENTIALS.sub("***@", re.sub(r"\s+", " ", message))
             raise WorkspaceError(message) from e
         return 0, out
+
+
+def _marked(root: Path, paths: Sequence[str]) -> list[str]:
+    """Of ``paths``, the text files that hold both a ``<<<<<<<`` and a ``>>>>>>>`` line."""
+    found = []
+    for rel in paths:
+        file = root / rel
+        try:
+            if file.is_symlink() or not file.is_file():
+                continue
+            data = file.read_bytes()
+        except OSError:
+            continue
+        if b"\0" not in data[:8000] and _MARK_START.search(data) and _MARK_END.search(data):
+            found.append(rel)
+    return found
 
 
 def _text(out: bytes) -> str:
