@@ -164,6 +164,9 @@ class FakeGitHub:
                 return 200, self.reviews
             if method == "GET" and tail == "/comments":
                 return 200, self.line_comments
+            if method == "PATCH" and tail is None:  # a round delivers again: the PR updated
+                self.prs[number].update(json.loads(body))
+                return 200, self.prs[number]
             if method == "PUT" and tail == "/merge":
                 self.prs[number].update(state="closed", merged=True)
                 return 200, {"merged": True}
@@ -199,7 +202,7 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    do_GET = do_POST = do_PUT = _serve
+    do_GET = do_POST = do_PUT = do_PATCH = _serve
 
     def log_message(self, format: str, *args: Any) -> None:
         pass

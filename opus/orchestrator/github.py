@@ -233,7 +233,7 @@ class GitHub:
         response = await self._request("PATCH", path, json={"body": body})
         if response.status_code != 200:
             raise self._error("PATCH", path, response)
-        self._etags.pop(number, None)
+        self.cache.bodies.pop(self._url(path), None)
         return _pull_request(self._json(response))
 
     async def pr_state(self, number: int) -> PullRequest:
