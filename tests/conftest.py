@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -24,6 +25,18 @@ GIT_ENV = {
     # no ~/.gitconfig either: a person's gpgsign, hooksPath or merge.ff must not change results
     "GIT_CONFIG_GLOBAL": os.devnull,
 }
+
+
+@pytest.fixture(autouse=True)
+def _opus_logger_restored() -> Iterator[None]:
+    """A CLI command run in-process (CliRunner) configures the "opus" logger; later tests
+    must not inherit its level, handlers or propagation."""
+    logger = logging.getLogger("opus")
+    saved = (logger.level, list(logger.handlers), logger.propagate)
+    yield
+    logger.setLevel(saved[0])
+    logger.handlers[:] = saved[1]
+    logger.propagate = saved[2]
 
 
 @pytest.fixture(autouse=True)
