@@ -12,6 +12,8 @@
 - Never installs, updates or phones home: no autoupdate, no models.dev fetch, no LSP
   download, npm offline (it installs its plugin package into each config folder otherwise),
   no share, no Claude Code prompts or skills from ``~/.claude``.
+- The sandbox's private HOME gets only its login (``auth.json``), none of the person's
+  opencode config.
 - ``base_url`` / ``api_key_env``: a custom provider ``opus`` (``@ai-sdk/openai-compatible``,
   ``options.baseURL``, the key read from the named variable) in ``OPENCODE_CONFIG_CONTENT``;
   ``model`` is then that provider's model.
@@ -54,7 +56,9 @@ class OpencodeAgent(PresetAgent):
     """opencode: ``opencode run --format json`` with the prompt on standard input."""
 
     executable = "opencode"
-    home_paths = (".config/opencode", ".local/share/opencode")
+    home_paths = (".local/share/opencode/auth.json",)
+    """Its login only: the person's ``~/.config/opencode`` (MCP servers, plugins, agents,
+    permissions) stays out of the sandbox's private HOME unless ``home = "real"``."""
     product = "opencode (npm i -g opencode-ai)"
 
     def endpoint(self, environ: Mapping[str, str]) -> dict[str, str]:
