@@ -4,6 +4,7 @@ progress that a CLI's waiting chatter does not fake."""
 
 from __future__ import annotations
 
+import json
 import sys
 import time
 from pathlib import Path
@@ -92,6 +93,26 @@ async def test_no_final_message_never_becomes_the_plan(tmp_path: Path) -> None:
     agent = build_agent(AgentSection(kind="claude"), Stage.PLANNER, environ=environ_with(bin_dir))
     with pytest.raises(AgentOutputError, match="claude ended without a final message"):
         await agent.run(make_ctx(tmp_path, Stage.PLANNER))
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("code", "retryable"), [("authentication_failed", False),
+                                                 ("server_error", True)])  # fmt: skip
+async def test_claude_error_codes_decide_without_a_status(
+    tmp_path: Path, code: str, retryable: bool
+) -> None:
+    bin_dir = tmp_path / "bin"
+    said = "Not logged in · Please run /login"
+    events = [
+        {"type": "assistant", "error": code, "message": {"content": [{"text": said}]}},
+        {"type": "result", "is_error": True, "api_error_status": None, "result": said},
+    ]
+    lines = "".join(f"print({json.dumps(json.dumps(e))})\n" for e in events)
+    script(bin_dir, "claude", f"if '--version' in sys.argv: sys.exit(0)\n{lines}sys.exit(1)")
+    agent = build_agent(AgentSection(kind="claude"), Stage.PLANNER, environ=environ_with(bin_dir))
+    with pytest.raises(AgentCrashed, match="Not logged in") as info:
+        await agent.run(make_ctx(tmp_path, Stage.PLANNER))
+    assert info.value.retryable is retryable
 
 
 @pytest.mark.anyio

@@ -146,6 +146,16 @@ def test_permanent_api_errors_reach_error_in_claudes_words_without_retries(
         assert len(server.model_requests()) == 1  # ... nor did claude
 
 
+def test_not_logged_in_is_permanent(make_world: Callable[[str], World]) -> None:
+    world = make_world("claude")  # no login in its HOME, no key, no base_url
+    world.configure({"kind": "claude"}, pipeline={**FAST, "retries": 2})
+    run(world)
+    fm = world.frontmatter()
+    assert fm["status"] == "failed"
+    assert "Not logged in" in fm["error"], fm["error"]
+    assert world.checkpoints("planner")[0]["attempts"] == 1
+
+
 def test_bad_arguments_are_permanent(make_world: Callable[[str], World]) -> None:
     with AnthropicServer() as server:
         world = make_world("claude")

@@ -42,6 +42,9 @@ CODER_SHELL = (
 DENIED = ("Bash(git push:*)",)
 PERMANENT_STATUS = frozenset({400, 401, 403, 404, 413})
 """API statuses another attempt cannot fix: bad request, auth, permission, unknown model."""
+PERMANENT_CODES = frozenset({"authentication_failed", "billing_error", "invalid_request"})
+"""The ``error`` code of its synthetic assistant message that no retry fixes ("Not logged
+in · Please run /login" is ``authentication_failed`` with no API status at all)."""
 _USAGE = re.compile(r"error: (unknown option|option '|too many arguments|missing required)", re.I)
 """A line of its argument parser (commander) refusing the command line."""
 
@@ -117,10 +120,14 @@ class ClaudeAgent(PresetAgent):
         if final is None or not final.get("is_error"):
             return None
         status = final.get("api_error_status")
+        codes = {e.get("error") for e in lines_json(result.stdout) if e.get("type") == "assistant"}
+        permanent = (isinstance(status, int) and status in PERMANENT_STATUS) or bool(
+            codes & PERMANENT_CODES
+        )
         said = str(final.get("result") or final.get("subtype") or "error").strip()
         error = AgentCrashed(
             f"claude: {said[:500]}",
-            retryable=not (isinstance(status, int) and status in PERMANENT_STATUS),
+            retryable=not permanent,
             output=output_tail(result.stdout, result.stderr),
         )
         error.usage = self._usage(final)  # an error result was still paid for
