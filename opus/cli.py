@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timedelta
@@ -163,6 +164,8 @@ def _quiet_logging() -> None:
 @config_option
 def main() -> None:
     """opus — drive feature-request notes through coding agents, 24/7."""
+    # no scan of every installed package for pydantic plugins at each command's start
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
 
 
 # -- setting up ------------------------------------------------------------------------------
@@ -515,7 +518,7 @@ def metrics(as_json: bool, days: int) -> None:
     jobs = views.read_jobs(config.state_dir)
     data = compute(
         jobs,
-        views.all_events(config),
+        views.all_events(config, jobs),
         since_days=days,
         now=now,
         concurrency=config.pipeline.concurrency,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import hashlib
 import io
 import math
@@ -24,13 +25,13 @@ from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import yaml
-from ruamel.yaml import YAML
-from ruamel.yaml.representer import RoundTripRepresenter
-from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
-from ruamel.yaml.util import load_yaml_guess_indent
+
+if TYPE_CHECKING:
+    from ruamel.yaml import YAML
+    from ruamel.yaml.representer import RoundTripRepresenter
 
 from .atomic import TEMP_PREFIX
 from .errors import NoteError
@@ -159,17 +160,6 @@ class _FastLoader(_BaseLoader):
         raise yaml.constructor.ConstructorError(
             None, None, f"duplicate key {key.value!r}", key.start_mark
         )
-
-
-class _Representer(RoundTripRepresenter):
-    """ruamel's round-trip representer, writing a datetime as ``2026-11-21T10:30:00``."""
-
-
-def _represent_datetime(rep: RoundTripRepresenter, value: datetime) -> Any:
-    return rep.represent_scalar("tag:yaml.org,2002:timestamp", value.isoformat())
-
-
-_Representer.add_representer(datetime, _represent_datetime)
 
 
 @dataclass(frozen=True, slots=True)
@@ -407,17 +397,37 @@ def _round_trips(path: Path, new: bytes, expected: Mapping[str, Any], body: str)
 
 
 def _rt_yaml() -> YAML:
+    """ruamel's round trip (imported on the first write: readers never need it), writing a
+    datetime as ``2026-11-21T10:30:00``."""
+    from ruamel.yaml import YAML
+
     y = YAML(typ="rt")
-    y.Representer = _Representer
+    y.Representer = _representer()
     y.preserve_quotes = True
     y.width = 1 << 20
     return y
+
+
+@functools.cache
+def _representer() -> type[RoundTripRepresenter]:
+    from ruamel.yaml.representer import RoundTripRepresenter
+
+    class Representer(RoundTripRepresenter):
+        pass
+
+    def datetime_(rep: RoundTripRepresenter, value: datetime) -> Any:
+        return rep.represent_scalar("tag:yaml.org,2002:timestamp", value.isoformat())
+
+    Representer.add_representer(datetime, datetime_)
+    return Representer
 
 
 def _render_lines(values: Mapping[str, object], styles: Mapping[str, str], nl: str) -> str:
     """``key: value`` lines, quoting strings PyYAML would read as something else."""
     if not values:
         return ""
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+
     data: dict[str, object] = {}
     resolver = yaml.resolver.Resolver()
     for key, value in values.items():
@@ -504,6 +514,8 @@ def _line_span(text: str, key: yaml.Node, value: yaml.Node) -> tuple[int, int, s
 
 def _roundtrip(text: str, todo: Mapping[str, object | None], nl: str) -> str | None:
     """Rewrite the whole block with ruamel's round trip (order, quotes, comments kept)."""
+    from ruamel.yaml.util import load_yaml_guess_indent
+
     y = _rt_yaml()
     try:
         data, indent, block_seq_indent = load_yaml_guess_indent(text.replace("\r\n", "\n"), yaml=y)

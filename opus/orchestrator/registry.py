@@ -305,7 +305,12 @@ class Registry:
     def _flush_locked(self, now: datetime) -> bool:
         if not self._dirty:
             return False
-        text = f'{{"version":{VERSION},"jobs":[' + ",".join(self._rows.values()) + "]}"
+        # written_at (the registry's clock, as job ids are): readers skip older job folders
+        text = (
+            f'{{"version":{VERSION},"written_at":"{now:%Y%m%d-%H%M%S}","jobs":['
+            + ",".join(self._rows.values())
+            + "]}"
+        )
         with _io(f"cannot write {self.registry_file}"):
             atomic_write(self.registry_file, text.encode())
         self._dirty = False

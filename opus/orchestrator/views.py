@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping
-from datetime import date, datetime
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 
 from .checks import agent_problems, notifier_problems, repo_problems
 from .config import Config
@@ -26,46 +27,75 @@ from .vault import Vault
 
 
 def read_jobs(state_dir: Path) -> list[Job]:
-    """The registry's jobs, brought up to date from event logs newer than registry.json."""
+    """The registry's jobs, brought up to date from event logs newer than registry.json.
+
+    Cost follows the live jobs, not the history: a job folder that registry.json does not
+    name is read only when its id (which starts with its creation time) is younger than a
+    day before registry.json was written — older ones were archived (or finished before that
+    write, which named every job alive then)."""
     jobs: dict[str, Job] = {}
     registry = state_dir / "registry.json"
     mtime = 0
+    written = ""
     try:
         mtime = registry.stat().st_mtime_ns
-        doc = json.loads(registry.read_bytes())
-        for row in doc.get("jobs", []):
-            job = Job.model_validate(row)
-            jobs[job.id] = job
+        doc = _RegistryDoc.model_validate_json(registry.read_bytes())  # one pass, in Rust
+        jobs = {job.id: job for job in doc.jobs}
+        written = _day_before(doc.written_at)
     except (OSError, ValueError):
         mtime = 0
     folder = state_dir / "jobs"
-    if folder.is_dir():
-        for entry in os.scandir(folder):
-            log = Path(entry.path) / "events.jsonl"
-            try:
-                # a log older than registry.json holds nothing newer: a live job's state is
-                # in it, and a job missing from it was archived (its marker came first)
-                if log.stat().st_mtime_ns < mtime:
-                    continue
-                lines = log.read_bytes().split(b"\n")[:-1]
-            except OSError:
+    try:
+        names = os.listdir(folder)  # noqa: PTH208 - names only: no Path per job folder
+    except OSError:
+        names = []
+    for name in names:
+        if name not in jobs and written and _STAMPED.match(name) and name[:15] < written:
+            continue
+        log = os.path.join(folder, name, "events.jsonl")  # noqa: PTH118 - hot loop
+        try:
+            # a log older than registry.json holds nothing newer: a live job's state is
+            # in it, and a job missing from it was archived (its marker came first)
+            if os.stat(log).st_mtime_ns < mtime:  # noqa: PTH116
                 continue
-            for line in reversed(lines):
+            with open(log, "rb") as f:
+                lines = f.read().split(b"\n")[:-1]
+        except OSError:
+            continue
+        for line in reversed(lines):
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record.get("event") == "archived":
+                jobs.pop(name, None)
+                break
+            if "job" in record:
                 try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if record.get("event") == "archived":
-                    jobs.pop(entry.name, None)
+                    job = Job.model_validate(record["job"])
+                except ValidationError:
                     break
-                if "job" in record:
-                    try:
-                        job = Job.model_validate(record["job"])
-                    except ValidationError:
-                        break
-                    jobs[job.id] = job
-                    break
+                jobs[job.id] = job
+                break
     return sorted(jobs.values(), key=lambda j: j.created_at)
+
+
+class _RegistryDoc(BaseModel):
+    jobs: list[Job] = []
+    written_at: str | None = None
+
+
+_STAMPED = re.compile(r"\d{8}-\d{6}-")
+
+
+def _day_before(stamp: object) -> str:
+    """``YYYYmmdd-HHMMSS`` a day before ``stamp`` (clock steps and DST within a day), or ""."""
+    if not isinstance(stamp, str):
+        return ""
+    try:
+        return f"{datetime.strptime(stamp, '%Y%m%d-%H%M%S') - timedelta(days=1):%Y%m%d-%H%M%S}"
+    except ValueError:
+        return ""
 
 
 def archived_figures(config: Config, since: date) -> tuple[Figures, set[str]]:
@@ -88,8 +118,8 @@ def events(config: Config, job_id: str) -> list[dict[str, Any]]:
     return out
 
 
-def all_events(config: Config) -> dict[str, list[dict[str, Any]]]:
-    return {job.id: events(config, job.id) for job in read_jobs(config.state_dir)}
+def all_events(config: Config, jobs: Iterable[Job]) -> dict[str, list[dict[str, Any]]]:
+    return {job.id: events(config, job.id) for job in jobs}
 
 
 def age_text(seconds: float) -> str:
@@ -166,52 +196,68 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
 
 
 def print_status(config: Config) -> None:
-    from rich.console import Console
+    import shutil
 
-    Console().print(status_table(config))
+    print(status_text(config, width=shutil.get_terminal_size().columns))
 
 
-def status_table(config: Config) -> Any:
-    from rich.table import Table
+STATUS_HEADER = ("id", "status", "stage", "iter", "round", "age", "branch", "title / problem")
 
-    table = Table(
-        "id",
-        "status",
-        "stage",
-        "iter",
-        "round",
-        "age",
-        "branch",
-        "title / problem",
-        box=None,
-        header_style="bold",
-    )
+
+def status_text(config: Config, *, width: int = 100) -> str:
+    """The status table as aligned plain text (a table renderer's cost grows with the rows;
+    this is a join per row), its last column cut to ``width``."""
+    rows = [STATUS_HEADER]
     for r in status_rows(config):
-        table.add_row(
-            r["id"] or r["note"],
-            r["status"],
-            r["stage"] or "",
-            str(r["iteration"] or ""),
-            str(r["round"] or ""),
-            age_text(r["age"]) if r["age"] is not None else "",
-            r["branch"] or "",
-            r["error"]
-            if r["status"] in ("unreadable", "failed", "blocked", "queued") and r["error"]
-            else r["title"],
+        rows.append(
+            (
+                r["id"] or r["note"],
+                r["status"],
+                r["stage"] or "",
+                str(r["iteration"] or ""),
+                str(r["round"] or ""),
+                age_text(r["age"]) if r["age"] is not None else "",
+                r["branch"] or "",
+                r["error"]
+                if r["status"] in ("unreadable", "failed", "blocked", "queued") and r["error"]
+                else r["title"],
+            )
         )
-    return table
+    return format_columns(rows, width=width)
+
+
+def format_columns(rows: Sequence[Sequence[str]], *, width: int = 100) -> str:
+    """Left-aligned columns two spaces apart; the last column is cut to fit ``width``."""
+    if not rows:
+        return ""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    indent = sum(widths) + 2 * len(widths)
+    room = max(20, width - indent)
+    lines = []
+    for row in rows:
+        last = " ".join(row[-1].split())
+        if len(last) > room:
+            last = last[: room - 1] + "…"
+        cells = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        lines.append(("  ".join([*cells, last])).rstrip())
+    return "\n".join(lines)
 
 
 def watch_status(config: Config) -> None:
+    import shutil
     import time
 
     from rich.live import Live
+    from rich.text import Text
 
-    with Live(status_table(config), refresh_per_second=2) as live:
+    def frame() -> Text:
+        return Text(status_text(config, width=shutil.get_terminal_size().columns))
+
+    with Live(frame(), refresh_per_second=2) as live:
         try:
             while True:
                 time.sleep(1)
-                live.update(status_table(config))
+                live.update(frame())
         except KeyboardInterrupt:
             return
 
