@@ -265,3 +265,14 @@ def test_opus_rework_sets_feedback_and_changes_requested(vault: Vault) -> None:
     code, out = opus(vault, "status", "--json")
     (row,) = json.loads(out)
     assert row["round"] == 2
+
+
+def test_a_round_recreates_a_removed_worktree_on_the_same_branch(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    (job,) = registry(vault)
+    git(vault.repo, "worktree", "remove", "--force", str(vault.state / "worktrees" / job["id"]))
+    set_keys(note, status="changes-requested", feedback="again")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "review" and meta(note)["branch"] == "opus/fr-1"
+    assert git(vault.repo, "rev-list", "--count", "main..opus/fr-1") == "2"

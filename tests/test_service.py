@@ -328,3 +328,42 @@ def test_the_service_speaks_the_systemd_notify_protocol(
         assert s.wait()[0] == 0
     finally:
         sock.close()
+
+
+@pytest.mark.parametrize("stage", ["coder", "tester"])
+def test_sigkill_in_round_2_resumes_in_round_2_and_runs_nothing_twice(
+    vault: Vault, service, tmp_path: Path, stage: str
+) -> None:
+    from .test_rework import set_keys
+
+    gate = tmp_path / "gate"
+    step = {**DEFAULT[stage], "wait_for": str(gate)}
+    if stage == "coder":
+        step["write"] = {"{fr}.txt": "round {round}\n"}
+    vault.script({"FR-1": {f"{stage}@2": [step]}})
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0 and status_of(note) == "review", out
+    set_keys(note, status="changes-requested", feedback="Once more, with feeling.")
+    first = service("--once")
+    wait(lambda: any(c["round"] == 2 and c["stage"] == stage for c in vault.calls()), "round 2")
+    first.proc.kill()
+    first.proc.wait()
+    second = service("--once")
+    wait(lambda: sum(1 for c in vault.calls() if c["round"] == 2 and c["stage"] == stage) >= 2,
+         f"the {stage} of round 2 to run again")  # fmt: skip
+    gate.touch()
+    code, err = second.wait()
+    assert code == 0, err
+    m = meta(note)
+    assert (m["status"], m["round"]) == ("review", 2), m
+    ends = [(c["round"], c["stage"]) for c in vault.calls() if c["event"] == "end"]
+    assert ends.count((1, "planner")) == 1 and ends.count((2, "planner")) == 0
+    for each in ("coder", "tester", "reviewer"):
+        assert ends.count((2, each)) == 1, (each, ends)
+    (job,) = json.loads((vault.state / "registry.json").read_text())["jobs"]
+    assert [(c["round"], c["stage"]) for c in job["history"]] == [
+        (1, "planner"), (1, "coder"), (1, "tester"), (1, "reviewer"), (1, "delivery"),
+        (2, "coder"), (2, "tester"), (2, "reviewer"), (2, "delivery"),
+    ]  # fmt: skip
+    assert git(vault.repo, "rev-list", "--count", "main..opus/fr-1") == "2"

@@ -117,7 +117,7 @@ class Pipeline:
                 self.worktree, self.head = created.path, created.base_commit
                 await self.rt.record(job, "worktree", note=False, path=str(created.path))
             else:
-                created = await anyio.to_thread.run_sync(ws.create, job.id, job.branch)
+                created = await anyio.to_thread.run_sync(ws.attach, job.id, job.branch)
                 self.worktree, job.branch = created.path, created.branch
                 last = job.last
                 self.head = (last.commit if last and last.commit else None) or job.base_commit

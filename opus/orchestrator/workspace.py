@@ -144,6 +144,20 @@ class Workspace:
         log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
         return Created(path, chosen, base)
 
+    def attach(self, job_id: str, branch: str) -> Created:
+        """A resumed job's worktree: the one it has, or — when that was removed (a job
+        resting in review may wait long) — a new one on its existing ``branch``."""
+        path = self.worktrees_dir.absolute() / job_id
+        with self._lock():
+            if path.exists() or path.is_symlink():
+                return self._existing(path, branch)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._git(self.repo_path, "worktree", "prune")
+            self._git(self.repo_path, "worktree", "add", "-q", str(path), branch)
+            base = self._git(path, "merge-base", self._base_ref, "HEAD")
+        log.info("worktree %s re-created on branch %s", path, branch)
+        return Created(path, branch, base)
+
     def detached(self, name: str) -> Path:
         """Add ``<worktrees_dir>/<name>`` at the base's commit, on no branch (for reading)."""
         if not name or name in (".", "..") or "/" in name or os.sep in name:
