@@ -93,7 +93,9 @@ WITH_STAGE = frozenset({Status.QUEUED, Status.IN_PROGRESS, Status.PAUSED})
 _S = Status
 TRANSITIONS: dict[Status, frozenset[Status]] = {
     _S.PLANNED: frozenset({_S.QUEUED, _S.FAILED, _S.CANCELLED, _S.PAUSED}),
-    _S.QUEUED: frozenset({_S.IN_PROGRESS, _S.PAUSED, _S.CANCELLED, _S.FAILED, _S.BLOCKED}),
+    _S.QUEUED: frozenset(
+        {_S.IN_PROGRESS, _S.PLAN_REVIEW, _S.PAUSED, _S.CANCELLED, _S.FAILED, _S.BLOCKED}
+    ),
     _S.IN_PROGRESS: frozenset(
         {
             _S.QUEUED,

@@ -20,6 +20,7 @@ from .delivery import Delivery, auto_approves
 from .errors import AgentError, AgentStalled, ConflictMarkers, OpusError, WorkspaceError
 from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
+from .plans import PlanGate
 from .reactions import Rounds, artifact_tag, rework_feedback
 from .runtime import Control, Runtime
 from .supervisor import with_retries
@@ -30,10 +31,12 @@ log = logging.getLogger(__name__)
 Step = tuple[Stage, int]
 BLOCK = "block"
 FINISH = "finish"
+PLAN_REVIEW = "plan-review"
 
 
 def next_step(job: Job, max_iterations: int) -> Step | str:
-    """The stage to run next after the job's last checkpoint, or BLOCK / FINISH."""
+    """The stage to run next after the job's last checkpoint, or BLOCK / FINISH /
+    PLAN_REVIEW (the plan waits for a person, SPEC §16)."""
     last = job.last
     if last is None:
         return (Stage.PLANNER, 1)
@@ -45,6 +48,11 @@ def next_step(job: Job, max_iterations: int) -> Step | str:
         if last.iteration >= max_iterations:
             return BLOCK
         return (Stage.CODER, last.iteration + 1)
+    if last.stage is Stage.PLANNER:
+        if job.plan_revision > last.iteration:
+            return (Stage.PLANNER, job.plan_revision)  # a person asked for a new plan
+        if job.plan_gate:
+            return PLAN_REVIEW
     following = {
         Stage.PLANNER: (Stage.CODER, 1),
         Stage.CODER: (Stage.TESTER, last.iteration),
@@ -64,6 +72,7 @@ class Pipeline:
         self.control = control
         self.delivery = Delivery(rt)
         self.rounds = Rounds(rt)
+        self.plans = PlanGate(rt)
         self.worktree: Path = rt.config.state_dir / "worktrees" / job.id
         self.head = ""
         """The worktree's HEAD as opus last left it (only the coder's commits move it)."""
@@ -90,6 +99,9 @@ class Pipeline:
                     return job
                 if step == BLOCK:
                     await self._block()
+                    return job
+                if step == PLAN_REVIEW:
+                    await self.plans.wait(job)
                     return job
                 assert isinstance(step, tuple)
                 if await self._should_stop(step):
@@ -315,6 +327,7 @@ class Pipeline:
                 base_commit=job.base_commit or "",
                 diff=diff,
                 rework=rework_feedback(job),
+                plan_feedback=job.plan_feedback if stage is Stage.PLANNER else None,
             )
         )
         prompt_file = await anyio.to_thread.run_sync(  # rebuilt on a rerun: no fsync needed
@@ -383,7 +396,9 @@ class Pipeline:
         write = rt.registry.write_artifact
         tag = artifact_tag(job.round, iteration)
         if stage is Stage.PLANNER:
-            await anyio.to_thread.run_sync(write, job.id, "plan.md", rt.redactor(result.output))
+            plan = rt.redactor(result.output)
+            await anyio.to_thread.run_sync(write, job.id, "plan.md", plan)
+            await self.plans.planned(job, self.fr, plan)  # the plan note; the gate (SPEC §16)
             return Outcome.OK, "plan.md"
         if stage is Stage.CODER:
             if not result.passed:

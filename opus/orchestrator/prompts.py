@@ -63,6 +63,7 @@ def render(
     base_commit: str = "",
     diff: str = "",
     rework: Feedback | None = None,
+    plan_feedback: str | None = None,
 ) -> str:
     """The prompt for one stage: instructions, the FR, the plan, a rework round's request,
     feedback, the diff."""
@@ -81,6 +82,10 @@ def render(
     ]
     if plan and stage is not Stage.PLANNER:
         parts += ["## Plan", "", plan.strip(), ""]
+    if plan_feedback and stage is Stage.PLANNER:  # a new plan (SPEC §16)
+        if plan:
+            parts += ["## The plan so far", "", plan.strip(), ""]
+        parts += ["## A person's feedback on the plan: revise it", "", plan_feedback.strip(), ""]
     if rework is not None and stage in (Stage.CODER, Stage.REVIEWER):
         parts += [feedback_markdown(rework)]
     if feedback and stage is Stage.CODER and feedback.reason != "rework":

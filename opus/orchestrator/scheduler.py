@@ -14,6 +14,7 @@ from .errors import OpusError, WorkspaceError
 from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline, next_step
+from .plans import PlanGate
 from .pr_feedback import github_trigger
 from .reactions import Rounds, Trigger
 from .runtime import Control, Runtime
@@ -59,6 +60,7 @@ class Scheduler:
         self.rt = rt
         self.delivery = Delivery(rt)
         self.rounds = Rounds(rt)
+        self.plans = PlanGate(rt)
         """Where every rework trigger starts its round (SPEC §15; reactions.py)."""
         self.running: dict[str, Running] = {}
         self.accepting = True
@@ -186,10 +188,13 @@ class Scheduler:
                 Status.IN_PROGRESS,
                 Status.PAUSED,
                 Status.REVIEW,
+                Status.PLAN_REVIEW,
             ):
                 await self._end(job, Status.CANCELLED, None, "cancelled")
         elif status is Status.APPROVED:
-            if job is not None and run is None and _merge_retries(job):
+            if job is not None and run is None and job.status is Status.PLAN_REVIEW:
+                await self.plans.approve(job)
+            elif job is not None and run is None and _merge_retries(job):
                 log.info("%s: approved again: retrying the merge alone (job %s)", fr.id, job.id)
                 await self._approved(job)
             elif job is not None and job.status in (Status.DONE, Status.BLOCKED) and run is None:
@@ -231,7 +236,14 @@ class Scheduler:
         """A person's ``changes-requested``: a rework round for a job in review."""
         if job is None or running:
             return
-        if job.status is Status.REVIEW:
+        if job.status is Status.PLAN_REVIEW:
+            if fr.feedback is None:
+                job.error = "changes-requested needs a `feedback` text saying what to change"
+                await self.rt.record(job, "feedback_missing", note=False)
+                await self.rt.mirror(job)
+                return
+            await self.plans.replan(job, fr.feedback)
+        elif job.status is Status.REVIEW:
             if fr.feedback is None:
                 job.error = "changes-requested needs a `feedback` text saying what to change"
                 await self.rt.record(job, "feedback_missing", note=False)
