@@ -130,6 +130,8 @@ class Vault:
             "repos.app": f'path = {json.dumps(str(self.repo))}\nbase = "main"',
             "polling": "active = 0.2\nidle_max = 1\ndebounce_ms = 50",
             "pipeline": "stage_timeout = 60\nstall_timeout = 30\nretries = 1",
+            # the sandbox's own tests (test_sandbox.py) turn it on; its agents write CALLS
+            "sandbox": 'kind = "none"',
         }
         base.update(sections)
         text = "\n".join(

@@ -367,6 +367,7 @@ class Pipeline:
             redactor=rt.redactor,
             on_spawn=self._spawned,
             on_exit=self._exited,
+            sandbox=rt.sandbox,
         )
 
     def _scrub(self, path: Path) -> None:

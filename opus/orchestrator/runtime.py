@@ -29,6 +29,7 @@ from .models import Job
 from .notify import Notifier
 from .redact import Redactor
 from .registry import Registry
+from .sandbox import Sandbox
 from .vault import Vault
 from .workspace import Workspace
 
@@ -83,6 +84,8 @@ class Runtime:
     """ETags, bodies and the rate-limit reset of GitHub polls, kept from poll to poll."""
     other_spend: list[tuple[datetime, float]] = field(default_factory=list)
     """Spending outside jobs, (when, USD): ideation runs (SPEC §19)."""
+    sandbox: Sandbox | None = None
+    """Where agent processes run (SPEC §17); None: unsandboxed."""
     on_change: Callable[[Job], None] | None = None
     """Called after every recorded change (the dashboard, the demo's printer)."""
     executor: StageExecutor | None = None

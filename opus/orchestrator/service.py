@@ -39,6 +39,7 @@ from .notify import Notifier
 from .redact import RedactingFilter, Redactor
 from .registry import Registry
 from .runtime import Runtime, local_now
+from .sandbox import open_sandbox
 from .scheduler import Scheduler
 from .supervisor import kill_now
 from .systemd import SystemdNotifier
@@ -122,6 +123,7 @@ class Orchestrator:
                 state, keep_days=config.state.keep_days, now=self._now, flush_interval=30.0
             )
             await anyio.to_thread.run_sync(registry.open)
+            sandbox = await anyio.to_thread.run_sync(open_sandbox, config, self._environ)
             self.rt = Runtime(
                 config=config,
                 vault=Vault(config),
@@ -142,6 +144,7 @@ class Orchestrator:
                 http_transport=self._http_transport,
                 on_change=self._changed,
                 executor=executor,
+                sandbox=sandbox,
             )
             if executor is not None:
                 executor.on_event = self._remote_event

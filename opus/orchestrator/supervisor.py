@@ -265,9 +265,21 @@ async def _stop_group(
         with anyio.move_on_after(KILL_TIMEOUT):
             await proc.wait()
     deadline = anyio.current_time() + REAP_TIMEOUT
-    while _exists(pgid) and anyio.current_time() < deadline:  # noqa: ASYNC110 (no event)
+    while _unreaped(pgid) and anyio.current_time() < deadline:  # noqa: ASYNC110 (no event)
         await anyio.sleep(0.05)
     return True
+
+
+def _unreaped(pgid: int) -> bool:
+    """True while group ``pgid`` exists but for orphaned zombies: those wait for init, which
+    takes seconds on some machines (a sandbox's own init is one when its bwrap exits)."""
+    if not _exists(pgid):
+        return False
+    members = _members(pgid)
+    if members is None:
+        return True
+    me = os.getpid()
+    return any(state not in ("Z", "X") or ppid == me for _, state, _, ppid in members)
 
 
 async def _wait_dead(proc: Process, pgid: int, limit: float) -> bool:
@@ -305,11 +317,11 @@ def _shown(arg: str, limit: int = 200) -> str:
 # -- process groups ------------------------------------------------------------------
 
 
-def _members(pgid: int) -> list[tuple[int, str, int]] | None:
-    """``(pid, state, session)`` of each process in group ``pgid`` — or in the agent's session
-    ``pgid``, which a grandchild keeps when it moves to a group of its own — per /proc;
-    None when /proc cannot be read."""
-    found: list[tuple[int, str, int]] = []
+def _members(pgid: int) -> list[tuple[int, str, int, int]] | None:
+    """``(pid, state, session, parent pid)`` of each process in group ``pgid`` — or in the
+    agent's session ``pgid``, which a grandchild keeps when it moves to a group of its own —
+    per /proc; None when /proc cannot be read."""
+    found: list[tuple[int, str, int, int]] = []
     try:
         names = os.listdir("/proc")  # noqa: PTH208 (fast; polled)
     except OSError:
@@ -324,7 +336,7 @@ def _members(pgid: int) -> list[tuple[int, str, int]] | None:
             continue
         fields = raw[raw.rfind(b")") + 2 :].split()
         if len(fields) > 3 and pgid in (int(fields[2]), int(fields[3])):
-            found.append((int(name), fields[0].decode(), int(fields[3])))
+            found.append((int(name), fields[0].decode(), int(fields[3]), int(fields[1])))
     return found
 
 
@@ -343,7 +355,7 @@ def group_alive(pgid: int) -> bool:
     members = _members(pgid)
     if not members:  # none, or no /proc / another pid namespace: trust the kernel's answer
         return _exists(pgid)
-    return any(state not in ("Z", "X") for _, state, _ in members)
+    return any(state not in ("Z", "X") for _, state, _, _ in members)
 
 
 def _signal(pgid: int, sig: signal.Signals) -> None:
@@ -355,7 +367,7 @@ def _signal(pgid: int, sig: signal.Signals) -> None:
         pass
     except PermissionError as e:
         log.warning("cannot signal process group %d: %s", pgid, e)
-    for pid, _, session in _members(pgid) or []:
+    for pid, _, session, _ in _members(pgid) or []:
         if session == pgid and pid != pgid:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(pid, sig)
@@ -382,7 +394,7 @@ def kill_group(pgid: int, grace: float = 5.0) -> bool:
     if not group_alive(pgid):
         return False
     members = _members(pgid) or []
-    if members and not any(session == pgid for _, _, session in members):
+    if members and not any(session == pgid for _, _, session, _ in members):
         log.warning("process group %d is not an agent session (id reused?); left alone", pgid)
         return False
     log.warning("killing process group %d left running by a previous opus: SIGTERM", pgid)
@@ -393,7 +405,7 @@ def kill_group(pgid: int, grace: float = 5.0) -> bool:
         if not _poll(lambda: not group_alive(pgid), KILL_TIMEOUT):
             log.error("process group %d survived SIGKILL", pgid)
             return True
-    _poll(lambda: not _exists(pgid), REAP_TIMEOUT)
+    _poll(lambda: not _unreaped(pgid), REAP_TIMEOUT)
     return True
 
 

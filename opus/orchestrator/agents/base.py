@@ -10,6 +10,7 @@ from typing import Protocol, runtime_checkable
 from ..lifecycle import Stage
 from ..models import FeatureRequest, Feedback, Usage, Verdict
 from ..redact import Redactor
+from ..sandbox import Sandbox
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class StageContext:
     """Called with the process-group id of every child process an agent starts."""
     on_exit: Callable[[int], None] | None = None
     """Called with that id once the group is gone."""
+    sandbox: Sandbox | None = None
+    """Where agent processes run (SPEC §17); None: unsandboxed."""
 
 
 @dataclass

@@ -12,9 +12,10 @@ import logging
 import os
 import re
 import shlex
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar
 
 import anyio
 from pydantic import ValidationError
@@ -24,6 +25,7 @@ from ..errors import AgentCrashed, AgentError, AgentNotFound, AgentOutputError
 from ..lifecycle import Stage
 from ..models import Usage, Verdict
 from ..process_output import Counts, output_tail
+from ..sandbox import exit_signal
 from ..supervisor import ProcessResult, run_process
 from ..workspace import worktree_fingerprint
 from .base import StageContext, StageResult
@@ -191,6 +193,10 @@ class Reply:
 class CommandAgent:
     """Runs ``section.command`` + ``section.args`` (or ``argv``) as a stage's agent."""
 
+    home_paths: ClassVar[tuple[str, ...]] = ()
+    """Paths under HOME the sandbox's private HOME gets from the real one (presets: their CLI's
+    config and credentials)."""
+
     def __init__(
         self,
         section: AgentSection,
@@ -272,31 +278,58 @@ class CommandAgent:
         """Run ``argv`` in the worktree under supervision, with this agent's environment.
 
         ``timeout`` (also the stall limit) defaults to the context's; ``watch`` = False skips
-        the worktree fingerprint (short helper runs such as ``--version``).
+        the worktree fingerprint (short helper runs such as ``--version``). In a sandbox, a
+        signal that ended the process is reported as one (bubblewrap says 128 + N).
         """
+        program = argv[0]
         try:
-            return await run_process(
-                argv,
-                cwd=ctx.worktree,
-                env=self.build_env(ctx),
-                stdin=stdin,
-                timeout=ctx.timeout if timeout is None else timeout,
-                stall_timeout=(ctx.timeout if self.quiet() else ctx.stall_timeout)
-                if timeout is None
-                else timeout,
-                log_file=ctx.log_file,
-                redactor=ctx.redactor,
-                activity=functools.partial(worktree_fingerprint, ctx.worktree) if watch else None,
-                on_spawn=ctx.on_spawn,
-                on_exit=ctx.on_exit,
-                grace=self.grace,
-                what=self.stage.value,
-                counts=self.progress(),
-            )
+            async with self._sandboxed(ctx, argv, self.build_env(ctx)) as (argv, env):
+                result = await run_process(
+                    argv,
+                    cwd=ctx.worktree,
+                    env=env,
+                    stdin=stdin,
+                    timeout=ctx.timeout if timeout is None else timeout,
+                    stall_timeout=(ctx.timeout if self.quiet() else ctx.stall_timeout)
+                    if timeout is None
+                    else timeout,
+                    log_file=ctx.log_file,
+                    redactor=ctx.redactor,
+                    activity=functools.partial(worktree_fingerprint, ctx.worktree)
+                    if watch
+                    else None,
+                    on_spawn=ctx.on_spawn,
+                    on_exit=ctx.on_exit,
+                    grace=self.grace,
+                    what=self.stage.value,
+                    counts=self.progress(),
+                )
         except AgentNotFound as e:
             if isinstance(e.__cause__, FileNotFoundError):
-                raise AgentNotFound(self.not_found(argv[0])) from e.__cause__
+                raise AgentNotFound(self.not_found(program)) from e.__cause__
             raise
+        sig = exit_signal(result.returncode) if ctx.sandbox is not None else None
+        if sig is not None and result.signal is None:
+            result = replace(result, returncode=-sig, signal=sig)
+        return result
+
+    @asynccontextmanager
+    async def _sandboxed(
+        self, ctx: StageContext, argv: list[str], env: dict[str, str]
+    ) -> AsyncIterator[tuple[list[str], dict[str, str]]]:
+        """``argv`` and ``env`` as they run: inside the context's sandbox, if it has one."""
+        if ctx.sandbox is None:
+            yield argv, env
+            return
+        async with ctx.sandbox.wrap(
+            ctx,
+            argv,
+            env,
+            network=self.section.network,
+            home=self.section.home,
+            home_paths=self.home_paths,
+        ) as wrapped:
+            yield wrapped
 
     def _prepare(self, ctx: StageContext) -> None:
         if not ctx.prompt_file.exists():

@@ -1,0 +1,248 @@
+"""The sandbox with real bubblewrap (SPEC §17): what an agent tries and cannot do, what each
+stage may write, daemons, the network, and start-up without bwrap."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import anyio
+import pytest
+from click.testing import CliRunner
+
+from opus.cli import main
+from opus.orchestrator import Orchestrator
+from opus.orchestrator.config import load_config
+from opus.orchestrator.errors import ConfigError
+from opus.orchestrator.sandbox import open_sandbox, sandbox_problems
+
+from .conftest import GIT_ENV, Vault, git
+from .test_cli_basics import meta
+from .test_pipeline_flow import fr, registry
+from .test_service import wait
+
+pytestmark = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
+
+FORBIDDEN = Path(__file__).parent / "agent_scripts" / "forbidden.py"
+MARKER = "SANDBOX-ESCAPE-MARKER"
+STAGES = ("planner", "coder", "tester", "reviewer")
+
+
+def agents(env: dict[str, str], **extra: str) -> dict[str, str]:
+    """Every stage runs forbidden.py; ``extra`` adds lines to a stage's table."""
+    table = "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in env.items()) + " }"
+    return {
+        f"agents.{stage}": f'kind = "command"\n'
+        f"command = {json.dumps([sys.executable, str(FORBIDDEN), stage])}\n"
+        f"env = {table}\n" + extra.get(stage, "")
+        for stage in STAGES
+    }
+
+
+@pytest.fixture
+def server() -> Iterator[int]:
+    """A loopback TCP server (connect succeeds from its backlog; nothing to accept)."""
+    with socket.create_server(("127.0.0.1", 0)) as srv:
+        yield srv.getsockname()[1]
+
+
+def body(note: Path) -> str:
+    return note.read_text().split("---\n", 2)[2]
+
+
+def daemons(token: str) -> list[int]:
+    """Processes whose command line names ``token``."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+def setup_world(
+    vault: Vault, tmp_path: Path, port: int, *, network: bool, **more: str
+) -> dict[str, object]:
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "secret.txt").write_text("the person's secret\n")
+    other = vault.state / "worktrees" / "20260101-000000-other"
+    other.mkdir(parents=True)
+    (other / "work.txt").write_text("another job's work\n")
+    token = f"opus-daemon-{os.getpid()}-{tmp_path.name}"
+    env = {
+        "MARKER": MARKER,
+        "VAULT": str(vault.root),
+        "REPO": str(vault.repo),
+        "OTHER": str(other / "work.txt"),
+        "HOME_MARKER": "secret.txt",
+        "PORT": str(port),
+        "TOKEN": token,
+        **{k: v for k, v in GIT_ENV.items() if k.startswith("GIT_AUTHOR") or "COMMITTER" in k},
+    }
+    vault.write_config(
+        sandbox='kind = "bwrap"',
+        **{**agents(env, coder=f"network = {str(network).lower()}\n"), **more},
+    )
+    return {"home": home, "other": other / "work.txt", "token": token}
+
+
+def run_once(vault: Vault, home: Path) -> dict[str, str]:
+    """One steppable pass of the orchestrator, in this process, with ``home`` as HOME."""
+    environ = {**os.environ, "HOME": str(home)}
+
+    async def once() -> dict[str, str]:
+        async with Orchestrator(load_config(vault.config), environ=environ) as orch:
+            return (await orch.run_once()).statuses
+
+    return anyio.run(once)
+
+
+def attempts(vault: Vault, stage: str) -> dict[str, str]:
+    (job,) = registry(vault)
+    out = vault.state / "jobs" / str(job["id"]) / f"output-{stage}-1"
+    return json.loads(out.read_text())["attempts"]  # type: ignore[no-any-return]
+
+
+def test_every_forbidden_attempt_fails_and_the_fr_reaches_review(
+    vault: Vault, tmp_path: Path, server: int
+) -> None:
+    world = setup_world(vault, tmp_path, server, network=False)
+    note = fr(vault, "FR-1")
+    body_before = body(note)
+    guarded = [vault.config, vault.repo / "README.md", vault.repo / ".git" / "HEAD", world["other"]]
+    before = {p: Path(str(p)).read_bytes() for p in guarded}
+
+    statuses = run_once(vault, Path(str(world["home"])))
+
+    assert statuses == {"FR-1": "review"}  # the FR's outcome is the agent's own work
+    tried = attempts(vault, "coder")
+    print("\n" + "\n".join(f"| {name} | {result} |" for name, result in tried.items()))
+    refused = {k: v for k, v in tried.items() if k != "leave a setsid daemon"}
+    assert len(refused) == 9 and all(v.startswith("refused") for v in refused.values()), tried
+    assert daemons(str(world["token"])) == []  # the daemon went with the stage
+    assert {p: Path(str(p)).read_bytes() for p in guarded} == before
+    assert body(note) == body_before
+    for path in [*vault.state.rglob("*"), *vault.root.glob("*")]:
+        if path.is_file() and path != vault.config and not path.name.startswith("output-"):
+            assert MARKER.encode() not in path.read_bytes(), path
+    assert not (vault.root / "new.md").exists()
+    # the coder committed inside the sandbox; opus's checkout of main is untouched
+    log = git(vault.repo, "log", "--format=%s", "main..opus/fr-1").splitlines()
+    assert log == ["the coder's own commit"]
+    assert git(vault.repo, "rev-parse", "--abbrev-ref", "HEAD") == "main"
+    assert git(vault.repo, "status", "--porcelain") == ""
+
+
+def test_the_same_agent_unsandboxed_does_damage(vault: Vault, tmp_path: Path, server: int) -> None:
+    """The control: without the sandbox each attempt above succeeds (so the test could fail)."""
+    world = setup_world(vault, tmp_path, server, network=True)
+    text = vault.config.read_text().replace('kind = "bwrap"', 'kind = "none"')
+    vault.config.write_text(text)
+    fr(vault, "FR-1")
+    try:
+        run_once(vault, Path(str(world["home"])))
+        tried = attempts(vault, "coder")
+        assert all(v in ("done", "started") for v in tried.values()), tried
+        assert MARKER in Path(str(world["other"])).read_text()
+        assert daemons(str(world["token"])) != []  # it survived its stage
+    finally:
+        for pid in daemons(str(world["token"])):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_network_true_reaches_the_loopback_server(
+    vault: Vault, tmp_path: Path, server: int
+) -> None:
+    world = setup_world(vault, tmp_path, server, network=True)
+    fr(vault, "FR-1")
+    assert run_once(vault, Path(str(world["home"]))) == {"FR-1": "review"}
+    tried = attempts(vault, "coder")
+    assert tried["reach a loopback server"] == "done"
+    assert tried["write the registry (../../registry.json)"].startswith("refused")
+
+
+def test_planner_and_reviewer_cannot_write_the_worktree_the_tester_can(
+    vault: Vault, tmp_path: Path, server: int
+) -> None:
+    world = setup_world(vault, tmp_path, server, network=True)
+    fr(vault, "FR-1")
+    assert run_once(vault, Path(str(world["home"]))) == {"FR-1": "review"}
+    assert attempts(vault, "planner")["write the worktree"] == "refused: Read-only file system"
+
+
+def test_kind_bwrap_without_bwrap_fails_start_up_naming_it(vault: Vault, tmp_path: Path) -> None:
+    vault.write_config(sandbox='kind = "bwrap"')
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    result = CliRunner().invoke(
+        main, ["run", "--once", "--config", str(vault.config)], env={"PATH": str(empty)}
+    )
+    code, out = result.exit_code, result.output
+    assert code == 2, out
+    assert "bwrap" in out and "apt install bubblewrap" in out
+
+
+def test_auto_without_bwrap_warns_in_the_log_and_in_validate(
+    vault: Vault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    vault.write_config(sandbox='kind = "auto"')
+    config = load_config(vault.config)
+    empty = {"PATH": str(tmp_path)}
+    problems = sandbox_problems(config, empty)
+    assert len(problems) == 1 and "agents run unsandboxed" in problems[0]
+    assert sandbox_problems(config, os.environ) == []  # with bwrap: nothing to say
+    with caplog.at_level(logging.WARNING):
+        assert open_sandbox(config, empty) is None
+    assert "UNSANDBOXED" in caplog.text and "bwrap" in caplog.text
+    with pytest.raises(ConfigError, match="bwrap"):
+        open_sandbox(load_config(_with(vault, 'kind = "bwrap"')), empty)
+
+
+def _with(vault: Vault, sandbox: str) -> Path:
+    vault.write_config(sandbox=sandbox)
+    return vault.config
+
+
+def test_sigkill_of_opus_takes_the_sandboxed_agent_and_its_daemon_along(
+    vault: Vault, tmp_path: Path, server: int
+) -> None:
+    """--die-with-parent: nothing for the restart's recovery to find, and the FR carries on."""
+    gate, token = tmp_path / "gate", f"opus-orphan-{os.getpid()}-{tmp_path.name}"
+    daemon = ["setsid", "--fork", sys.executable, "-c", "import time; time.sleep(600)", token]
+    hang = (
+        "import pathlib, subprocess, sys, time\n"
+        f"subprocess.run({daemon!r}, stdout=subprocess.DEVNULL)\n"
+        f"while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n"
+        "print('# Plan')\n"
+    )
+    planner = f'kind = "command"\ncommand = {json.dumps([sys.executable, "-c", hang])}'
+    world = setup_world(vault, tmp_path, server, network=True, **{"agents.planner": planner})
+    note = fr(vault, "FR-1")
+    home = {**os.environ, "HOME": str(world["home"])}
+    argv = [sys.executable, "-m", "opus", "run", "--once", "--config", str(vault.config)]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=home)
+    try:
+        wait(lambda: daemons(token), "the planner's daemon")
+        proc.kill()
+        proc.wait()
+        wait(lambda: not daemons(token), "the orphaned sandbox to die", timeout=10)
+    finally:
+        proc.kill()
+        for pid in daemons(token):
+            os.kill(pid, signal.SIGKILL)
+    gate.touch()
+    again = subprocess.run(argv, capture_output=True, text=True, env=home, timeout=120)
+    assert again.returncode == 0, again.stderr
+    assert meta(note)["status"] == "review"
+    assert daemons(token) == []
