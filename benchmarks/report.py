@@ -23,6 +23,7 @@ NAMES = (
     "metrics vs history",
     "remote stage overhead",
     "remote throughput",
+    "sandbox overhead",
 )
 """Every figure's name, in SPEC §12 order (figure N is ``NAMES[N - 1]``)."""
 

@@ -34,6 +34,7 @@ import checkpoint_figure  # noqa: E402
 import cli_figures  # noqa: E402
 import pipeline_figures  # noqa: E402
 import remote_figure  # noqa: E402
+import sandbox_figure  # noqa: E402
 import state_figures  # noqa: E402
 from report import NAMES, Figure, document, environment, median, table  # noqa: E402
 from world import World, fill_vault, isolate_git, make_world  # noqa: E402
@@ -54,15 +55,17 @@ class Sizes:
     archived: int  # 9: archived jobs
     remote_runs: int  # 10: FRs timed one after another, local and remote
     remote_batch: int  # 11: FRs on one worker node, then on two
+    stages: int  # 12: instant stages timed, sandboxed and not
 
 
 FULL = Sizes(
     moves=40, runs=10, notes=10_000, cold_runs=3, jobs=100_000, saves=200, window=30.0,
     batch=100, cli_jobs=1_000, cli_runs=10, archived=100_000, remote_runs=10, remote_batch=20,
+    stages=50,
 )  # fmt: skip
 QUICK = Sizes(
     moves=5, runs=2, notes=300, cold_runs=1, jobs=1_000, saves=200, window=3.0, batch=9,
-    cli_jobs=50, cli_runs=3, archived=1_000, remote_runs=3, remote_batch=8,
+    cli_jobs=50, cli_runs=3, archived=1_000, remote_runs=3, remote_batch=8, stages=5,
 )  # fmt: skip
 
 
@@ -106,6 +109,8 @@ class Bench:
                 self.tmp / "metrics", self.sizes.archived, self.sizes.cli_runs)])  # fmt: skip
         if self.only & REMOTE:
             self._one(sorted(self.only & REMOTE), self._remote)
+        if 12 in self.only:
+            self._one([12], self._sandbox)
         if 4 in self.only:  # last: its 100,000 live jobs take GBs the others should not carry
             self._one([4], self._checkpoint)
 
@@ -151,6 +156,10 @@ class Bench:
         tmp, s = self.tmp / "remote", self.sizes
         figures = anyio.run(remote_figure.remote_figures, tmp, s.remote_runs, s.remote_batch)
         return [f for f in figures if f.number in self.only]
+
+    def _sandbox(self) -> list[Figure]:
+        tmp, stages = self.tmp / "sandbox", self.sizes.stages
+        return [anyio.run(sandbox_figure.sandbox_overhead, tmp, stages)]
 
     def _checkpoint(self) -> list[Figure]:
         tmp, s = self.tmp / "registry", self.sizes

@@ -207,6 +207,22 @@ def test_auto_without_bwrap_warns_in_the_log_and_in_validate(
     assert "UNSANDBOXED" in caplog.text and "bwrap" in caplog.text
     with pytest.raises(ConfigError, match="bwrap"):
         open_sandbox(load_config(_with(vault, 'kind = "bwrap"')), empty)
+    vault.write_config(sandbox='kind = "auto"')
+    only_git = tmp_path / "only-git"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
+    shown = CliRunner().invoke(
+        main, ["validate", "--config", str(vault.config)], env={"PATH": str(only_git)}
+    )
+    assert "[sandbox]" in shown.output and "agents run unsandboxed" in shown.output
+
+
+def test_opus_init_suggests_no_network_for_the_tester(tmp_path: Path) -> None:
+    done = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", str(tmp_path)])
+    assert done.exit_code == 0, done.output
+    config = load_config(tmp_path / "v" / "opus.toml")
+    assert config.agents.tester.network is False and config.agents.coder.network is True
+    assert config.sandbox.kind == "auto"
 
 
 def _with(vault: Vault, sandbox: str) -> Path:
@@ -246,3 +262,22 @@ def test_sigkill_of_opus_takes_the_sandboxed_agent_and_its_daemon_along(
     assert again.returncode == 0, again.stderr
     assert meta(note)["status"] == "review"
     assert daemons(token) == []
+
+
+def test_opus_doctor_says_whether_bwrap_works_and_memory_max_is_enforced(
+    vault: Vault, tmp_path: Path
+) -> None:
+    vault.write_config(sandbox='kind = "auto"\nmemory_max = "4G"')
+    done = CliRunner().invoke(main, ["doctor", "--config", str(vault.config)])
+    lines = done.output.splitlines()
+    assert any(ln.startswith("ok") and "sandbox: bubblewrap" in ln for ln in lines), done.output
+    memory = [ln for ln in lines if "sandbox memory_max" in ln]
+    assert len(memory) == 1 and ("not enforced" in memory[0] or memory[0].startswith("ok"))
+    only_git = tmp_path / "only-git"
+    only_git.mkdir()
+    (only_git / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
+    vault.write_config(sandbox='kind = "auto"')
+    bare = CliRunner().invoke(
+        main, ["doctor", "--config", str(vault.config)], env={"PATH": str(only_git)}
+    )
+    assert "agents run unsandboxed" in bare.output, bare.output

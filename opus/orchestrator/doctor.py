@@ -150,34 +150,14 @@ def check_delivery(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
         yield Check("delivery (github)", ok, f"${d.token_env} {'is set' if ok else 'is not set'}")
 
 
-# -- sandbox, executor: their modules fill these slots ---------------------------------------
+# -- sandbox (its module's checks), executor (its module fills this slot) -----------------------
 
 
 def check_sandbox(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
-    """The sandbox (SPEC §17). ``opus.orchestrator.sandbox`` may provide ``doctor_checks``;
-    until it does, only bubblewrap's presence is checked."""
-    try:
-        from . import sandbox  # type: ignore[attr-defined, unused-ignore]
-    except ImportError:
-        sandbox = None
-    provided = getattr(sandbox, "doctor_checks", None)
-    if provided is not None:
-        yield from provided(config, env)
-        return
-    kind = config.sandbox.kind
-    if kind == "none":
-        yield Check("sandbox", True, 'off ([sandbox] kind = "none")')
-        return
-    exe = shutil.which("bwrap", path=env.get("PATH"))
-    if exe is not None:
-        yield Check("sandbox", True, f"bubblewrap found at {exe}")
-    else:
-        yield Check(
-            "sandbox",
-            kind == "auto",
-            "bubblewrap (`bwrap`) not found on PATH"
-            + (": agents run unsandboxed" if kind == "auto" else ""),
-        )
+    """The sandbox (SPEC §17): bubblewrap found and working, memory_max enforced or why not."""
+    from .sandbox import doctor_checks
+
+    yield from doctor_checks(config, env)
 
 
 def check_executor(config: Config, env: Mapping[str, str]) -> Iterator[Check]:

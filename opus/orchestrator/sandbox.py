@@ -29,7 +29,7 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,12 +44,14 @@ from .lifecycle import Stage
 
 if TYPE_CHECKING:
     from .agents.base import StageContext
+    from .doctor import Check
 
 __all__ = (
     "GitPaths",
     "Policy",
     "Sandbox",
     "bwrap_args",
+    "doctor_checks",
     "exit_signal",
     "git_paths",
     "memory_problem",
@@ -310,6 +312,29 @@ def sandbox_problems(config: Config, environ: Mapping[str, str] | None = None) -
         if not config.resolve(raw).is_dir():
             problems.append(f"{config.source}: [sandbox] paths: {raw} is not a folder")
     return problems
+
+
+def doctor_checks(config: Config, environ: Mapping[str, str]) -> Iterator[Check]:
+    """``opus doctor``'s sandbox lines (``doctor.check_sandbox`` calls this): bubblewrap found
+    and working, and whether ``memory_max`` is enforced."""
+    from .doctor import Check
+
+    kind = config.sandbox.kind
+    if kind == "none":
+        yield Check("sandbox", True, 'off ([sandbox] kind = "none")')
+        return
+    bwrap, problem = _bwrap_problem(environ)
+    if bwrap is not None:
+        yield Check("sandbox", True, f"bubblewrap {bwrap} works (PID and network namespaces)")
+    else:
+        tail = "agents run unsandboxed" if kind == "auto" else "opus will not start"
+        yield Check("sandbox", kind == "auto", f'kind = "{kind}": {problem}; {tail}')
+    memory = memory_problem(config)
+    if isinstance(memory, str):
+        yield Check("sandbox memory_max", False, memory)
+    elif memory is not None:
+        limit = config.sandbox.memory_max
+        yield Check("sandbox memory_max", True, f"{limit} per agent process (cgroup {memory.path})")
 
 
 def open_sandbox(config: Config, environ: Mapping[str, str] | None = None) -> Sandbox | None:

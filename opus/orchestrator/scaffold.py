@@ -44,9 +44,16 @@ kind = "{agent}"
 [agents.tester]
 kind = "command"
 command = "python -m pytest -q"
+network = false        # the tests run with loopback only (the sandbox, README "Sandbox")
 
 [agents.reviewer]
 kind = "{agent}"
+
+[sandbox]               # every agent runs in bubblewrap: apt install bubblewrap
+kind = "auto"           # auto (warns when bwrap is missing) | bwrap (required) | none
+# paths = []            # folders agents may write besides their worktree
+# home_binds = []       # paths of your HOME an agent's private HOME gets (e.g. ".gitconfig")
+# memory_max = "4G"     # per agent process, where opus has a delegated cgroup v2
 
 [approval]
 mode = "manual"

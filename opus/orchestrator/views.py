@@ -23,6 +23,7 @@ from .lifecycle import Status
 from .models import Job
 from .reactions import artifact_tag
 from .rollups import Figures, rollups_since
+from .sandbox import sandbox_problems
 from .vault import Vault
 
 
@@ -374,6 +375,7 @@ def validate(config: Config, environ: Mapping[str, str] | None = None) -> list[s
         *repo_problems(config),
         *agent_problems(config, environ),
         *notifier_problems(config, environ),
+        *sandbox_problems(config, environ),
     ]
     scan = Vault(config).scan()
     for p in scan.problems:
