@@ -281,3 +281,19 @@ def test_opus_doctor_says_whether_bwrap_works_and_memory_max_is_enforced(
         main, ["doctor", "--config", str(vault.config)], env={"PATH": str(only_git)}
     )
     assert "agents run unsandboxed" in bare.output, bare.output
+
+
+def test_the_private_home_lasts_the_job_and_goes_with_its_worktree(
+    vault: Vault, tmp_path: Path, server: int
+) -> None:
+    world = setup_world(vault, tmp_path, server, network=True)
+    fr(vault, "FR-1")
+    assert run_once(vault, Path(str(world["home"]))) == {"FR-1": "review"}
+    (job,) = registry(vault)
+    folder = vault.state / "sandbox" / str(job["id"])
+    assert (folder / "home").is_dir()
+    assert [p.name for p in folder.iterdir()] == ["home"]  # the temp folders went per stage
+    fr(vault, "FR-2", extra="approval: auto\n")
+    assert run_once(vault, Path(str(world["home"])))["FR-2"] == "done"
+    done = next(j for j in registry(vault) if j["fr_id"] == "FR-2")
+    assert not (vault.state / "sandbox" / str(done["id"])).exists()

@@ -579,3 +579,5 @@ class Pipeline:
             await anyio.to_thread.run_sync(self.rt.workspace(self.job).remove, self.worktree)
         except WorkspaceError as e:
             log.warning("%s: could not remove worktree: %s", self.job.fr_id, e)
+        if self.rt.sandbox is not None:  # the job's private HOME goes with its worktree
+            await anyio.to_thread.run_sync(self.rt.sandbox.discard, self.job.id)

@@ -476,6 +476,10 @@ class Sandbox:
             cgroup = self.cgroup.child(f"{ctx.job_id}-{ctx.stage}", self.memory_max)
         return policy, cgroup
 
+    def discard(self, job_id: str) -> None:
+        """Remove a finished job's private HOME and temp folders."""
+        shutil.rmtree(self.state / "sandbox" / job_id, ignore_errors=True)
+
     @staticmethod
     def _cleanup(policy: Policy, cgroup: StageCgroup | None) -> None:
         shutil.rmtree(policy.tmp, ignore_errors=True)

@@ -82,13 +82,15 @@ async def run_process(
     grace: float = 5.0,
     what: str | None = None,
     counts: Counts | None = None,
+    program: str | None = None,
 ) -> ProcessResult:
     """Run ``argv`` in its own process group and supervise it until the group is gone.
 
     ``stdin`` is written then closed (None: ``/dev/null``). Output is kept and appended,
     redacted, to ``log_file``; with ``counts`` only the output lines it accepts are
     progress for the stall watch. Raises AgentTimeout, AgentStalled, or AgentNotFound when
-    the program cannot be started; ``what`` (the stage) words that message.
+    the program cannot be started; ``what`` (the stage) words that message, ``program``
+    names the agent in messages when ``argv`` starts with a wrapper (the sandbox).
     """
     args = [os.fspath(a) for a in argv]
     if not args:
@@ -109,7 +111,8 @@ async def run_process(
         except OSError as e:
             await sink.note(f"cannot start: {e}")
             raise _cannot_start(args[0], cwd, e, what) from e
-        name = f"{what} agent `{Path(args[0]).name}`" if what else f"`{Path(args[0]).name}`"
+        shown = Path(program or args[0]).name
+        name = f"{what} agent `{shown}`" if what else f"`{shown}`"
         return await _supervise(
             proc, name, sink, redactor, stdin, timeout, stall_timeout, activity,
             on_spawn, on_exit, grace, counts,
@@ -284,7 +287,7 @@ def _unreaped(pgid: int) -> bool:
 
 async def _wait_dead(proc: Process, pgid: int, limit: float) -> bool:
     deadline = anyio.current_time() + limit
-    pause = 0.01
+    pause = 0.001  # a sandbox's init follows its bwrap within a millisecond or two
     while group_alive(pgid):
         left = deadline - anyio.current_time()
         if left <= 0:

@@ -303,6 +303,7 @@ class CommandAgent:
                     grace=self.grace,
                     what=self.stage.value,
                     counts=self.progress(),
+                    program=program,
                 )
         except AgentNotFound as e:
             if isinstance(e.__cause__, FileNotFoundError):
