@@ -24,7 +24,7 @@ def git(cwd: Path, *args: str) -> None:
     subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True)
 
 
-def test_a_worktrees_commit_dirs_are_its_git_dir_and_the_shared_objects_refs_logs(
+def test_a_worktrees_commit_dirs_are_its_git_dir_objects_and_its_branchs_ref_folders(
     tmp_path: Path,
 ) -> None:
     repo = tmp_path / "repo"
@@ -33,10 +33,13 @@ def test_a_worktrees_commit_dirs_are_its_git_dir_and_the_shared_objects_refs_log
     git(repo, "-c", "user.name=a", "-c", "user.email=a@b", "commit", "-q", "--allow-empty",
         "-m", "x")  # fmt: skip
     git(repo, "worktree", "add", "-q", "-b", "job", str(tmp_path / "wt"))
-    dirs = git_commit_dirs(tmp_path / "wt")
     common = (repo / ".git").resolve()
-    assert dirs == [common / "worktrees" / "wt", common / "objects", common / "refs",
-                    common / "logs"]  # fmt: skip
+    (common / "logs" / "refs" / "heads").mkdir(parents=True, exist_ok=True)
+    dirs = git_commit_dirs(tmp_path / "wt")
+    # only the job branch's ref folder: other branches (the person's main) stay shut, as in
+    # opus's sandbox, where codex's own sandbox nests (its writable roots must be writable)
+    assert dirs == [common / "worktrees" / "wt", common / "objects", common / "refs" / "heads",
+                    common / "logs" / "refs" / "heads"]  # fmt: skip
     assert common / "hooks" not in dirs and common not in dirs  # hooks and config stay shut
 
 

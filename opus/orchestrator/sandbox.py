@@ -9,7 +9,8 @@ delegated cgroup for ``memory_max``. For each agent process, :meth:`Sandbox.wrap
 - bound back: the worktree (writable for the coder and the tester), the repository's git
   directory (read-only; for the coder its objects, the worktree's own git folder and its
   branch's ref and reflog folders writable), the FR's note read-only, the job's artifact
-  folder read-only with the prompt inside, the output file writable, a private TMPDIR, a
+  folder read-only with the prompt inside (its subfolders, where presets keep a stage's
+  CLI home or temp folder, writable), the output file writable, a private TMPDIR, a
   private HOME per job holding only the preset's ``home_paths`` and ``[sandbox] home_binds``
   (folders bound, files copied in), ``[sandbox] paths`` writable, and where the program
   itself lives when that is hidden (its install prefix, its ``#!`` interpreter's, the files
@@ -111,6 +112,7 @@ class Policy:
     git_writable: bool
     fr_file: Path
     artifacts: Path
+    """The job's artifact folder: read-only (its files are opus's: events, prompts, plan)."""
     prompt_file: Path
     output_file: Path
     tmp: Path
@@ -118,6 +120,8 @@ class Policy:
     """The HOME path the agent is told (the real HOME's)."""
     private_home: Path | None
     """Bound at ``home``; None: the real HOME, read-only."""
+    artifact_dirs: tuple[Path, ...] = ()
+    """Folders inside ``artifacts`` (the presets' per-stage homes and temp folders): writable."""
     home_dirs: tuple[str, ...] = ()
     """Folders of the real HOME (relative) bound writable at the same place."""
     hidden: tuple[Path, ...] = ()
@@ -163,6 +167,8 @@ def bwrap_args(policy: Policy) -> list[str]:
                 bind(folder, True)
     bind(policy.worktree, policy.worktree_writable)
     bind(policy.artifacts, False)
+    for folder in policy.artifact_dirs:
+        bind(folder, True)
     bind(policy.prompt_file, False)
     bind(policy.output_file, True)
     bind(policy.fr_file, False)
@@ -453,7 +459,9 @@ class Sandbox:
             elif source.is_file() and private is not None:  # copied: CLIs replace their files
                 (private / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, private / rel)
+        subfolders = tuple(p for p in ctx.artifacts.iterdir() if p.is_dir() and not p.is_symlink())
         policy = Policy(
+            artifact_dirs=subfolders,
             worktree=ctx.worktree,
             worktree_writable=ctx.stage in WRITABLE_WORKTREE,
             git=git,

@@ -38,6 +38,7 @@ from typing import Any
 from ..errors import AgentCrashed, AgentError, AgentStalled
 from ..models import Usage
 from ..process_output import Counts, output_tail
+from ..sandbox import git_paths
 from ..supervisor import ProcessResult
 from .base import StageContext, StageResult
 from .command import Reply, priced_usage
@@ -102,11 +103,20 @@ class CodexAgent(PresetAgent):
         dirs = [str(d) for d in git_commit_dirs(worktree)]
         return [a for d in dirs for a in ("--add-dir", d)]
 
+    @staticmethod
+    def nested(ctx: StageContext) -> list[str]:
+        """Inside opus's sandbox the host's /tmp is read-only: codex's own (nested) sandbox
+        must not take it as a writable root (it keeps ``TMPDIR``, a private one there)."""
+        return (
+            [] if ctx.sandbox is None else ["-c", "sandbox_workspace_write.exclude_slash_tmp=true"]
+        )
+
     def build_argv(self, ctx: StageContext) -> list[str]:
         if self.read_only:
             sandbox = ["--sandbox", "read-only"]
         else:
             sandbox = ["--sandbox", "workspace-write", *self.writable_git(ctx.worktree)]
+            sandbox += self.nested(ctx)
         private = [] if self.section.home == "real" else [
             "--ignore-user-config", "--ignore-rules", "--ephemeral",
         ]  # fmt: skip
@@ -161,7 +171,7 @@ class CodexAgent(PresetAgent):
             return
         mode = "read-only" if self.read_only else "workspace-write"
         argv = [*self.fill(self.head, ctx), "sandbox", "-c", f'sandbox_mode="{mode}"',
-                "--", "true"]  # fmt: skip
+                *([] if self.read_only else self.nested(ctx)), "--", "true"]  # fmt: skip
         proc = await self.execute(ctx, argv, None, timeout=VERSION_TIMEOUT, watch=False)
         if proc.returncode != 0 or proc.signal is not None:
             lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip()]
@@ -214,25 +224,14 @@ class CodexAgent(PresetAgent):
 
 def git_commit_dirs(worktree: Path) -> list[Path]:
     """The folders outside ``worktree`` that ``git commit`` there writes: its own git dir
-    (index, HEAD, its reflog) and the shared ``objects``, ``refs`` and ``logs``."""
-    dot = worktree / ".git"
-    if dot.is_dir():
-        own, common = None, dot
-    else:
-        try:
-            line = dot.read_text(encoding="utf-8").strip()
-        except OSError:
-            return []
-        if not line.startswith("gitdir:"):
-            return []
-        own = (worktree / line.removeprefix("gitdir:").strip()).resolve()
-        try:
-            common = (own / (own / "commondir").read_text(encoding="utf-8").strip()).resolve()
-        except OSError:
-            common = own
-    dirs = [] if own is None else [own]
-    dirs += [common / name for name in ("objects", "refs", "logs") if (common / name).is_dir()]
-    return dirs
+    (index, HEAD, its reflog), the shared ``objects`` and the folders of its branch's ref and
+    reflog — the same as opus's sandbox leaves writable (``sandbox.git_paths``), not the other
+    branches' refs, ``hooks`` nor ``config``."""
+    found = git_paths(worktree)
+    if found is None:
+        return []
+    dirs = [] if found.own is None else [found.own]
+    return dirs + [d for d in (found.common / "objects", *found.ref_dirs) if d.is_dir()]
 
 
 def _usage(agent: PresetAgent, events: list[dict[str, Any]]) -> Usage | None:
