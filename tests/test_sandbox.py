@@ -97,6 +97,10 @@ def setup_world(
     return {"home": home, "other": other / "work.txt", "token": token}
 
 
+def started(vault: Vault) -> bool:
+    return any(p.read_text() == "started" for p in vault.state.glob("jobs/*/output-planner-1"))
+
+
 def run_once(vault: Vault, home: Path) -> dict[str, str]:
     """One steppable pass of the orchestrator, in this process, with ``home`` as HOME."""
     environ = {**os.environ, "HOME": str(home)}
@@ -238,7 +242,9 @@ def test_sigkill_of_opus_takes_the_sandboxed_agent_and_its_daemon_along(
     daemon = ["setsid", "--fork", sys.executable, "-c", "import time; time.sleep(600)", token]
     hang = (
         "import pathlib, subprocess, sys, time\n"
+        "import os\n"
         f"subprocess.run({daemon!r}, stdout=subprocess.DEVNULL)\n"
+        "pathlib.Path(os.environ['OPUS_OUTPUT_FILE']).write_text('started')\n"
         f"while not pathlib.Path({str(gate)!r}).exists(): time.sleep(0.05)\n"
         "print('# Plan')\n"
     )
@@ -249,7 +255,10 @@ def test_sigkill_of_opus_takes_the_sandboxed_agent_and_its_daemon_along(
     argv = [sys.executable, "-m", "opus", "run", "--once", "--config", str(vault.config)]
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=home)
     try:
-        wait(lambda: daemons(token), "the planner's daemon")
+        # (not before: opus killed while bwrap sets up leaves the sandbox to the restart's
+        # recovery, which kills the recorded process group)
+        wait(lambda: started(vault), "the planner's daemon")
+        assert daemons(token)
         proc.kill()
         proc.wait()
         wait(lambda: not daemons(token), "the orphaned sandbox to die", timeout=10)

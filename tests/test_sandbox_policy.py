@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -27,9 +28,11 @@ from opus.orchestrator.sandbox import (
     program_paths,
     sandbox_problems,
 )
+from opus.orchestrator.supervisor import kill_group
 
 from .conftest import Vault, git
 from .test_command_agent import make_ctx
+from .test_service import wait
 
 needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="bubblewrap is missing")
 
@@ -289,3 +292,42 @@ async def test_inside_a_signal_is_a_crash_and_a_missing_program_is_not_found(
     tool.chmod(0o755)
     failed = await agent([str(tool)]).run(ctx)  # in the hidden HOME, and still runs
     assert failed.passed is False
+
+
+def _cmdline_has(token: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and token.encode() in (entry / "cmdline").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue
+    return found
+
+
+@needs_bwrap
+def test_recovery_kills_a_sandbox_whose_bwrap_died_first(tmp_path: Path) -> None:
+    """opus SIGKILLed while bwrap sets up can leave the sandbox's init orphaned: the restart's
+    ``kill_group`` of the recorded group id (bwrap's pid) ends it, its daemon included."""
+    token = f"orphan-daemon-{os.getpid()}-{tmp_path.name}"
+    ready = tmp_path / "ready"
+    script = (
+        f"setsid {sys.executable} -c 'import time; time.sleep(600)' {token} & "
+        f"touch {ready}; sleep 600"
+    )
+    bwrap = shutil.which("bwrap") or "bwrap"
+    outer = subprocess.Popen(  # no --die-with-parent: as if the signal never reached init
+        [bwrap, "--ro-bind", "/", "/", "--bind", str(tmp_path), str(tmp_path), "--dev", "/dev",
+         "--proc", "/proc", "--unshare-pid", "sh", "-c", script],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait(lambda: ready.exists() and _cmdline_has(token), "the sandboxed daemon")
+        outer.kill()
+        outer.wait()
+        assert _cmdline_has(token)  # orphaned: init and the daemon live on
+        assert kill_group(outer.pid, grace=1.0)
+        wait(lambda: not _cmdline_has(token), "the orphaned sandbox to die", timeout=10)
+    finally:
+        for pid in _cmdline_has(token):
+            os.kill(pid, 9)
