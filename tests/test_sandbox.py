@@ -306,3 +306,17 @@ def test_the_private_home_lasts_the_job_and_goes_with_its_worktree(
     assert run_once(vault, Path(str(world["home"])))["FR-2"] == "done"
     done = next(j for j in registry(vault) if j["fr_id"] == "FR-2")
     assert not (vault.state / "sandbox" / str(done["id"])).exists()
+
+
+@pytest.mark.anyio
+async def test_the_ideator_runs_sandboxed_like_a_planner(vault: Vault, tmp_path: Path) -> None:
+    """Its worktree is read-only: the scripted ideator's scribble there is refused."""
+    from .test_ideation import IDEA, configure, idea_notes, orchestrator
+
+    calls = configure(vault, [IDEA], sandbox='kind = "bwrap"')
+    async with orchestrator(vault) as orch:
+        await orch.run_once()
+        (run,) = orch.ideation.ledger.runs
+    assert run.outcome == "failed" and "Read-only file system" in (run.detail or ""), run
+    assert idea_notes(vault) == [] and not calls.exists()
+    assert git(vault.repo, "status", "--porcelain") == ""

@@ -422,6 +422,7 @@ class Ideation:
                 timeout=section.timeout or config.pipeline.stage_timeout,
                 stall_timeout=config.pipeline.stall_timeout,
                 redactor=rt.redactor,
+                sandbox=rt.sandbox,  # read-only worktree, as the planner's (SPEC §17)
             )
             result = await agent.run(ctx)
         finally:
