@@ -54,6 +54,15 @@ def server() -> Iterator[int]:
         yield srv.getsockname()[1]
 
 
+def only_git(tmp_path: Path) -> str:
+    """A PATH with git (opus needs it) but no bwrap."""
+    folder = tmp_path / "only-git"
+    if not folder.exists():
+        folder.mkdir()
+        (folder / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
+    return str(folder)
+
+
 def body(note: Path) -> str:
     return note.read_text().split("---\n", 2)[2]
 
@@ -187,10 +196,8 @@ def test_planner_and_reviewer_cannot_write_the_worktree_the_tester_can(
 
 def test_kind_bwrap_without_bwrap_fails_start_up_naming_it(vault: Vault, tmp_path: Path) -> None:
     vault.write_config(sandbox='kind = "bwrap"')
-    empty = tmp_path / "bin"
-    empty.mkdir()
     result = CliRunner().invoke(
-        main, ["run", "--once", "--config", str(vault.config)], env={"PATH": str(empty)}
+        main, ["run", "--once", "--config", str(vault.config)], env={"PATH": only_git(tmp_path)}
     )
     code, out = result.exit_code, result.output
     assert code == 2, out
@@ -198,31 +205,30 @@ def test_kind_bwrap_without_bwrap_fails_start_up_naming_it(vault: Vault, tmp_pat
 
 
 def test_auto_without_bwrap_warns_in_the_log_and_in_validate(
-    vault: Vault, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    vault: Vault, tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vault.write_config(sandbox='kind = "auto"')
     config = load_config(vault.config)
+    monkeypatch.setattr(logging.getLogger("opus"), "propagate", True)  # after a CLI run
+    monkeypatch.setattr(logging.getLogger("opus"), "level", logging.INFO)
     empty = {"PATH": str(tmp_path)}
     problems = sandbox_problems(config, empty)
     assert len(problems) == 1 and "agents run unsandboxed" in problems[0]
     assert sandbox_problems(config, os.environ) == []  # with bwrap: nothing to say
-    with caplog.at_level(logging.WARNING):
+    with caplog.at_level(logging.WARNING, logger="opus.orchestrator.sandbox"):
         assert open_sandbox(config, empty) is None
     assert "UNSANDBOXED" in caplog.text and "bwrap" in caplog.text
     with pytest.raises(ConfigError, match="bwrap"):
         open_sandbox(load_config(_with(vault, 'kind = "bwrap"')), empty)
     vault.write_config(sandbox='kind = "auto"')
-    only_git = tmp_path / "only-git"
-    only_git.mkdir()
-    (only_git / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
     shown = CliRunner().invoke(
-        main, ["validate", "--config", str(vault.config)], env={"PATH": str(only_git)}
+        main, ["validate", "--config", str(vault.config)], env={"PATH": only_git(tmp_path)}
     )
     assert "[sandbox]" in shown.output and "agents run unsandboxed" in shown.output
 
 
-def test_opus_init_suggests_no_network_for_the_tester(tmp_path: Path) -> None:
-    done = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", str(tmp_path)])
+def test_opus_init_suggests_no_network_for_the_tester(vault: Vault, tmp_path: Path) -> None:
+    done = CliRunner().invoke(main, ["init", str(tmp_path / "v"), "--repo", str(vault.repo)])
     assert done.exit_code == 0, done.output
     config = load_config(tmp_path / "v" / "opus.toml")
     assert config.agents.tester.network is False and config.agents.coder.network is True
@@ -282,12 +288,9 @@ def test_opus_doctor_says_whether_bwrap_works_and_memory_max_is_enforced(
     assert any(ln.startswith("ok") and "sandbox: bubblewrap" in ln for ln in lines), done.output
     memory = [ln for ln in lines if "sandbox memory_max" in ln]
     assert len(memory) == 1 and ("not enforced" in memory[0] or memory[0].startswith("ok"))
-    only_git = tmp_path / "only-git"
-    only_git.mkdir()
-    (only_git / "git").symlink_to(shutil.which("git") or "/usr/bin/git")
     vault.write_config(sandbox='kind = "auto"')
     bare = CliRunner().invoke(
-        main, ["doctor", "--config", str(vault.config)], env={"PATH": str(only_git)}
+        main, ["doctor", "--config", str(vault.config)], env={"PATH": only_git(tmp_path)}
     )
     assert "agents run unsandboxed" in bare.output, bare.output
 

@@ -224,17 +224,33 @@ def test_no_memory_controller_or_other_processes_say_why(tmp_path: Path) -> None
     assert "cgroup v1 only" in str(find(v1))
 
 
+class Said(logging.Handler):
+    """The messages of one logger, whatever the CLI did to the ``opus`` logger before."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
 def test_memory_max_not_enforced_is_said_once_in_the_log_and_by_validate(
-    vault: Vault, caplog: pytest.LogCaptureFixture
+    vault: Vault, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     vault.write_config(sandbox='kind = "auto"\nmemory_max = "4G"')
     config = load_config(vault.config)
     if not isinstance(find_delegated(prepare=False), str):
         pytest.skip("this machine delegates a cgroup with memory to opus")
-    with caplog.at_level(logging.WARNING):
+    said, logger = Said(), logging.getLogger("opus.orchestrator.sandbox")
+    monkeypatch.setattr(logger, "level", logging.WARNING)
+    logger.addHandler(said)
+    try:
         open_sandbox(config)
-    said = [r for r in caplog.records if "not enforced" in r.getMessage()]
-    assert len(said) == 1 and "4G" in said[0].getMessage()
+    finally:
+        logger.removeHandler(said)
+    (message,) = [m for m in said.messages if "not enforced" in m]
+    assert "4G" in message
     assert any("memory_max = '4G' is not enforced" in p for p in sandbox_problems(config))
 
 
