@@ -222,3 +222,43 @@ def test_exit_codes_read_true_under_the_subreaper(worker: Cluster, vault: Vault)
     # iteration 1's tests failed (exit 1 seen as 1, not 0): the coder ran twice
     assert [c["iteration"] for c in vault.runs("coder")] == [1, 2]
     assert [c["node"] for c in vault.runs("tester")] == ["worker-a", "worker-a"]
+
+
+def test_the_stage_log_streams_to_the_head_while_it_runs(
+    worker: Cluster, vault: Vault, tmp_path: Path
+) -> None:
+    import sys
+
+    go = tmp_path / "go"
+    coder = (
+        "import os, pathlib, time\n"
+        "print('halfway there', flush=True)\n"
+        f"while not pathlib.Path({str(go)!r}).exists(): time.sleep(0.02)\n"
+        "pathlib.Path('streamed.txt').write_text('done')\n"
+    )
+    remote_config(vault, worker, stages='["coder"]', coder=[sys.executable, "-c", coder])
+    vault.note("FR-9.md", FR.format(id="FR-9"))
+    seen: list[str] = []
+
+    async def main() -> Job:
+        async with Orchestrator(load_config(vault.config), environ=environ(worker)) as orch:
+            async with anyio.create_task_group() as tg:
+                done: list[Job] = []
+
+                async def run() -> None:
+                    done.append(await orch.process("FR-9"))
+
+                tg.start_soon(run)
+                with anyio.fail_after(120):
+                    while not seen:
+                        for log in (vault.state / "jobs").glob("*/coder-1.log"):
+                            if "halfway there" in log.read_text():
+                                seen.append(log.read_text())
+                        await anyio.sleep(0.05)
+                go.touch()  # the stage is still running: it waits for this
+            return done[0]
+
+    job = anyio.run(main)
+    assert job.status.value == "review", job.error
+    assert "halfway there" in seen[0]
+    assert git(vault.repo, "show", f"{job.branch}:streamed.txt") == "done"
