@@ -35,7 +35,7 @@ def test_bundles_out_and_back_keep_commits_and_uncommitted_work(tmp_path: Path) 
     first = bundle_commit(repo, start, cache.have())
     assert first is not None and len(first) > 50_000
     cache.receive(first, start)
-    assert cache.have() == [start]
+    assert cache.have() == [start] and cache.holds(start) and cache.count() == 1
     assert bundle_commit(repo, start, cache.have()) is None  # the node has it: nothing to send
 
     tree = tmp_path / "remote-wt"

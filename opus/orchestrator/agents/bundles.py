@@ -51,6 +51,20 @@ def git(cwd: Path, *args: str, ok: Sequence[int] = (0,)) -> str:
     return done.stdout.decode("utf-8", "replace").strip()
 
 
+def _code(cwd: Path, *args: str) -> int:
+    """A git command's exit status: 0 or 1 (a yes or a no); anything else raises."""
+    done = subprocess.run(
+        ["git", "-C", os.fspath(cwd), *_QUIET, *args],
+        capture_output=True,
+        env={**os.environ, **_IDENTITY},
+        check=False,
+    )
+    if done.returncode not in (0, 1):
+        err = done.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise WorkspaceError(f"git {' '.join(args[:3])} (in {cwd}): {err[0] if err else ''}")
+    return done.returncode
+
+
 def _has(repo: Path, commit: str) -> bool:
     if not commit:
         return False
@@ -89,24 +103,20 @@ def _bundle(repo: Path, ref: str, exclude: Sequence[str]) -> bytes:
 
 
 def bundle_commit(repo: Path, commit: str, have: Iterable[str]) -> bytes | None:
-    """A bundle of ``commit`` (the worktree ``repo``'s HEAD) without what the receiver
-    ``have`` s; None if it has it."""
+    """A bundle of ``commit`` — which must be the worktree ``repo``'s HEAD — without what the
+    receiver ``have`` s; None if it has it."""
     known = _present(repo, have)
     if commit in known:
         return None
-    head = git(repo, "rev-parse", "--verify", "HEAD^{commit}")
-    if head != commit:
-        raise WorkspaceError(f"the worktree's HEAD is {head[:12]}, not {commit[:12]}")
     return _bundle(repo, "HEAD", known)  # HEAD is the worktree's own: no shared ref to race
 
 
 def bundle_changes(worktree: Path, start: str) -> tuple[bytes, str, bool] | None:
     """The agent's work since ``start`` (committed or not) as ``(bundle, tip, wip)``;
     ``wip`` says the tip is opus's commit of what the agent left uncommitted. None: no change."""
-    wip = bool(git(worktree, "status", "--porcelain", "--untracked-files=all"))
-    if wip:
-        git(worktree, "add", "-A")
-        git(worktree, "commit", "-q", "--no-verify", "-m", "opus: uncommitted changes")
+    git(worktree, "add", "-A")
+    # commit exits 1 when nothing is staged: then the agent left nothing uncommitted
+    wip = _code(worktree, "commit", "-q", "--no-verify", "-m", "opus: uncommitted changes") == 0
     tip = git(worktree, "rev-parse", "--verify", "HEAD^{commit}")
     if tip == start:
         return None
@@ -120,9 +130,7 @@ def apply_bundle(worktree: Path, data: bytes, tip: str, *, wip: bool) -> None:
         path.write_bytes(data)
         git(worktree, "bundle", "verify", "-q", str(path))
         git(worktree, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(path), "HEAD")
-    if not _has(worktree, tip):
-        raise WorkspaceError(f"the worker's bundle does not hold its tip {tip[:12]}")
-    git(worktree, "reset", "-q", "--hard", tip)
+    git(worktree, "reset", "-q", "--hard", tip)  # fails if the bundle did not bring the tip
     if wip:
         git(worktree, "reset", "-q", f"{tip}~1")  # the uncommitted part becomes that again
 
@@ -158,26 +166,38 @@ class NodeCache:
         )
         return out.split()
 
+    def holds(self, commit: str) -> bool:
+        """Whether the cache keeps a ref to ``commit`` (a file: refs here are never packed)."""
+        return (self.repo / "refs" / "opus" / commit).is_file()
+
+    def count(self) -> int:
+        try:
+            return sum(1 for _ in (self.repo / "refs" / "opus").iterdir())
+        except OSError:
+            return 0
+
     def receive(self, data: bytes | None, commit: str) -> None:
-        """Take a bundle of ``commit`` (None: the cache has it already) and keep a ref to it."""
+        """Take a bundle of ``commit`` (the head's HEAD when it bundled it; None: the cache
+        has it already) and keep a ref to it. A bundle whose prerequisites the cache lacks
+        is refused (WorkspaceError) and changes nothing."""
         with self._locked():
             if data is not None:
                 with tempfile.TemporaryDirectory(prefix="opus-bundle-") as tmp:
                     path = Path(tmp) / "in.bundle"
                     path.write_bytes(data)
-                    # fetch checks the prerequisites; the ref must then name the commit
                     git(self.repo, "fetch", "-q", "--no-tags", "--no-write-fetch-head", str(path),
                         f"+HEAD:refs/opus/{commit}")  # fmt: skip
-                    got = git(self.repo, "rev-parse", f"refs/opus/{commit}")
-                    if got != commit:
-                        git(self.repo, "update-ref", "-d", f"refs/opus/{commit}")
-                        raise WorkspaceError(f"the bundle holds {got[:12]}, not {commit[:12]}")
             elif not _has(self.repo, commit):
                 raise WorkspaceError(f"the node's cache lost commit {commit[:12]}")
             else:
                 git(self.repo, "update-ref", f"refs/opus/{commit}", commit)
-            for old in self.have()[KEEP_REFS:]:
-                git(self.repo, "update-ref", "-d", f"refs/opus/{old}")
+
+    def prune(self, have: list[str]) -> None:
+        """Drop the refs of all but the newest KEEP_REFS start commits (``have``: newest first)."""
+        if len(have) > KEEP_REFS:
+            with self._locked():
+                for old in have[KEEP_REFS:]:
+                    git(self.repo, "update-ref", "-d", f"refs/opus/{old}")
 
     def keep(self, commit: str) -> None:
         """Remember a commit made here (the coder's), so the next stage sends only its child."""

@@ -42,7 +42,7 @@ from ..errors import AgentCrashed, AgentError, AgentNotFound, WorkspaceError
 from ..lifecycle import Stage
 from ..models import FeatureRequest
 from .base import Agent, StageContext, StageResult
-from .bundles import apply_bundle, bundle_commit, git
+from .bundles import KEEP_REFS, apply_bundle, bundle_commit, git
 from .worker import Hello, RemoteOutcome, RemoteStage, run_stage, versions
 
 EventHook = Callable[[str, str, dict[str, str]], None]
@@ -252,8 +252,8 @@ class Executor:
             log.debug("executor: cancelling a stage: %s", e)
 
     def learn(self, node: str, have: list[str]) -> None:
-        """What a node's cache holds after a stage (the next thin bundle builds on it)."""
-        self._have[node] = have[:64]
+        """What a node's cache gained in a stage (the next thin bundle builds on it)."""
+        self._have[node] = list(dict.fromkeys([*have, *self._have.get(node, [])]))[:KEEP_REFS]
 
     def known(self) -> list[str]:
         """The start commits some node's cache holds, newest first."""
@@ -347,6 +347,7 @@ class RemoteAgent:
         problem = self.executor.ready()
         if problem:
             raise AgentCrashed(f"{self.stage} cannot run remote: {problem}", retryable=True)
+        began = time.perf_counter()
         start = await anyio.to_thread.run_sync(git, ctx.worktree, "rev-parse", "HEAD")
         note = await anyio.to_thread.run_sync(_read_note, ctx.fr.path)
         known = self.executor.known()
@@ -376,9 +377,11 @@ class RemoteAgent:
         )
         running = await anyio.to_thread.run_sync(self.executor.submit, self.stage, job,
                                                  [thin, full])  # fmt: skip
+        times = [time.perf_counter()]
         node, done = "", False
         try:
             hello = await self._placed(running, ctx)
+            times.append(time.perf_counter())
             node = hello.node
             if hello.versions != versions():
                 raise AgentNotFound(
@@ -387,6 +390,7 @@ class RemoteAgent:
                 )
             log.info("%s: %s runs on node %s (%s)", ctx.fr.id, self.stage, node[:12], hello.host)
             outcome = await self._follow(running, ctx)
+            times.append(time.perf_counter())
             done = True
         except AgentError:
             raise
@@ -404,7 +408,12 @@ class RemoteAgent:
             data = {"stage": self.stage.value, "node": node, "host": outcome.host,
                     "bundle_bytes": str(outcome.received), "back_bytes": str(back)}  # fmt: skip
             self.executor.on_event(ctx.job_id, "remote", data)
-        return await anyio.to_thread.run_sync(self._land, ctx, outcome)
+        result = await anyio.to_thread.run_sync(self._land, ctx, outcome)
+        sent, placed, ran = times
+        log.debug("%s: remote %s: %.0f ms to send, %.0f to start, %.0f to run, %.0f to land",
+                  ctx.fr.id, self.stage, (sent - began) * 1e3, (placed - sent) * 1e3,
+                  (ran - placed) * 1e3, (time.perf_counter() - ran) * 1e3)  # fmt: skip
+        return result
 
     async def _placed(self, running: Any, ctx: StageContext) -> Hello:
         """Wait for the attempt to start on a node with a free slot (``schedule_timeout``)."""

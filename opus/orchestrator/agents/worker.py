@@ -34,7 +34,7 @@ from ..models import FeatureRequest, Feedback
 from ..redact import Redactor
 from ..supervisor import run_process
 from .base import Agent, StageContext, StageResult
-from .bundles import NodeCache, bundle_changes
+from .bundles import KEEP_REFS, NodeCache, bundle_changes
 from .environment import agent_env, opus_vars
 
 __all__ = ("Hello", "RemoteOutcome", "RemoteStage", "cache_root", "run_stage", "versions")
@@ -91,7 +91,7 @@ class RemoteOutcome:
     received: int = 0
     """Bytes of bundle this stage pulled (0: the node's cache had the start commit)."""
     have: list[str] = field(default_factory=list)
-    """The start commits the node's cache holds afterwards (the head's guide for thin bundles)."""
+    """Commits the node's cache holds since this stage (the head's guide for thin bundles)."""
 
 
 def _restore_sigchld() -> None:
@@ -169,9 +169,8 @@ class _Stage:
     def _receive(self, cache: NodeCache, fetch: Callable[[int], bytes | None]) -> int:
         """Bring the start commit into the node's cache; the bundle bytes that took."""
         start = self.job.start
-        if start in cache.have():
-            cache.receive(None, start)
-            return 0
+        if cache.holds(start):
+            return 0  # its ref is there: nothing to fetch
         thin = fetch(0)
         if thin is not None:
             try:
@@ -212,7 +211,10 @@ class _Stage:
             outcome.artifacts = _new_files(artifacts, skip)
         finally:
             await anyio.to_thread.run_sync(cache.drop, worktree)
-        outcome.have = cache.have()
+        tip = [outcome.changes[1]] if outcome.changes else []
+        outcome.have = [*tip, job.start]  # what this stage added; the head keeps the rest
+        if cache.count() > KEEP_REFS + 16:
+            await anyio.to_thread.run_sync(lambda: cache.prune(cache.have()))
         return outcome
 
     def _context(self, worktree: Path, artifacts: Path) -> StageContext:
@@ -285,12 +287,11 @@ async def _setup(job: RemoteStage, ctx: StageContext) -> None:
 def _children() -> set[int]:
     """This process's child processes (with the subreaper option on, whatever an agent
     daemonized lands here)."""
-    me, found = os.getpid(), set()
-    for stat in Path("/proc").glob("[0-9]*/stat"):
+    found: set[int] = set()
+    for children in Path("/proc/self/task").glob("*/children"):  # every thread's children
         try:
-            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == me:
-                found.add(int(stat.parent.name))
-        except (OSError, ValueError, IndexError):
+            found.update(int(pid) for pid in children.read_text().split())
+        except (OSError, ValueError):
             continue
     return found
 
