@@ -15,7 +15,7 @@ from typing import ClassVar
 import pytest
 
 from opus.orchestrator import workspace as workspace_module
-from opus.orchestrator.errors import MergeConflict, WorkspaceError
+from opus.orchestrator.errors import ConflictMarkers, MergeConflict, WorkspaceError
 from opus.orchestrator.workspace import Created, Workspace
 
 TOKEN = "ghp_s3cretTOKENvalue1234567890"
@@ -574,3 +574,60 @@ def test_concurrent_creates_get_distinct_branches(ws: Workspace, repo: Path) -> 
         "opus/fr-1-4",
     ]
     assert len(worktree_paths(repo)) == 5
+
+
+# -- refs read from git's files ---------------------------------------------------------------
+
+
+def test_heads_and_refs_read_from_files_agree_with_git(ws: Workspace, repo: Path) -> None:
+    from opus.orchestrator.workspace import read_head, read_ref
+
+    created = ws.create("job-1", "opus/fr-1")
+    commit_file(created.path, "a.txt", "a\n")
+    assert read_head(created.path) == git(created.path, "rev-parse", "HEAD")  # a worktree
+    assert read_head(repo) == git(repo, "rev-parse", "HEAD")  # the checkout
+    assert read_ref(repo, "refs/heads/opus/fr-1") == git(repo, "rev-parse", "opus/fr-1")
+    git(repo, "pack-refs", "--all")  # packed refs only now
+    assert not (repo / ".git" / "refs" / "heads" / "opus" / "fr-1").exists()
+    assert read_ref(repo, "refs/heads/opus/fr-1") == git(repo, "rev-parse", "opus/fr-1")
+    assert read_head(created.path) == ws.head(created.path)
+    git(created.path, "checkout", "-q", "--detach")
+    assert read_head(created.path) == git(created.path, "rev-parse", "HEAD")
+    assert read_ref(repo, "refs/heads/nope") is None
+    assert read_ref(repo, "refs/heads/../../HEAD") is None
+
+
+def test_a_base_still_where_the_branch_began_is_not_merged_to_check(
+    ws: Workspace, repo: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = ws.create("job-1", "opus/fr-1")
+    commit_file(created.path, "a.txt", "mine\n")
+    ran: list[list[str]] = []
+    real = subprocess.run
+
+    def run(cmd: list[str], *a: object, **k: object) -> object:
+        ran.append(cmd)
+        return real(cmd, *a, **k)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(subprocess, "run", run)
+    assert ws.conflicts_with_base("opus/fr-1", forked_from=created.base_commit) == []
+    assert not any("merge-tree" in c for c in ran)
+    commit_file(repo, "a.txt", "theirs\n")  # the base moves: now it must be merged to know
+    assert ws.conflicts_with_base("opus/fr-1", forked_from=created.base_commit) == ["a.txt"]
+    assert any("merge-tree" in c for c in ran)
+
+
+def test_commit_all_sees_markers_in_the_agents_own_commits_and_commits_only_what_is_staged(
+    ws: Workspace,
+) -> None:
+    created = ws.create("job-1", "opus/fr-1")
+    base = created.base_commit
+    assert ws.commit_all(created.path, "nothing", since=base) is None
+    own = commit_file(created.path, "b.txt", "agent's own\n")  # the agent committed itself
+    assert ws.commit_all(created.path, "m", since=base) == own  # nothing left to commit
+    (created.path / "c.txt").write_text("<<<<<<< ours\nx\n=======\ny\n>>>>>>> theirs\n")
+    commit_file(created.path, "d.txt", "fine\n")
+    (created.path / "c.txt").unlink()
+    commit_file(created.path, "e.txt", "<<<<<<< a\n1\n=======\n2\n>>>>>>> b\n")
+    with pytest.raises(ConflictMarkers):
+        ws.commit_all(created.path, "m", since=base)  # a marker in a committed file counts

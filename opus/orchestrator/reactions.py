@@ -147,7 +147,9 @@ class Rounds:
         base (SPEC §7), with the conflicting paths as the coder's feedback; else None."""
         ws = self.rt.workspace(job)
         try:
-            paths = await anyio.to_thread.run_sync(ws.conflicts_with_base, job.branch)
+            paths = await anyio.to_thread.run_sync(
+                lambda: ws.conflicts_with_base(job.branch, forked_from=job.base_commit)
+            )
             if not paths:
                 return None
             target = await anyio.to_thread.run_sync(ws.base_commit)

@@ -181,8 +181,10 @@ class Workspace:
     # -- inside a worktree ------------------------------------------------------------------
 
     def head(self, path: Path) -> str:
-        """The worktree's HEAD commit."""
-        return self._git(path, "rev-parse", "--verify", "HEAD^{commit}")
+        """The worktree's HEAD commit (read from git's files; ``rev-parse`` when they are
+        anything but plain loose or packed refs)."""
+        found = read_head(path)
+        return found or self._git(path, "rev-parse", "--verify", "HEAD^{commit}")
 
     def commit_all(self, path: Path, message: str, *, since: str) -> str | None:
         """Stage everything and commit it if anything is staged (a merge in progress is
@@ -193,16 +195,24 @@ class Workspace:
         changed file still holds git's conflict markers.
         """
         self._git(path, "add", "-A")
-        _, out = self._call(path, ["diff", "--cached", "--name-only", "-z", "--no-renames"])
-        staged = [p for p in _text(out).split("\0") if p]
-        _, out = self._call(path, ["diff", "--name-only", "-z", "--no-renames", since, "HEAD"])
-        marked = _marked(path, sorted({*staged, *(p for p in _text(out).split("\0") if p)}))
+        # one diff for both questions: the index against ``since`` holds what is staged and
+        # what the agent committed itself (the files to search for conflict markers)
+        _, out = self._call(path, ["diff", "--cached", "--name-only", "-z", "--no-renames", since])
+        changed = sorted(p for p in _text(out).split("\0") if p)
+        marked = _marked(path, changed)
         if marked:
             self._git(path, "reset", "-q")  # unstage: the worktree stays as the agent left it
             raise ConflictMarkers(marked)
-        if staged or self._ok(path, "rev-parse", "-q", "--verify", "MERGE_HEAD"):
+        before = self.head(path)
+        if before == since:
+            staged = bool(changed)  # HEAD is ``since``: the index's changes are staged ones
+        else:  # the agent committed: is anything left staged on top?
+            staged = not self._ok(path, "diff", "--cached", "--quiet")
+        if staged or _merging(path):
             self._git(path, "commit", "-q", "--no-verify", "-m", message, opts=_COMMIT)
-        head = self.head(path)
+            head = self.head(path)
+        else:
+            head = before
         return head if head != since else None
 
     def reset(self, path: Path, commit: str) -> None:
@@ -230,8 +240,12 @@ class Workspace:
         """Whether ``ancestor`` is reachable from ``commit``."""
         return self._ok(self.repo_path, "merge-base", "--is-ancestor", ancestor, commit)
 
-    def conflicts_with_base(self, branch: str) -> list[str]:
-        """The paths that conflict when ``branch`` is merged into the base now ([] = clean)."""
+    def conflicts_with_base(self, branch: str, *, forked_from: str | None = None) -> list[str]:
+        """The paths that conflict when ``branch`` is merged into the base now ([] = clean).
+        A base still at ``forked_from`` (where the branch began) cannot conflict: no merge
+        is tried then."""
+        if forked_from is not None and read_ref(self.repo_path, self._base_ref) == forked_from:
+            return []
         import subprocess
 
         args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z"]
@@ -481,6 +495,86 @@ class Workspace:
             message = _URL_CREDENTIALS.sub("***@", re.sub(r"\s+", " ", message))
             raise WorkspaceError(message) from e
         return 0, out
+
+
+def read_head(worktree: Path) -> str | None:
+    """The commit a worktree's (or checkout's) HEAD names, from git's files; None when that
+    takes more than plain files (``git rev-parse`` answers then)."""
+    gitdir = _gitdir(worktree)
+    if gitdir is None:
+        return None
+    try:
+        head = (gitdir / "HEAD").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _SHA.fullmatch(head):
+        return head
+    if not head.startswith("ref: refs/"):
+        return None
+    return _resolve(gitdir, head.removeprefix("ref: "))
+
+
+def read_ref(repo: Path, ref: str) -> str | None:
+    """The commit ``ref`` (``refs/heads/…``) names in ``repo``, from its files, or None."""
+    gitdir = _gitdir(repo)
+    return _resolve(gitdir, ref) if gitdir is not None else None
+
+
+def _gitdir(path: Path) -> Path | None:
+    """``path/.git``, the folder a ``.git`` file names (a worktree), or a bare ``path``."""
+    dot = path / ".git"
+    try:
+        if dot.is_dir():
+            return dot
+        if not dot.exists() and (path / "HEAD").is_file() and (path / "refs").is_dir():
+            return path
+        text = dot.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if not text.startswith("gitdir: "):
+        return None
+    gitdir = Path(text.removeprefix("gitdir: "))
+    return gitdir if gitdir.is_absolute() else (path / gitdir)
+
+
+def _resolve(gitdir: Path, ref: str) -> str | None:
+    """A loose or packed ref of ``gitdir``'s common folder (worktrees share refs)."""
+    if "/../" in ref or not ref.startswith("refs/"):
+        return None
+    common = gitdir
+    try:
+        common = gitdir / (gitdir / "commondir").read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError):
+        return None
+    if (common / "reftable").exists():
+        return None  # not files git keeps refs in any more
+    try:
+        value = (common / ref).read_text(encoding="ascii").strip()
+        return value if _SHA.fullmatch(value) else None
+    except FileNotFoundError:
+        pass
+    except (OSError, UnicodeDecodeError, IsADirectoryError):
+        return None
+    try:
+        packed = (common / "packed-refs").read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in packed.splitlines():
+        sha, _, name = line.partition(" ")
+        if name == ref and _SHA.fullmatch(sha):
+            return sha
+    return None
+
+
+def _merging(worktree: Path) -> bool:
+    """A merge in progress (``MERGE_HEAD`` in the worktree's git folder)."""
+    gitdir = _gitdir(worktree)
+    return gitdir is not None and (gitdir / "MERGE_HEAD").exists()
+
+
+_SHA = re.compile(r"[0-9a-f]{40}(?:[0-9a-f]{24})?")
 
 
 def _marked(root: Path, paths: Sequence[str]) -> list[str]:
