@@ -296,3 +296,18 @@ async def test_a_failing_ideator_writes_nothing_and_waits_for_the_interval(vault
         await orch.run_once()
     assert len(idea_notes(vault)) == 1
     assert git(vault.repo, "worktree", "list").count("\n") == 0  # no ideation worktree left
+
+
+@pytest.mark.anyio
+async def test_in_the_sandbox_the_ideator_cannot_write_the_repository(
+    vault: Vault, tmp_path: Path
+) -> None:
+    writable = json.dumps(str(tmp_path))  # where the scripted ideator logs its calls
+    calls = configure(vault, [IDEA], sandbox=f'kind = "bwrap"\npaths = [{writable}]')
+    async with orchestrator(vault) as orch:
+        assert orch.rt.sandbox is not None
+        await orch.run_once()
+    (call,) = ideator_calls(calls)
+    assert call["scribbled"] is False  # the planner's policy: the worktree read-only
+    assert len(idea_notes(vault)) == 1
+    assert not exists(str(vault.state / "sandbox" / Path(call["worktree"]).name))

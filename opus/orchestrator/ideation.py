@@ -428,6 +428,8 @@ class Ideation:
         finally:
             with anyio.CancelScope(shield=True):
                 await anyio.to_thread.run_sync(ws.remove, tree)
+                if rt.sandbox is not None:  # the run's private HOME and temp folders
+                    await anyio.to_thread.run_sync(rt.sandbox.discard, run_id)
         return rt.redactor(result.output), result.usage
 
     def _write(self, idea_id: str, title: str, body: str, category: str, at: datetime) -> Path:

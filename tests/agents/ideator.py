@@ -22,12 +22,17 @@ def main() -> int:
     answers = json.loads(Path(env["IDEAS"]).read_text())
     answer = answers[min(done, len(answers) - 1)]
     worktree = Path(env["OPUS_WORKTREE"])
-    (worktree / "scribble.txt").write_text("an ideator must not change the repository\n")
+    try:
+        (worktree / "scribble.txt").write_text("an ideator must not change the repository\n")
+        scribbled = True
+    except OSError:  # in a sandbox the worktree is read-only
+        scribbled = False
     line = {
         "stage": env["OPUS_STAGE"],
         "prompt": prompt,
         "worktree": str(worktree),
         "at": time.time(),
+        "scribbled": scribbled,
     }
     with open(calls, "a") as f:
         f.write(json.dumps(line) + "\n")
