@@ -228,8 +228,7 @@ class Pipeline:
             await self._deliver(started)
             return
         head_before, ws = self.head, rt.workspace(job)
-        before = await anyio.to_thread.run_sync(worktree_fingerprint, self.worktree)
-        ctx = await self._context(stage, iteration)
+        ctx, before = await self._context(stage, iteration)
         try:
             result, attempts = await self._call_agent(ctx, head_before)
         except AgentError as e:
@@ -304,19 +303,23 @@ class Pipeline:
         else:
             await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
 
-    async def _context(self, stage: Stage, iteration: int) -> StageContext:
+    async def _context(self, stage: Stage, iteration: int) -> tuple[StageContext, object]:
+        """The stage's context, and the worktree's fingerprint before it runs: every file
+        read and written for it in one hand-off to a worker thread."""
+        return await anyio.to_thread.run_sync(self._prepare_stage, stage, iteration)
+
+    def _prepare_stage(self, stage: Stage, iteration: int) -> tuple[StageContext, object]:
         job, rt = self.job, self.rt
-        folder = await anyio.to_thread.run_sync(rt.registry.job_dir, job.id)
-        plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
+        before = worktree_fingerprint(self.worktree)
+        folder = rt.registry.job_dir(job.id)
+        plan = rt.registry.read_artifact(job.id, "plan.md")
         # OPUS_FEEDBACK_FILE for every stage from iteration 2, and in a rework round
         feedback = job.feedback if iteration > 1 or job.round > 1 else None
         tag = artifact_tag(job.round, iteration)
         diff = ""
         if stage is Stage.REVIEWER:
             assert job.base_commit is not None
-            diff = await anyio.to_thread.run_sync(
-                rt.workspace(job).diff, self.worktree, job.base_commit
-            )
+            diff = rt.workspace(job).diff(self.worktree, job.base_commit)
         prompt = rt.redactor(
             prompts.render(
                 stage,
@@ -330,23 +333,19 @@ class Pipeline:
                 plan_feedback=job.plan_feedback if stage is Stage.PLANNER else None,
             )
         )
-        prompt_file = await anyio.to_thread.run_sync(  # rebuilt on a rerun: no fsync needed
-            lambda: rt.registry.write_artifact(
-                job.id, f"prompt-{stage}-{tag}.md", prompt, sync=False
-            )
+        # rebuilt on a rerun: no fsync needed
+        prompt_file = rt.registry.write_artifact(
+            job.id, f"prompt-{stage}-{tag}.md", prompt, sync=False
         )
         feedback_file = None
         if feedback is not None:
-            feedback_file = await anyio.to_thread.run_sync(
-                rt.registry.write_artifact,
-                job.id,
-                f"feedback-{tag}.json",
-                feedback.model_dump_json(indent=2),
+            feedback_file = rt.registry.write_artifact(
+                job.id, f"feedback-{tag}.json", feedback.model_dump_json(indent=2)
             )
         output_file = folder / f"output-{stage}-{tag}"
         output_file.unlink(missing_ok=True)
         agent_cfg = rt.config.agents.for_stage(stage)
-        return StageContext(
+        ctx = StageContext(
             stage=stage,
             iteration=iteration,
             job_id=job.id,
@@ -369,6 +368,7 @@ class Pipeline:
             on_exit=self._exited,
             sandbox=rt.sandbox,
         )
+        return ctx, before
 
     def _scrub(self, path: Path) -> None:
         """Redact secrets from what an agent left in the artifact folder."""

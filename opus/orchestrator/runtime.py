@@ -118,6 +118,9 @@ class Runtime:
 
     async def check_budget(self, job: Job) -> str | None:
         """``over_budget`` in a thread, then the ``budget`` notifications it found due."""
+        caps = self.config.budget
+        if not caps.daily_usd and not caps.monthly_usd:
+            return None  # no caps: nothing to add up (before every stage of every job)
         why = await anyio.to_thread.run_sync(self.over_budget)
         alerts, self._budget_alerts = self._budget_alerts, []
         for message in alerts:
@@ -138,7 +141,7 @@ class Runtime:
         self, job: Job, event: str, *, note: bool = True, **data: Any
     ) -> Status | None:
         """Checkpoint ``job`` in the registry, then mirror it into its note if what the note
-        shows changed.
+        shows changed — both in one hand-off to a worker thread.
 
         Returns the note's status as it was on disk (a person may have changed it), or None
         when the note was not touched.
@@ -147,8 +150,6 @@ class Runtime:
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
         sync = event not in UNSYNCED
-        await anyio.to_thread.run_sync(lambda: self.registry.save(job, event, sync=sync, **data))
-        on_disk = None
         shown = (
             job.status,
             job.stage,
@@ -160,9 +161,16 @@ class Runtime:
             job.round,
             job.plan_note,
         )
-        if note and self._mirrored.get(job.id) != shown:
+        write = note and self._mirrored.get(job.id) != shown
+        if write:
             self._mirrored[job.id] = shown  # (forgotten again if the write fails)
-            on_disk = await self.mirror(job)
+        edit = self._mirror_edit(job) if write else None
+
+        def boundary() -> Status | None:
+            self.registry.save(job, event, sync=sync, **data)
+            return edit() if edit is not None else None
+
+        on_disk = await anyio.to_thread.run_sync(boundary)
         if self.on_change is not None:
             self.on_change(job)
         return on_disk
@@ -170,6 +178,11 @@ class Runtime:
     async def mirror(self, job: Job, *, answer: bool = False) -> Status | None:
         """Write the job's status into its note's opus keys; a person's control status wins
         over progress, unless ``answer``: the job has acted on it (a round after approval)."""
+        return await anyio.to_thread.run_sync(self._mirror_edit(job, answer=answer))
+
+    def _mirror_edit(self, job: Job, *, answer: bool = False) -> Callable[[], Status | None]:
+        """The note write ``mirror`` does, to run in a worker thread; it logs a failure and
+        returns None then (the next record tries again)."""
         changes: dict[str, object | None] = {
             "status": job.status.value,
             "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
@@ -186,16 +199,18 @@ class Runtime:
         # progress never overwrites a person's control; a resting status answers it
         progress = job.status in (Status.QUEUED, Status.IN_PROGRESS) and not answer
         respect = RESPECT if progress else frozenset()
-        try:
-            return await anyio.to_thread.run_sync(
-                lambda: self.vault.update(path, changes, respect=respect)
-            )
-        except NoteError as e:
-            log.warning("%s: cannot update the note: %s", job.fr_id, e.problem)
-        except FileNotFoundError:
-            log.warning("%s: its note %s is gone", job.fr_id, job.fr_path)
-        self._mirrored.pop(job.id, None)  # try again at the next record
-        return None
+
+        def edit() -> Status | None:
+            try:
+                return self.vault.update(path, changes, respect=respect)
+            except NoteError as e:
+                log.warning("%s: cannot update the note: %s", job.fr_id, e.problem)
+            except FileNotFoundError:
+                log.warning("%s: its note %s is gone", job.fr_id, job.fr_path)
+            self._mirrored.pop(job.id, None)  # try again at the next record
+            return None
+
+        return edit
 
     async def notify(self, event: str, job: Job, message: str, **details: str) -> None:
         await self.notifier.send(
