@@ -276,3 +276,15 @@ def test_a_round_recreates_a_removed_worktree_on_the_same_branch(vault: Vault) -
     assert opus(vault, "run", "--once")[0] == 0
     assert meta(note)["status"] == "review" and meta(note)["branch"] == "opus/fr-1"
     assert git(vault.repo, "rev-list", "--count", "main..opus/fr-1") == "2"
+
+
+def test_opus_logs_shows_the_latest_rounds_log(vault: Vault) -> None:
+    vault.script({"FR-1": {"coder": [{"stdout": "first round", **SHARED}]}})
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    set_keys(note, status="changes-requested", feedback="again")
+    vault.script({"FR-1": {"coder@2": [{"stdout": "second round", "write": {"x": "y"}}]}})
+    assert opus(vault, "run", "--once")[0] == 0
+    code, out = opus(vault, "logs", "FR-1", "--stage", "coder")
+    assert code == 0, out
+    assert "second round" in out and "first round" not in out

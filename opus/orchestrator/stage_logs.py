@@ -14,10 +14,12 @@ from pathlib import Path
 from .config import Config
 from .lifecycle import Status
 from .models import Job
+from .reactions import artifact_tag
 
 __all__ = ("current_log", "follow", "stage_logs")
 
-_LOG = re.compile(r"^(?P<stage>[a-z]+)-(?P<iteration>\d+)\.log$")
+_LOG = re.compile(r"^(?P<stage>[a-z]+)-(?:r(?P<round>\d+)-)?(?P<iteration>\d+)\.log$")
+"""``coder-2.log`` in round 1, ``coder-r2-1.log`` in a rework round (SPEC §15)."""
 _MOVING = (Status.IN_PROGRESS, Status.QUEUED)
 
 
@@ -29,7 +31,8 @@ def stage_logs(config: Config, job: Job) -> list[Path]:
         m = _LOG.match(path.name)
         if m:
             try:
-                found.append((path.stat().st_mtime_ns, int(m["iteration"]), path))
+                order = (int(m["round"] or 1), int(m["iteration"]))
+                found.append((path.stat().st_mtime_ns, order, path))
             except OSError:
                 continue
     return [p for _, _, p in sorted(found, key=lambda t: (t[0], t[1]))]
@@ -42,7 +45,8 @@ def current_log(config: Config, job: Job, stage: str | None = None) -> Path | No
         mine = [p for p in logs if p.name.startswith(f"{stage}-")]
         return mine[-1] if mine else None
     if job.status is Status.IN_PROGRESS and job.stage is not None:
-        running = config.state_dir / "jobs" / job.id / f"{job.stage}-{job.iteration}.log"
+        tag = artifact_tag(job.round, job.iteration)
+        running = config.state_dir / "jobs" / job.id / f"{job.stage}-{tag}.log"
         if running.exists():
             return running
     return logs[-1] if logs else None
