@@ -6,6 +6,7 @@ import json
 import subprocess
 from pathlib import Path
 
+import anyio
 import pytest
 
 from opus.orchestrator.agents.codex import CodexAgent, _counts, git_commit_dirs
@@ -15,7 +16,7 @@ from opus.orchestrator.errors import AgentCrashed
 from opus.orchestrator.lifecycle import Stage
 from opus.orchestrator.supervisor import ProcessResult
 
-from .test_presets import make_ctx
+from .test_presets import anyio_backend, make_ctx  # noqa: F401 (a fixture)
 
 ENV = {"PATH": "/usr/bin:/bin", "HOME": "/nonexistent-home", "K": "sk-secret"}
 
@@ -116,18 +117,20 @@ def test_gemini_runs_in_a_home_of_its_own_with_the_api_key_auth_selected(
     (real / ".gemini" / "settings.json").write_text('{"mcpServers": {"mine": {}}}')
     (real / ".gemini" / "oauth_creds.json").write_text("{}")
     section = AgentSection(kind="gemini", base_url="http://127.0.0.1:9", api_key_env="K")
-    agent = GeminiAgent(section, Stage.CODER, environ={**ENV, "HOME": str(real)})
+    environ = {**ENV, "HOME": str(real), "TMPDIR": str(tmp_path)}
+    agent = GeminiAgent(section, Stage.CODER, environ=environ)
     ctx = make_ctx(tmp_path, Stage.CODER)
     env = agent.build_env(ctx)
-    assert (
-        env["GOOGLE_GEMINI_BASE_URL"] == "http://127.0.0.1:9"
-        and env["GEMINI_API_KEY"] == "sk-secret"
-    )
-    own = Path(env["GEMINI_CLI_HOME"]) / ".gemini"
+    assert env["GOOGLE_GEMINI_BASE_URL"] == "http://127.0.0.1:9"
+    assert env["GEMINI_API_KEY"] == "sk-secret"
+    home = agent.own_home(env)
+    assert home.parent == tmp_path  # in the temp folder it gets (the sandbox's private one)
+    own = home / ".gemini"
     settings = json.loads((own / "settings.json").read_text())
     assert settings["security"]["auth"]["selectedType"] == "gemini-api-key"
     assert settings["privacy"]["usageStatisticsEnabled"] is False and "mcpServers" not in settings
     assert (own / "oauth_creds.json").resolve() == real / ".gemini" / "oauth_creds.json"
+    assert not (own / "settings.json").samefile(real / ".gemini" / "settings.json")
     argv = agent.build_argv(ctx)
     policy = Path(argv[argv.index("--policy") + 1])
     assert policy.read_text() == CODER_POLICY and "--skip-trust" in argv
@@ -159,3 +162,21 @@ def test_gemini_reads_its_own_error_on_stdout_or_stderr(
     assert isinstance(error, AgentCrashed)
     assert str(error).startswith("gemini: ") and said in str(error), str(error)
     assert error.retryable is retryable
+
+
+@pytest.mark.anyio
+async def test_gemini_gets_its_home_in_its_temp_folder_for_the_run_only(tmp_path: Path) -> None:
+    from .test_presets import calls, environ_with, install
+
+    bin_dir = tmp_path / "bin"
+    install(bin_dir, "gemini")
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    environ = {**environ_with(bin_dir), "TMPDIR": str(temp)}
+    agent = GeminiAgent(AgentSection(kind="gemini"), Stage.PLANNER, environ=environ)
+    result = await agent.run(make_ctx(tmp_path, Stage.PLANNER))
+    assert "Plan from gemini" in result.output
+    (call,) = [c for c in calls(bin_dir) if "argv" in c]
+    home = Path(call["env"]["GEMINI_CLI_HOME"])
+    assert home.parent == temp and home.name.startswith("opus-gemini-")
+    assert not await anyio.Path(home).exists()  # removed once the run is over

@@ -19,11 +19,14 @@ KEY_ENV = "OPUS_TEST_OPENAI_KEY"
 FAST = {"stage_timeout": 90, "stall_timeout": 20, "retries": 1}
 
 
-def codex_world(make_world: Callable[[str], World], url: str, **pipeline: Any) -> World:
+def codex_world(
+    make_world: Callable[[str], World], url: str, sandbox: str = "bwrap", **pipeline: Any
+) -> World:
     world = make_world("codex")
     world.configure(
         {"kind": "codex", "base_url": f"{url}/v1", "api_key_env": KEY_ENV, "model": "scripted"},
         pipeline={**FAST, **pipeline},
+        extra=f'[sandbox]\nkind = "{sandbox}"\n',
     )
     return world
 
@@ -33,13 +36,14 @@ def run(world: World) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_codex_runs_every_stage_to_review(make_world: Callable[[str], World]) -> None:
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_codex_runs_every_stage_to_review(make_world: Callable[[str], World], sandbox: str) -> None:
     with ResponsesServer() as server:
-        world = codex_world(make_world, server.url)
+        world = codex_world(make_world, server.url, sandbox)
         run(world)
 
     fm = world.frontmatter()
-    assert fm["status"] == "review", fm
+    assert fm["status"] == "review", fm.get("error")
     # the coder wrote the file, ran the tests and committed it itself, through codex's shell
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()

@@ -19,11 +19,14 @@ KEY_ENV = "OPUS_TEST_GEMINI_KEY"
 FAST = {"stage_timeout": 120, "stall_timeout": 30, "retries": 1}
 
 
-def gemini_world(make_world: Callable[[str], World], url: str, **pipeline: Any) -> World:
+def gemini_world(
+    make_world: Callable[[str], World], url: str, sandbox: str = "bwrap", **pipeline: Any
+) -> World:
     world = make_world("gemini")
     world.configure(
         {"kind": "gemini", "base_url": url, "api_key_env": KEY_ENV, "model": MODEL},
         pipeline={**FAST, **pipeline},
+        extra=f'[sandbox]\nkind = "{sandbox}"\n',
     )
     return world
 
@@ -33,13 +36,16 @@ def run(world: World) -> None:
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
 
 
-def test_gemini_runs_every_stage_to_review(make_world: Callable[[str], World]) -> None:
+@pytest.mark.parametrize("sandbox", ["bwrap", "none"])
+def test_gemini_runs_every_stage_to_review(
+    make_world: Callable[[str], World], sandbox: str
+) -> None:
     with GeminiServer() as server:
-        world = gemini_world(make_world, server.url)
+        world = gemini_world(make_world, server.url, sandbox)
         run(world)
 
     fm = world.frontmatter()
-    assert fm["status"] == "review", fm
+    assert fm["status"] == "review", fm.get("error")
     # the coder wrote the file (write_file), ran the tests and committed (run_shell_command)
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()

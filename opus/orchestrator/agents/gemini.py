@@ -6,11 +6,12 @@
   its stderr (warnings, "Attempt N failed. Retrying with backoff...") is not.
 - Trust: ``--skip-trust`` (every worktree is a new folder: else exit 55 in every stage).
 - Read-only stages: ``--approval-mode plan``: no ``run_shell_command`` at all, and
-  ``write_file`` / ``replace`` refused but for plan notes in its own folder under HOME.
+  ``write_file`` / ``replace`` refused but for plan notes in its own home (below: a temp folder).
 - The coder: ``--approval-mode auto_edit`` (edits) plus a policy file (``--policy``) that
   allows ``run_shell_command`` in that mode only and denies ``git push``; ``auto_edit``
   alone offers the model no shell, so it could neither run the tests nor commit.
-- A home of its own: ``GEMINI_CLI_HOME`` is a folder per stage in the job's artifacts whose
+- A home of its own: ``GEMINI_CLI_HOME`` is a fresh folder per run in the CLI's own ``TMPDIR``
+  (inside the sandbox: its private one; removed afterwards) whose
   ``.gemini/settings.json`` the preset writes (no usage statistics, telemetry, auto-update
   or hooks; two model attempts at most; no retry of fetch errors) and where the person's
   login files (``oauth_creds.json``, ``google_accounts.json``) are linked: their settings,
@@ -31,9 +32,14 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+
+import anyio
 
 from ..errors import AgentCrashed, AgentError
 from ..models import Usage
@@ -129,22 +135,35 @@ class GeminiAgent(PresetAgent):
             ),
         ]  # fmt: skip
 
-    def build_env(self, ctx: StageContext) -> dict[str, str]:
-        env = super().build_env(ctx)
-        if self.section.home == "real":
-            return env
-        home = self.files(ctx) / "home"
+    @asynccontextmanager
+    async def _sandboxed(
+        self, ctx: StageContext, argv: list[str], env: dict[str, str]
+    ) -> AsyncIterator[tuple[list[str], dict[str, str]]]:
+        """As it runs (in the sandbox, if any), with a home of its own in its ``TMPDIR``."""
+        async with super()._sandboxed(ctx, argv, env) as (argv, env):
+            if self.section.home == "real":
+                yield argv, env
+                return
+            home = await anyio.to_thread.run_sync(self.own_home, env)
+            try:
+                yield argv, {**env, "GEMINI_CLI_HOME": str(home)}
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await anyio.to_thread.run_sync(shutil.rmtree, home, True)
+
+    def own_home(self, env: Mapping[str, str]) -> Path:
+        """A fresh ``GEMINI_CLI_HOME`` in the temp folder the CLI gets (writable there, in the
+        sandbox too): opus's settings, and links to the person's login files."""
+        home = Path(tempfile.mkdtemp(prefix="opus-gemini-", dir=env.get("TMPDIR") or None))
         config = home / ".gemini"
-        config.mkdir(parents=True, exist_ok=True)
-        settings = self.settings(env)
-        (config / "settings.json").write_text(json.dumps(settings, indent=2), encoding="utf-8")
+        config.mkdir()
+        settings = json.dumps(self.settings(env), indent=2)
+        (config / "settings.json").write_text(settings, encoding="utf-8")
         real = Path(env.get("HOME") or "~").expanduser() / ".gemini"
         for name in CREDENTIALS:  # a login (oauth) reaches the CLI, nothing else of HOME does
-            link = config / name
-            if (real / name).exists() and not link.is_symlink():
-                link.symlink_to(real / name)
-        env["GEMINI_CLI_HOME"] = str(home)
-        return env
+            if (real / name).exists():
+                (config / name).symlink_to(real / name)
+        return home
 
     def cli_env(self, ctx: StageContext) -> dict[str, str]:
         return {"GEMINI_CLI_NO_RELAUNCH": "true"}  # no second node process (bigger heap)
