@@ -138,6 +138,8 @@ class CodexAgent(PresetAgent):
 
     def build_env(self, ctx: StageContext) -> dict[str, str]:
         env = super().build_env(ctx)
+        if ctx.sandbox is not None:  # it gives a private TMPDIR, apart from the private HOME
+            return env
         home = Path(env.get("CODEX_HOME") or Path(env.get("HOME") or "~").expanduser() / ".codex")
         temp = Path(env.get("TMPDIR") or "/tmp")
         if home.absolute().is_relative_to(temp.absolute()):
