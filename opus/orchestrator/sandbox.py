@@ -290,6 +290,10 @@ def _bwrap_problem(environ: Mapping[str, str]) -> tuple[str | None, str | None]:
     return (None, problem) if problem else (found, None)
 
 
+bwrap_problem = _bwrap_problem
+"""(a working bwrap, None) or (None, why not): for a cluster node's own check (SPEC §18)."""
+
+
 def memory_problem(config: Config, *, prepare: bool = False) -> Delegated | str | None:
     """None when no ``memory_max`` is set; else the cgroup that enforces it, or why none does."""
     if config.sandbox.memory_max is None:

@@ -34,7 +34,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 
 def remote_config(vault: Vault, cluster: Cluster, *, stages: str = '["coder", "tester"]',
                   executor: str = "", pipeline: str = "", address: str = "",
-                  coder: list[str] | None = None) -> None:  # fmt: skip
+                  coder: list[str] | None = None,
+                  sandbox: str = 'kind = "none"') -> None:  # fmt: skip
     """The vault's opus.toml with coder and tester on the cluster; the scripted agents say
     on which node they ran (``OPUS_TEST_NODE``, set on worker nodes only)."""
     script, calls = json.dumps(str(vault.script_file)), json.dumps(str(vault.calls_file))
@@ -65,6 +66,8 @@ stall_timeout = 30
 retries = 1
 concurrency = 4
 {pipeline}
+[sandbox]
+{sandbox}
 [executor]
 kind = "ray"
 address = "{address or cluster.address}"

@@ -262,3 +262,32 @@ def test_the_stage_log_streams_to_the_head_while_it_runs(
     assert job.status.value == "review", job.error
     assert "halfway there" in seen[0]
     assert git(vault.repo, "show", f"{job.branch}:streamed.txt") == "done"
+
+
+def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) -> None:
+    import json
+    import sys
+
+    secret_note = vault.root / "opus.toml"
+    coder = (
+        "import os, pathlib\n"
+        f"try:\n    pathlib.Path({str(secret_note)!r}).read_text(); seen = 'visible'\n"
+        "except OSError:\n    seen = 'hidden'\n"
+        "pathlib.Path('vault-was.txt').write_text(seen)\n"
+        "pathlib.Path('pid-ns.txt').write_text(str(os.getpid()))\n"
+    )
+    paths = json.dumps([str(vault.calls_file.parent / "calls")])
+    (vault.calls_file.parent / "calls").mkdir()
+    remote_config(vault, worker, stages='["coder"]', coder=[sys.executable, "-c", coder],
+                  sandbox=f'kind = "bwrap"\npaths = {paths}')  # fmt: skip
+    text = vault.config.read_text().replace(
+        json.dumps(str(vault.calls_file)), json.dumps(str(vault.calls_file.parent / "calls" / "c"))
+    )
+    vault.config.write_text(text)
+    vault.note("FR-10.md", FR.format(id="FR-10"))
+    job = anyio.run(process, vault, environ(worker), "FR-10")
+    assert job.status.value == "review", job.error
+    assert job.agent_versions["coder.node"]
+    # on the node, bubblewrap hid the head's vault (this machine is both) and gave a PID ns
+    assert git(vault.repo, "show", f"{job.branch}:vault-was.txt") == "hidden"
+    assert int(git(vault.repo, "show", f"{job.branch}:pid-ns.txt")) < 10

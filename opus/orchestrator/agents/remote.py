@@ -37,7 +37,7 @@ from typing import Any
 
 import anyio
 
-from ..config import AgentSection, Config, ExecutorSection
+from ..config import AgentSection, Config, ExecutorSection, SandboxSection
 from ..errors import AgentCrashed, AgentError, AgentNotFound, WorkspaceError
 from ..lifecycle import Stage
 from ..models import FeatureRequest
@@ -284,6 +284,10 @@ class Executor:
                 retries=config.pipeline.retries,
                 env={n: self.environ[n] for n in _needed(section) if self.environ.get(n)},
                 redact=secrets,
+                sandbox=config.sandbox.model_copy(
+                    update={"paths": [str(config.resolve(p)) for p in config.sandbox.paths]}
+                ),
+                vault=str(config.root.absolute()),
             )
         return wrapped
 
@@ -342,6 +346,8 @@ class RemoteAgent:
     env: dict[str, str] = field(default_factory=dict)
     """The head's values of the variables the agent needs (task arguments, in memory only)."""
     redact: list[str] = field(default_factory=list)
+    sandbox: SandboxSection | None = None
+    vault: str = ""
 
     async def run(self, ctx: StageContext) -> StageResult:
         problem = self.executor.ready()
@@ -374,6 +380,8 @@ class RemoteAgent:
             setup=self.executor.section.setup,
             env=self.env,
             redact=self.redact,
+            sandbox=self.sandbox,
+            vault=self.vault,
         )
         running = await anyio.to_thread.run_sync(self.executor.submit, self.stage, job,
                                                  [thin, full])  # fmt: skip

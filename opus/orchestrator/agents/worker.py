@@ -27,11 +27,12 @@ from pathlib import Path
 import anyio
 
 from ... import __version__
-from ..config import AgentSection
-from ..errors import AgentCrashed, AgentError, WorkspaceError
+from ..config import AgentSection, SandboxSection
+from ..errors import AgentCrashed, AgentError, AgentNotFound, WorkspaceError
 from ..lifecycle import Stage
 from ..models import FeatureRequest, Feedback
 from ..redact import Redactor
+from ..sandbox import Sandbox, bwrap_problem
 from ..supervisor import run_process
 from .base import Agent, StageContext, StageResult
 from .bundles import KEEP_REFS, NodeCache, bundle_changes
@@ -77,6 +78,10 @@ class RemoteStage:
     setup: str
     env: dict[str, str] = field(default_factory=dict)
     redact: list[str] = field(default_factory=list)
+    sandbox: SandboxSection | None = None
+    """The head's ``[sandbox]``: the node sandboxes the agent the same way (SPEC §17)."""
+    vault: str = ""
+    """The head's vault folder: hidden from the agent where it exists on the node too."""
 
 
 @dataclass
@@ -191,7 +196,11 @@ class _Stage:
         artifacts.mkdir(mode=0o700)
         await anyio.to_thread.run_sync(cache.checkout, job.start, worktree)
         try:
-            ctx = self._context(worktree, artifacts)
+            try:
+                ctx = self._context(worktree, artifacts)
+            except AgentError as e:
+                outcome.error = e
+                return outcome
             given = {p.name for p in artifacts.iterdir()}
             try:
                 if job.setup:
@@ -250,6 +259,32 @@ class _Stage:
             feedback=job.feedback,
             feedback_file=feedback_file,
             redactor=Redactor(job.redact),
+            sandbox=self._sandbox(),
+        )
+
+    def _sandbox(self) -> Sandbox | None:
+        """The head's ``[sandbox]`` policy with this node's bwrap, HOME and folders: the
+        stage's private folder stands for the state folder (its private HOME lives there)."""
+        section = self.job.sandbox
+        if section is None or section.kind == "none":
+            return None
+        bwrap, problem = bwrap_problem(os.environ)
+        if bwrap is None:
+            if section.kind == "bwrap":
+                raise AgentNotFound(f'[sandbox] kind = "bwrap" but this node cannot: {problem}')
+            return None
+        state = self.tmp / "state"
+        state.mkdir(mode=0o700, exist_ok=True)
+        vault = Path(self.job.vault) if self.job.vault and Path(self.job.vault).is_dir() else state
+        home = Path.home()
+        return Sandbox(
+            bwrap=bwrap,
+            vault=vault,
+            state=state,
+            home=home,
+            paths=tuple(Path(p) for p in section.paths if Path(p).is_dir()),
+            home_binds=tuple(p[2:] if p.startswith("~/") else p for p in section.home_binds),
+            memory_max=section.memory_max,
         )
 
 
