@@ -21,7 +21,7 @@ from ..conftest import Vault, git
 from .conftest import Cluster, remote_config
 from .test_remote_stages import FR, environ
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]  # nodes start slowly on 2 cores
 
 
 async def until(predicate: Callable[[], object], what: str, limit: float = 90) -> None:

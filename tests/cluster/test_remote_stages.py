@@ -14,7 +14,7 @@ from opus.orchestrator.models import Job
 from ..conftest import Vault, git
 from .conftest import SECRET, Cluster, remote_config
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.timeout(300)]  # nodes start slowly on 2 cores
 
 FR = """\
 ---
