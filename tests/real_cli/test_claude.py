@@ -215,12 +215,13 @@ def test_claude_retrying_by_itself_is_stopped_by_the_stall_watch(
     assert result.returncode == 0, result.stderr[-3000:]
     fm = world.frontmatter()
     assert fm["status"] == "blocked" and "stalled" in fm["error"], fm
-    assert "api_retry" in fm["error"]  # its last words
     # counted on the CLI's own clock (its retry events, ~0.5, 1.7, 3.7, 7.7, 15.7 s after it
     # started): stopped 6 s after its start, it got out three or four, not five
     log = (world.job_files() / "planner-1.log").read_text()
     retries = [line for line in log.splitlines() if '"subtype":"api_retry"' in line]
-    assert 1 <= len(retries) <= 4, retries
+    # (on a crowded machine its start alone may take the 6 s: then it got out none)
+    assert len(retries) <= 4, retries
+    assert not retries or "api_retry" in fm["error"]  # its last words
 
 
 class FailsAfterOne(AnthropicServer):
