@@ -13,6 +13,7 @@ of the node's pool, not a process per stage).
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import shutil
 import signal
@@ -268,7 +269,7 @@ class _Stage:
         section = self.job.sandbox
         if section is None or section.kind == "none":
             return None
-        bwrap, problem = bwrap_problem(os.environ)
+        bwrap, problem = _node_bwrap(os.environ.get("PATH", ""))
         if bwrap is None:
             if section.kind == "bwrap":
                 raise AgentNotFound(f'[sandbox] kind = "bwrap" but this node cannot: {problem}')
@@ -286,6 +287,12 @@ class _Stage:
             home_binds=tuple(p[2:] if p.startswith("~/") else p for p in section.home_binds),
             memory_max=section.memory_max,
         )
+
+
+@functools.cache
+def _node_bwrap(path: str) -> tuple[str | None, str | None]:
+    """This node's bubblewrap, probed once per worker process (a stage need not re-probe)."""
+    return bwrap_problem({"PATH": path})
 
 
 def _agent(job: RemoteStage) -> Agent:
