@@ -18,6 +18,8 @@ from .servers.chat import COMPLETION_TOKENS, MODEL, PROMPT_TOKENS, ChatServer, e
 pytestmark = [pytest.mark.cli("aider"), pytest.mark.timeout(600)]
 
 KEY = "sk-aider-test-0123456789abcdef"
+SANDBOX = '[sandbox]\nkind = "bwrap"\n'
+"""Every agent inside bubblewrap (SPEC §17), as a person's opus runs them."""
 FAST = {"stage_timeout": 120, "stall_timeout": 45, "retries": 1}
 TESTS = ["--auto-test", "--test-cmd", f"{sys.executable} -m pytest -q"]
 """The project's python by its path: aider's own venv comes first on PATH in these worlds."""
@@ -39,6 +41,7 @@ def aider_world(
         },
         stages={"coder": {"args": TESTS}},
         pipeline={**FAST, **pipeline},
+        extra=SANDBOX,
     )
     return world
 

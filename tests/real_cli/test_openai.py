@@ -23,6 +23,8 @@ pytestmark = [pytest.mark.cli("litellm"), pytest.mark.timeout(600)]
 
 MASTER_KEY = "sk-litellm-master-0123456789"
 PROXY_MODEL = "opus-scripted"
+SANDBOX = '[sandbox]\nkind = "bwrap"\n'
+"""Every agent inside bubblewrap (SPEC §17), as a person's opus runs them."""
 FAST = {"stage_timeout": 60, "stall_timeout": 30, "retries": 1}
 STARTUP = 180.0
 """Seconds the proxy may take to answer its health check (about 10 s idle, ~60 s loaded)."""
@@ -121,6 +123,7 @@ def openai_world(make_world: Callable[[str], World], url: str, **pipeline: Any) 
             "price_out_per_mtok": 15.0,
         },
         pipeline={**FAST, **pipeline},
+        extra=SANDBOX,
     )
     return world
 

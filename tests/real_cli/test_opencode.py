@@ -16,6 +16,8 @@ from .servers.chat import COMPLETION_TOKENS, MODEL, PROMPT_TOKENS, ChatServer, e
 pytestmark = [pytest.mark.cli("opencode"), pytest.mark.timeout(600)]
 
 KEY = "sk-opencode-test-0123456789abcdef"
+SANDBOX = '[sandbox]\nkind = "bwrap"\n'
+"""Every agent inside bubblewrap (SPEC §17), as a person's opus runs them."""
 FAST = {"stage_timeout": 180, "stall_timeout": 60, "retries": 1}
 """opencode prints nothing until its first model answer: 8 s after it starts on an idle
 machine, 20-30 s on a loaded one, so the stall timeout here is generous."""
@@ -35,6 +37,7 @@ def opencode_world(
             **(agent or {}),
         },
         pipeline={**FAST, **pipeline},
+        extra=SANDBOX,
     )
     return world
 
