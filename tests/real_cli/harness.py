@@ -15,6 +15,7 @@ through the shell tool, then says it is done.
 
 from __future__ import annotations
 
+import abc
 import json
 import os
 import socket
@@ -174,7 +175,7 @@ def sse(events: Iterable[tuple[str | None, Any]]) -> bytes:
     return "".join(out).encode()
 
 
-class ScriptedServer:
+class ScriptedServer(abc.ABC):
     """A ThreadingHTTPServer on 127.0.0.1 in a thread that records each request.
 
     Subclasses answer in :meth:`respond`. ``fail`` set to a Response makes every request
@@ -188,8 +189,9 @@ class ScriptedServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
+    @abc.abstractmethod
     def respond(self, request: Request) -> Response:
-        raise NotImplementedError
+        """The answer to one request (what a model would send)."""
 
     @property
     def url(self) -> str:
