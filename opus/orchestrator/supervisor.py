@@ -268,21 +268,42 @@ async def _stop_group(
         with anyio.move_on_after(KILL_TIMEOUT):
             await proc.wait()
     deadline = anyio.current_time() + REAP_TIMEOUT
-    while _unreaped(pgid) and anyio.current_time() < deadline:  # noqa: ASYNC110 (no event)
+    while _unreaped(pgid, proc.pid) and anyio.current_time() < deadline:  # noqa: ASYNC110
         await anyio.sleep(0.05)
     return True
 
 
-def _unreaped(pgid: int) -> bool:
+def _unreaped(pgid: int, tracked: int | None = None) -> bool:
     """True while group ``pgid`` exists but for orphaned zombies: those wait for init, which
-    takes seconds on some machines (a sandbox's own init is one when its bwrap exits)."""
+    takes seconds on some machines (a sandbox's own init is one when its bwrap exits).
+
+    Orphans this process adopted (it is a subreaper: a cluster node's worker) are reaped
+    here, each by its pid; ``tracked``, the supervised child, is left to whoever waits for
+    it (its exit status is the stage's)."""
     if not _exists(pgid):
         return False
     members = _members(pgid)
     if members is None:
         return True
     me = os.getpid()
-    return any(state not in ("Z", "X") or ppid == me for _, state, _, ppid in members)
+    reaped = {
+        pid
+        for pid, state, _, ppid in members
+        if state == "Z" and ppid == me and pid != tracked and _reap(pid)
+    }
+    return any(
+        state not in ("Z", "X") or (ppid == me and pid not in reaped)
+        for pid, state, _, ppid in members
+    )
+
+
+def _reap(pid: int) -> bool:
+    """Collect the exit status of our zombie child ``pid``; True once it is gone."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:  # someone else collected it: gone all the same
+        return True
+    return done == pid
 
 
 async def _wait_dead(proc: Process, pgid: int, limit: float) -> bool:
