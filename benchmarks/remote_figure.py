@@ -2,7 +2,9 @@
 
 10. one remote stage vs the same stage local, small repo: the coder stage's duration (its
    checkpoint's start to finish: prompt, agent, commit) with ``[executor] kind = "ray"``
-   minus the same with ``local``, medians over sequential FRs; target ≤ 150 ms more.
+   minus the same with ``local``, medians over sequential FRs; target ≤ 150 ms more. Both
+   with the default ``[sandbox]`` (bubblewrap on the head and on the worker), and again with
+   ``kind = "none"`` as a detail.
 11. throughput of 20 instant FRs (coder and tester remote, concurrency 4) on one worker node
    vs two (two `agent` slots each), printed as the speed-up ratio.
 
@@ -40,8 +42,11 @@ AGENTS = {
 }
 
 
-def configure(world: World, cluster: Cluster, *, remote: list[str], concurrency: int) -> None:
-    """Instant command agents (real child processes), and the executor."""
+def configure(
+    world: World, cluster: Cluster, *, remote: list[str], concurrency: int, sandbox: bool = True
+) -> None:
+    """Instant command agents (real child processes), the executor, and ``[sandbox]``
+    (default: ``auto``, bubblewrap here; else ``none``)."""
     agents = "".join(
         f'[agents.{stage}]\nkind = "command"\ncommand = {json.dumps(argv)}\n\n'
         for stage, argv in AGENTS.items()
@@ -54,7 +59,8 @@ def configure(world: World, cluster: Cluster, *, remote: list[str], concurrency:
     )
     text = world.config_file.read_text().split("[agents.")[0]
     text = text.replace("concurrency = 3", f"concurrency = {concurrency}")
-    world.config_file.write_text(text + executor + agents)
+    unboxed = "" if sandbox else '[sandbox]\nkind = "none"\n\n'
+    world.config_file.write_text(text + unboxed + executor + agents)
 
 
 async def _run(world: World, cluster: Cluster, count: int, warmup: int = 0) -> float:
@@ -87,6 +93,21 @@ def _coder_seconds(world: World) -> list[float]:
     return [ended - began for began, ended in sorted(spans)]  # in the order they ran
 
 
+async def _stage_overhead(
+    base: Path, cluster: Cluster, runs: int, *, sandbox: bool
+) -> tuple[float, float]:
+    """Median seconds of the coder stage local, then remote (one warm-up FR each, untimed)."""
+    local = make_world(base / "local", concurrency=1)
+    configure(local, cluster, remote=[], concurrency=1, sandbox=sandbox)
+    remote = make_world(base / "remote", concurrency=1)
+    configure(remote, cluster, remote=["coder"], concurrency=1, sandbox=sandbox)
+    for world in (local, remote):  # one service each, FRs one after the other
+        await _run(world, cluster, runs, warmup=1)
+    here = statistics.median(_coder_seconds(local)[1:])
+    there = statistics.median(_coder_seconds(remote)[1:])
+    return here, there
+
+
 def _parse(stamp: str) -> float:
     from datetime import datetime
 
@@ -100,16 +121,10 @@ async def remote_figures(base: Path, runs: int, batch: int) -> list[Figure]:
         cluster.start_head()
         cluster.add_worker("worker-1", agent=2)
         cluster.wait_for_agents(2)
-        # 10: the coder stage local, then remote (one warm-up FR each, untimed)
-        local = make_world(base / "local", concurrency=1)
-        configure(local, cluster, remote=[], concurrency=1)
-        remote = make_world(base / "remote", concurrency=1)
-        configure(remote, cluster, remote=["coder"], concurrency=1)
-        for world in (local, remote):  # one service each, FRs one after the other
-            await _run(world, cluster, runs, warmup=1)
-        here = statistics.median(_coder_seconds(local)[1:])
-        there = statistics.median(_coder_seconds(remote)[1:])
+        # 10: the coder stage local, then remote; sandboxed (the default), then not
+        here, there = await _stage_overhead(base / "boxed", cluster, runs, sandbox=True)
         extra = there - here
+        bare_here, bare_there = await _stage_overhead(base / "bare", cluster, runs, sandbox=False)
         eight = Figure(
             10,
             measured=f"coder stage {ms(there)} remote vs {ms(here)} local: {ms(extra)} more",
@@ -120,7 +135,10 @@ async def remote_figures(base: Path, runs: int, batch: int) -> list[Figure]:
             details=[
                 f"medians of {runs} FRs one after another in one service (after one warm-up "
                 "FR), instant command agents, a 20-file repository; remote = a Ray task on "
-                "the worker node, bundle out, log streamed, bundle back, verified, applied"
+                "the worker node, bundle out, log streamed, bundle back, verified, applied; "
+                "agents in bubblewrap on both sides (the default [sandbox])",
+                f'with [sandbox] kind = "none": {ms(bare_there)} remote vs {ms(bare_here)} '
+                f"local: {ms(bare_there - bare_here)} more ({ratio(bare_there, bare_here)})",
             ],
         )
         # 11: 20 FRs, coder and tester remote, on one worker node, then on two
