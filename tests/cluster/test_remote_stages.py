@@ -10,6 +10,7 @@ import pytest
 
 from opus.orchestrator import Orchestrator, load_config
 from opus.orchestrator.models import Job
+from opus.orchestrator.supervisor import REAP_TIMEOUT
 
 from ..conftest import Vault, git
 from .conftest import SECRET, Cluster, remote_config
@@ -291,3 +292,6 @@ def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) 
     # on the node, bubblewrap hid the head's vault (this machine is both) and gave a PID ns
     assert git(vault.repo, "show", f"{job.branch}:vault-was.txt") == "hidden"
     assert int(git(vault.repo, "show", f"{job.branch}:pid-ns.txt")) < 10
+    # the worker (a subreaper) reaped the sandbox's exited init itself: no REAP_TIMEOUT wait
+    coder = next(cp for cp in job.history if cp.stage.value == "coder")
+    assert (coder.finished_at - coder.started_at).total_seconds() < REAP_TIMEOUT
