@@ -27,9 +27,6 @@ import yaml
 from anyio.abc import TaskGroup
 from pydantic import BaseModel, Field, ValidationError
 
-from .agents import build_agent
-from .agents.base import Agent, StageContext
-from .agents.repo_context import repo_files
 from .atomic import atomic_write
 from .config import AgentSection, Config
 from .errors import AgentError, NoteError, OpusError, WorkspaceError
@@ -39,6 +36,7 @@ from .models import FeatureRequest, Job, Usage
 from .vault import is_candidate_name
 
 if TYPE_CHECKING:
+    from .agents.base import Agent
     from .runtime import Runtime
 
 __all__ = (
@@ -389,6 +387,12 @@ class Ideation:
     async def _ask(
         self, category: str, repo: str, titles: list[str], started: datetime
     ) -> tuple[str, Usage | None]:
+        # the agents are imported here, not at the top: `opus metrics` reads the ledger
+        # through this module and must not load them (SPEC §12: CLI latency)
+        from .agents import build_agent
+        from .agents.base import StageContext
+        from .agents.repo_context import repo_files
+
         rt, config = self.rt, self.rt.config
         section = ideator_section(config)
         agent = self._agent or build_agent(

@@ -9,22 +9,24 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import date, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from .checks import agent_problems, notifier_problems, repo_problems
 from .config import Config
 from .errors import NoteError, OpusError
-from .lifecycle import Status
-from .models import Job
-from .reactions import artifact_tag
-from .rollups import Figures, rollups_since
-from .sandbox import sandbox_problems
+from .lifecycle import Stage, Status
+from .models import Job, Priority
 from .vault import Vault
+
+if TYPE_CHECKING:
+    from .rollups import Figures
+
+# checks, sandbox, reactions and rollups are imported by the views that use them, so that
+# `opus status` does not load them (SPEC §12: CLI latency)
 
 
 def read_jobs(state_dir: Path) -> list[Job]:
@@ -34,15 +36,41 @@ def read_jobs(state_dir: Path) -> list[Job]:
     name is read only when its id (which starts with its creation time) is younger than a
     day before registry.json was written — older ones were archived (or finished before that
     write, which named every job alive then)."""
-    jobs: dict[str, Job] = {}
+    return _read_jobs(state_dir, _registry_jobs, _record(Job))
+
+
+def job_summaries(state_dir: Path) -> list[JobSummary]:
+    """``read_jobs``, as much of each job as ``opus status`` shows: the parser skips the
+    rest of each row (history, usage…) instead of building it — most of the cost of
+    reading 1,000 jobs (SPEC §12's CLI latency)."""
+    return _read_jobs(state_dir, _registry_summaries, _record(JobSummary))
+
+
+class _Keyed(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    @property
+    def created_at(self) -> datetime: ...
+
+
+J = TypeVar("J", bound=_Keyed)
+
+
+def _read_jobs(
+    state_dir: Path,
+    registry_jobs: Callable[[bytes], tuple[list[J], object]],
+    from_record: Callable[[object], J | None],
+) -> list[J]:
+    jobs: dict[str, J] = {}
     registry = state_dir / "registry.json"
     mtime = 0
     written = ""
     try:
         mtime = registry.stat().st_mtime_ns
-        doc = _RegistryDoc.model_validate_json(registry.read_bytes())  # one pass, in Rust
-        jobs = {job.id: job for job in doc.jobs}
-        written = _day_before(doc.written_at)
+        rows, written_at = registry_jobs(registry.read_bytes())
+        jobs = {job.id: job for job in rows}
+        written = _day_before(written_at)
     except (OSError, ValueError):
         mtime = 0
     folder = state_dir / "jobs"
@@ -72,18 +100,65 @@ def read_jobs(state_dir: Path) -> list[Job]:
                 jobs.pop(name, None)
                 break
             if "job" in record:
-                try:
-                    job = Job.model_validate(record["job"])
-                except ValidationError:
-                    break
-                jobs[job.id] = job
+                job = from_record(record["job"])
+                if job is not None:
+                    jobs[job.id] = job
                 break
     return sorted(jobs.values(), key=lambda j: j.created_at)
+
+
+class JobSummary(BaseModel):
+    """The fields of a ``Job`` that ``opus status`` shows, and the rest of its required ones,
+    with the same types and defaults (a test holds them equal): a row reads as its Job
+    would, and what is not here is skipped."""
+
+    id: str
+    fr_id: str
+    fr_path: str
+    title: str
+    priority: Priority
+    status: Status
+    stage: Stage | None = None
+    iteration: int = 1
+    repo: str
+    branch: str
+    created_at: datetime
+    updated_at: datetime
+    error: str | None = None
+    round: int = 1
 
 
 class _RegistryDoc(BaseModel):
     jobs: list[Job] = []
     written_at: str | None = None
+
+
+class _SummaryDoc(BaseModel):
+    jobs: list[JobSummary] = []
+    written_at: str | None = None
+
+
+def _registry_jobs(data: bytes) -> tuple[list[Job], object]:
+    doc = _RegistryDoc.model_validate_json(data)  # one pass, in Rust
+    return doc.jobs, doc.written_at
+
+
+def _registry_summaries(data: bytes) -> tuple[list[JobSummary], object]:
+    doc = _SummaryDoc.model_validate_json(data)
+    return doc.jobs, doc.written_at
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _record(model: type[M]) -> Callable[[object], M | None]:
+    def read(data: object) -> M | None:
+        try:
+            return model.model_validate(data)
+        except ValidationError:
+            return None
+
+    return read
 
 
 _STAMPED = re.compile(r"\d{8}-\d{6}-")
@@ -101,6 +176,8 @@ def _day_before(stamp: object) -> str:
 
 def archived_figures(config: Config, since: date) -> tuple[Figures, set[str]]:
     """The archive's roll-ups of jobs created on or after ``since`` (not the archive)."""
+    from .rollups import rollups_since
+
     return rollups_since(config.state_dir / "archive", since)
 
 
@@ -141,7 +218,8 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
     """One row per FR note (and per job whose note is gone), plus unreadable notes."""
     now = now or datetime.now()
     scan = Vault(config).scan()
-    latest = {job.fr_id: job for job in read_jobs(config.state_dir)}
+    latest = {job.fr_id: job for job in job_summaries(config.state_dir)}
+    in_vault = _in_vault(config.root)
     rows: list[dict[str, Any]] = []
     for fr_id in sorted(set(scan.frs) | set(latest)):
         fr, job = scan.frs.get(fr_id), latest.get(fr_id)
@@ -171,9 +249,7 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                 "priority": (fr.priority.value if fr else job.priority.value if job else None),
                 "title": fr.title if fr else job.title if job else "",
                 "error": (job.error if job else None) or (fr.error if fr else None),
-                "note": str(fr.path.relative_to(config.root))
-                if fr
-                else (job.fr_path if job else None),
+                "note": in_vault(fr.path) if fr else (job.fr_path if job else None),
             }
         )
     for problem in scan.problems:
@@ -190,10 +266,24 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                 "priority": None,
                 "title": "",
                 "error": problem.message,
-                "note": str(problem.path.relative_to(config.root)),
+                "note": in_vault(problem.path),
             }
         )
     return rows
+
+
+def _in_vault(root: Path) -> Callable[[Path], str]:
+    """``str(path.relative_to(root))``, by cutting the prefix where it is one (a thousand
+    paths a table: pathlib's parsing was a tenth of `opus status`)."""
+    prefix = os.path.join(root, "")  # noqa: PTH118 - a string prefix, not a path
+
+    def relative(path: Path) -> str:
+        text = str(path)
+        if text.startswith(prefix) and len(text) > len(prefix):
+            return text[len(prefix) :]
+        return str(path.relative_to(root))
+
+    return relative
 
 
 def print_status(config: Config) -> None:
@@ -280,6 +370,8 @@ def job_for(config: Config, ref: str) -> tuple[str, Job | None]:
 
 
 def show_data(config: Config, ref: str) -> dict[str, Any]:
+    from .reactions import artifact_tag
+
     fr_id, job = job_for(config, ref)
     if job is None:
         raise OpusError(f"{fr_id}: no job yet")
@@ -371,6 +463,9 @@ def print_show(data: dict[str, Any]) -> None:
 
 def validate(config: Config, environ: Mapping[str, str] | None = None) -> list[str]:
     """Every problem with the repositories, agents, notifiers and notes, one line each."""
+    from .checks import agent_problems, notifier_problems, repo_problems
+    from .sandbox import sandbox_problems
+
     problems = [
         *repo_problems(config),
         *agent_problems(config, environ),
