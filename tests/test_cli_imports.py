@@ -6,6 +6,7 @@ runs it; the modules it loaded are what it left in ``sys.modules``."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -84,6 +85,23 @@ def test_version_loads_neither_click_nor_the_library(tmp_path: Path, how: str) -
     assert out == CliRunner().invoke(main, ["--version"]).output == "opus, version 0.1.0\n"
     ours = ["opus"] if how == "-m" else ["opus", "opus.__main__"]  # -m runs it as __main__
     assert [m for m in modules if m.split(".")[0] in ("opus", "click", "pydantic")] == ours
+
+
+def test_version_to_a_closed_pipe_exits_1_quietly_as_click_does() -> None:
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        done = subprocess.run(
+            [sys.executable, "-m", "opus", "--version"],
+            stdout=write,
+            stderr=subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write)
+    assert (done.returncode, done.stderr) == (1, b"")
 
 
 def test_other_arguments_reach_the_click_app(tmp_path: Path) -> None:
