@@ -355,3 +355,47 @@ def test_alias_value_goes_through_the_round_trip(tmp_path: Path) -> None:
     update_note(path, {"status": "queued"})
     assert read_note(path).meta == {"base": "planned", "status": "queued", "other": "planned"}
     assert path.read_text().endswith("---\nb\n")
+
+
+def _ruamel_reference(values: dict[str, object], styles: dict[str, str]) -> str:
+    """What opus wrote before lines were rendered one key at a time: one ruamel dump of the
+    whole mapping, strings quoted as the person's value was (or as PyYAML needs)."""
+    import io
+
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
+
+    from opus.orchestrator.frontmatter import _rt_yaml
+
+    data: dict[str, object] = {}
+    for key, value in values.items():
+        if isinstance(value, str):
+            tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, value, (True, False))
+            if styles.get(key) == '"':
+                value = DoubleQuotedScalarString(value)
+            elif styles.get(key) == "'" or tag != "tag:yaml.org,2002:str":
+                value = SingleQuotedScalarString(value)
+        data[key] = value
+    out = io.StringIO()
+    _rt_yaml().dump(data, out)
+    return out.getvalue()
+
+
+@pytest.mark.parametrize("style", [None, '"', "'"])
+def test_lines_are_what_one_ruamel_dump_writes(style: str | None) -> None:
+    from datetime import date
+
+    from opus.orchestrator.frontmatter import _render_lines
+
+    values: list[object] = [
+        "in-progress", "opus/fr-1", "20261201-174330-fr-1-0f63", "https://github.com/o/r/pull/3",
+        "[[FR-1 plan]]", "coder failed: exit 1", "true", "123", "1:20", "0o17", "", "a b",
+        "~", "null", "- x", "#tag", "it's", 'say "hi"', "é ünïcode", "a\nb", " lead", "trail ",
+        "1e3", ".inf", "2026-01-02", "yes", "@at", "%p", "x: y", "x #y", 0, 3, -7, 10**20,
+        datetime(2026, 12, 1, 17, 43, 30), date(2026, 1, 2), True, 1.5, None,
+    ]  # fmt: skip
+    mapping = {f"k{i}": v for i, v in enumerate(values)} | {"odd key": "v", "1": "one"}
+    styles = {k: style for k in mapping} if style else {}
+    assert _render_lines(mapping, styles, "\n") == _ruamel_reference(mapping, styles)
+    for key, value in mapping.items():  # and each line alone, CRLF too
+        single = _ruamel_reference({key: value}, styles)
+        assert _render_lines({key: value}, styles, "\r\n") == single.replace("\n", "\r\n")

@@ -21,7 +21,7 @@ import os
 import re
 import stat
 import tempfile
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from pathlib import Path
@@ -363,37 +363,32 @@ def rewrite(path: Path, raw: bytes, changes: Changes) -> bytes | None:
     expected = {k: v for k, v in split.meta.items() if k not in todo or todo[k] is not None}
     expected.update({k: v for k, v in todo.items() if v is not None})
     nl = split.newline
-    if split.fence_open:
-        head = None
-        for attempt in (_splice, _roundtrip):
-            new_yaml = attempt(split.yaml_text, todo, nl)
-            if new_yaml is not None and _parses_to(new_yaml, expected):
-                head = split.fence_open + new_yaml + split.fence_close
-                break
-    else:
-        head = f"---{nl}{_render_lines(expected, {}, nl)}---{nl}"
-    new = (split.bom + head + split.body).encode("utf-8") if head is not None else None
-    if new is None or not _round_trips(path, new, expected, split.body):
-        raise NoteError(path, "cannot rewrite this frontmatter without changing other keys")
-    return new
-
-
-def _parses_to(yaml_text: str, expected: Mapping[str, Any]) -> bool:
-    try:
-        got = yaml.load(yaml_text, Loader=_FastLoader) or {}
-    except yaml.YAMLError:
-        return False
-    if not isinstance(got, dict) or list(got) != list(expected):
-        return False
-    return all(_same(got[k], v) or got[k] == v for k, v in expected.items())
+    heads: Iterator[str] = (
+        (
+            split.fence_open + new_yaml + split.fence_close
+            for attempt in (_splice, _roundtrip)
+            if (new_yaml := attempt(split.yaml_text, todo, nl)) is not None
+        )
+        if split.fence_open
+        else iter([f"---{nl}{_render_lines(expected, {}, nl)}---{nl}"])
+    )
+    for head in heads:  # line edits first, a ruamel round trip if they cannot be verified
+        new = (split.bom + head + split.body).encode("utf-8")
+        if _round_trips(path, new, expected, split.body):
+            return new
+    raise NoteError(path, "cannot rewrite this frontmatter without changing other keys")
 
 
 def _round_trips(path: Path, new: bytes, expected: Mapping[str, Any], body: str) -> bool:
+    """Whether ``new`` reads back (as every reader reads it) to ``expected`` and ``body``."""
     try:
         again = _split(path, new.decode("utf-8"))
     except NoteError:
         return False
-    return again.body == body and _parses_to(again.yaml_text, expected)
+    got = again.meta
+    if again.body != body or not again.fence_open or list(got) != list(expected):
+        return False
+    return all(_same(got[k], v) or got[k] == v for k, v in expected.items())
 
 
 def _rt_yaml() -> YAML:
@@ -423,25 +418,50 @@ def _representer() -> type[RoundTripRepresenter]:
 
 
 def _render_lines(values: Mapping[str, object], styles: Mapping[str, str], nl: str) -> str:
-    """``key: value`` lines, quoting strings PyYAML would read as something else."""
-    if not values:
-        return ""
+    """``key: value`` lines, quoting strings PyYAML would read as something else.
+
+    Each line is what ``ruamel.yaml`` writes for that one key: numbers and dates directly,
+    strings through ruamel once per distinct (key, value, quoting) — statuses, stages and
+    branch names repeat from write to write.
+    """
+    lines = []
+    for key, value in values.items():
+        kind = type(value)
+        if kind is str:
+            lines.append(_string_line(key, value, styles.get(key)))
+        elif (kind is int or kind is datetime or kind is date) and _SIMPLE_KEY.fullmatch(key):
+            text = str(value) if kind is int else value.isoformat()  # type: ignore[attr-defined]
+            lines.append(f"{key}: {text}\n")
+        else:
+            lines.append(_ruamel_lines({key: value}))
+    return "".join(lines).replace("\n", nl)
+
+
+_SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+@functools.lru_cache(maxsize=4096)
+def _string_line(key: str, value: str, style: str | None) -> str:
+    """ruamel's line for one string value: double quotes where the person's value had them,
+    single quotes where they had those or a plain scalar would read as another type."""
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
-    data: dict[str, object] = {}
-    resolver = yaml.resolver.Resolver()
-    for key, value in values.items():
-        if isinstance(value, str):
-            style = styles.get(key)
-            plain_tag = resolver.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
-            if style == '"':
-                value = DoubleQuotedScalarString(value)
-            elif style == "'" or plain_tag != _STR_TAG:
-                value = SingleQuotedScalarString(value)
-        data[key] = value
+    plain_tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+    scalar: str = value
+    if style == '"':
+        scalar = DoubleQuotedScalarString(value)
+    elif style == "'" or plain_tag != _STR_TAG:
+        scalar = SingleQuotedScalarString(value)
+    return _ruamel_lines({key: scalar})
+
+
+_RESOLVER = yaml.resolver.Resolver()
+
+
+def _ruamel_lines(data: Mapping[str, object]) -> str:
     out = io.StringIO()
-    _rt_yaml().dump(data, out)
-    return out.getvalue().replace("\n", nl)
+    _rt_yaml().dump(dict(data), out)
+    return out.getvalue()
 
 
 def _splice(text: str, todo: Mapping[str, object | None], nl: str) -> str | None:
