@@ -399,3 +399,55 @@ def test_lines_are_what_one_ruamel_dump_writes(style: str | None) -> None:
     for key, value in mapping.items():  # and each line alone, CRLF too
         single = _ruamel_reference({key: value}, styles)
         assert _render_lines({key: value}, styles, "\r\n") == single.replace("\n", "\r\n")
+
+
+_PLAIN_BLOCKS = [
+    "id: FR-1\nstatus: planned\ntitle: Thing\n",
+    "id: FR-1\r\nstatus: planned   # the person's comment\r\ntags:\r\n  - a\r\n  - b\r\n",
+    "status: 'queued'\nstage: \"coder\" # c\niteration: 2\n# a comment line\nbranch: opus/fr-1\n",
+    "title: x\nstatus: [a, b]  #  two\njob_id: 20261201-000000-fr-1-0abc\n"
+    "updated_at: 2026-01-01T10:30:00\n",
+    "tags:\n- x\n- y\nstatus: review\n\n\nerror: 'a: b'\n",
+    "status: done\n# trailing comment\n",
+    "status: done",
+]
+
+
+@pytest.mark.parametrize("text", _PLAIN_BLOCKS)
+def test_plain_spans_are_the_composer_s(text: str) -> None:
+    """Spans read line by line (plain frontmatter) equal those from PyYAML's node marks."""
+    from opus.orchestrator.frontmatter import _composed_spans, _plain_spans
+
+    todo = dict.fromkeys(("status", "stage", "iteration", "branch", "error", "job_id", "x"), "v")
+    plain = _plain_spans(text, todo)
+    assert plain is not None and "status" in plain
+    assert plain == _composed_spans(text, todo)
+
+
+@pytest.mark.parametrize("source", NOTES, ids=lambda p: p.name)
+def test_plain_spans_match_the_composer_on_the_corpus(source: Path) -> None:
+    from opus.orchestrator.frontmatter import _composed_spans, _plain_spans
+
+    text = source.read_bytes().decode("utf-8").removeprefix("\ufeff")
+    if not text.startswith("---"):
+        pytest.skip("no frontmatter")
+    block = text.split("\n", 1)[1]
+    block = block[: re.search(r"^(?:---|\.\.\.)[ \t]*\r?$", block, re.MULTILINE).start()]  # type: ignore[union-attr]
+    plain = _plain_spans(block, UPDATE)
+    if plain is not None:
+        assert plain == _composed_spans(block, UPDATE)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "status:\n  - odd\n",  # a list under a key being changed
+        "status:   # empty, with a comment\n",
+        "status:\n",
+        "nested:\n  a: 1\nstatus: x\n",  # not plain
+    ],
+)
+def test_plain_spans_leave_other_layouts_to_the_composer(text: str) -> None:
+    from opus.orchestrator.frontmatter import _plain_spans
+
+    assert _plain_spans(text, {"status": "v"}) is None

@@ -21,6 +21,7 @@ import os
 import re
 import stat
 import tempfile
+import threading
 from collections.abc import Callable, Hashable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -460,44 +461,38 @@ _RESOLVER = yaml.resolver.Resolver()
 
 def _ruamel_lines(data: Mapping[str, object]) -> str:
     out = io.StringIO()
-    _rt_yaml().dump(dict(data), out)
+    with _LINES_LOCK:  # one ruamel instance, reused: making one costs more than a dump
+        _lines_yaml().dump(dict(data), out)
     return out.getvalue()
+
+
+_LINES_LOCK = threading.Lock()
+
+
+@functools.cache
+def _lines_yaml() -> YAML:
+    """The ruamel instance ``_ruamel_lines`` reuses (under ``_LINES_LOCK``)."""
+    return _rt_yaml()
 
 
 def _splice(text: str, todo: Mapping[str, object | None], nl: str) -> str | None:
     """Edit only the lines of the changed keys; None when the layout does not allow it."""
-    try:
-        root = yaml.compose(text, Loader=_BaseLoader)
-    except yaml.YAMLError:
+    spans = _plain_spans(text, todo)
+    if spans is None:
+        spans = _composed_spans(text, todo)
+    if spans is None:
         return None
-    pairs: list[tuple[yaml.Node, yaml.Node]] = []
-    if root is not None:
-        if not isinstance(root, yaml.MappingNode) or root.flow_style:
-            return None
-        pairs = root.value
-        if pairs and pairs[0][0].start_mark.column != 0:
-            return None
     edits: list[tuple[int, int, str]] = []
-    seen: set[str] = set()
-    for key_node, value_node in pairs:
-        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
-        if not isinstance(name, str) or name not in todo:
-            continue
-        span = _line_span(text, key_node, value_node)
-        if span is None:
-            return None
-        start, end, comment = span
-        seen.add(name)
+    for name, (start, end, comment, style) in spans.items():
         value = todo[name]
         if value is None:
             edits.append((start, end, ""))
             continue
-        style = value_node.style if isinstance(value_node, yaml.ScalarNode) else None
         line = _render_lines({name: value}, {name: style} if style else {}, nl)
         if comment and line.count(nl) == 1:
             line = line[: -len(nl)] + comment + nl
         edits.append((start, end, line))
-    added = {k: v for k, v in todo.items() if k not in seen and v is not None}
+    added = {k: v for k, v in todo.items() if k not in spans and v is not None}
     if added:
         content_end = len(text.rstrip(" \t\r\n"))
         newline = text.find("\n", content_end)
@@ -510,6 +505,75 @@ def _splice(text: str, todo: Mapping[str, object | None], nl: str) -> str | None
         parts += [text[pos:start], replacement]
         pos = end
     return "".join([*parts, text[pos:]])
+
+
+_Span = tuple[int, int, str, str | None]
+"""Where a key's lines are: (start of its line, end of its last line, the trailing comment,
+the quote its scalar value had)."""
+
+
+def _plain_spans(text: str, todo: Mapping[str, object]) -> dict[str, _Span] | None:
+    """The spans of the keys in ``todo`` read line by line, for a block in the plain subset
+    (``plain_yaml``) whose keys to change each hold one line; None otherwise (then PyYAML's
+    composer finds them: the same spans, found slower)."""
+    if parse_plain(text) is None:
+        return None
+    spans: dict[str, _Span] = {}
+    open_key: str | None = None
+    pos = 0
+    for line in text.splitlines(keepends=True):
+        start, pos = pos, pos + len(line)
+        body = line.rstrip("\r\n")
+        if body[:1] in ("", " ", "#") or body.startswith("- ") or body == "-":
+            if open_key is not None and body.lstrip(" ")[:1] == "-":
+                return None  # list items under a key being changed
+            continue
+        m = _PLAIN_KEY.match(body)
+        if m is None:
+            return None
+        open_key = None
+        name, raw = m.group(1), m.group(2)
+        if name not in todo:
+            continue
+        if not raw.strip(" ") or raw.lstrip(" ").startswith("#"):
+            return None  # an empty value: its span is the composer's to say
+        comment = _PLAIN_COMMENT.search(raw)
+        value_end = m.start(2) + len((raw[: comment.start()] if comment else raw).rstrip(" "))
+        tail = body[value_end:]
+        first = raw.lstrip(" ")[0]
+        spans[name] = (start, pos, tail if tail.strip() else "", first if first in "\"'" else None)
+        open_key = name
+    return spans
+
+
+_PLAIN_KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*):(.*)")
+_PLAIN_COMMENT = re.compile(r"[ \t]+#")
+
+
+def _composed_spans(text: str, todo: Mapping[str, object]) -> dict[str, _Span] | None:
+    """The spans of the keys in ``todo``, from PyYAML's node marks."""
+    try:
+        root = yaml.compose(text, Loader=_BaseLoader)
+    except yaml.YAMLError:
+        return None
+    pairs: list[tuple[yaml.Node, yaml.Node]] = []
+    if root is not None:
+        if not isinstance(root, yaml.MappingNode) or root.flow_style:
+            return None
+        pairs = root.value
+        if pairs and pairs[0][0].start_mark.column != 0:
+            return None
+    spans: dict[str, _Span] = {}
+    for key_node, value_node in pairs:
+        name = key_node.value if isinstance(key_node, yaml.ScalarNode) else None
+        if not isinstance(name, str) or name not in todo:
+            continue
+        span = _line_span(text, key_node, value_node)
+        if span is None:
+            return None
+        style = value_node.style if isinstance(value_node, yaml.ScalarNode) else None
+        spans[name] = (*span, style or None)
+    return spans
 
 
 def _line_span(text: str, key: yaml.Node, value: yaml.Node) -> tuple[int, int, str] | None:
