@@ -445,17 +445,23 @@ _SIMPLE_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 def _string_line(key: str, value: str, style: str | None) -> str:
     """ruamel's line for one string value: double quotes where the person's value had them,
     single quotes where they had those or a plain scalar would read as another type."""
+    plain_tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
+    quote = '"' if style == '"' else "'" if style == "'" or plain_tag != _STR_TAG else ""
+    if _SIMPLE_KEY.fullmatch(key) and _PLAIN_SAFE.fullmatch(value):
+        from ruamel.yaml.nodes import ScalarNode
+
+        with _LINES_LOCK:  # ruamel reads it as YAML 1.2: `0o17` is a number there
+            ruamel_tag = _lines_yaml().resolver.resolve(ScalarNode, value, (True, False))
+        if ruamel_tag == _STR_TAG or quote:
+            return f"{key}: {quote}{value}{quote}\n"  # what ruamel writes for these
     from ruamel.yaml.scalarstring import DoubleQuotedScalarString, SingleQuotedScalarString
 
-    plain_tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
-    scalar: str = value
-    if style == '"':
-        scalar = DoubleQuotedScalarString(value)
-    elif style == "'" or plain_tag != _STR_TAG:
-        scalar = SingleQuotedScalarString(value)
-    return _ruamel_lines({key: scalar})
+    scalar = {'"': DoubleQuotedScalarString, "'": SingleQuotedScalarString}.get(quote, str)
+    return _ruamel_lines({key: scalar(value)})
 
 
+_PLAIN_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
+"""Strings ruamel writes as they are (plain, or inside quotes with no escapes)."""
 _RESOLVER = yaml.resolver.Resolver()
 
 
