@@ -60,8 +60,8 @@ class Scheduler:
         self.rt = rt
         self.delivery = Delivery(rt)
         self.rounds = Rounds(rt)
-        self.plans = PlanGate(rt)
         """Where every rework trigger starts its round (SPEC §15; reactions.py)."""
+        self.plans = PlanGate(rt)
         self.running: dict[str, Running] = {}
         self.accepting = True
         self.finished = anyio.Event()
@@ -71,6 +71,9 @@ class Scheduler:
         self._done_archived: set[str] = set()
         self.only: set[str] | None = None
         """When set, only these FR ids are acted on (``Orchestrator.process``)."""
+        self._settled: dict[str, tuple[FeatureRequest, tuple[object, ...]]] = {}
+        """Per FR id: the note (the scan's object) and job state a reconcile last acted on.
+        Unchanged since, they need nothing more until the next poll settles reviews."""
 
     # -- start-up -------------------------------------------------------------------------------
 
@@ -106,10 +109,17 @@ class Scheduler:
             job = latest.get(fr.id)
             if self._at_rest(fr, job):
                 continue
+            last = self._settled.get(fr.id)
+            if not settle_reviews and last and last[0] is fr and last[1] == self._state(job):
+                continue  # nothing changed since the last reconcile acted on this FR
             try:
                 await self._reconcile(fr, job, settle_reviews)
             except OpusError as e:  # a note, git or GitHub problem: this FR waits, others go on
                 log.warning("%s: %s", fr.id, e)
+                continue
+            self._settled[fr.id] = (fr, self._state(latest.get(fr.id)))
+        for gone in self._settled.keys() - scan.frs.keys():
+            del self._settled[gone]
         if any(p.path == self.rt.config.planned_dir for p in scan.problems):
             return  # the folder could not be listed: absence proves nothing
         for job in self.rt.registry.jobs():
@@ -131,6 +141,14 @@ class Scheduler:
                     continue
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
+
+    def _state(self, job: Job | None) -> tuple[object, ...]:
+        """What a reconcile of an FR reads besides its note: its job and whether it runs."""
+        if job is None:
+            return (None,)
+        run = self.running.get(job.id)
+        stop = run.control.stop if run is not None else "idle"
+        return (job.id, job.status, job.updated_at, stop)
 
     def _at_rest(self, fr: FeatureRequest, job: Job | None) -> bool:
         """A note resting at a status its job agrees with (or that has no job): nothing to do."""
