@@ -82,37 +82,42 @@ class Pipeline:
         return self.rt.config.pipeline.max_iterations
 
     async def run(self) -> Job:
-        job = self.job
         try:
-            first = next_step(job, self.max_iterations)
-            if isinstance(first, tuple) and self.control.stop is None:
-                # say so in the note at once; the worktree takes a while
-                job.status = check_transition(job.status, Status.IN_PROGRESS)
-                job.stage, job.iteration = first
-                await self.rt.record(job, "started")
-            if not await self._prepare():
-                return job
-            while True:
-                step = next_step(job, self.max_iterations)
-                if step == FINISH:
-                    await self._settle_finished()
-                    return job
-                if step == BLOCK:
-                    await self._block()
-                    return job
-                if step == PLAN_REVIEW:
-                    await self.plans.wait(job)
-                    return job
-                assert isinstance(step, tuple)
-                if await self._should_stop(step):
-                    return job
-                await self._run_stage(*step)
-                if job.status is not Status.IN_PROGRESS:
-                    return job
+            await self._steps()
         except anyio.get_cancelled_exc_class():
             with anyio.CancelScope(shield=True):
                 await self._interrupted()
             raise
+        await self.rt.show(self.job)  # what the last boundary left for the next write
+        return self.job
+
+    async def _steps(self) -> None:
+        job = self.job
+        first = next_step(job, self.max_iterations)
+        if isinstance(first, tuple) and self.control.stop is None:
+            # say so in the note at once; the worktree takes a while
+            job.status = check_transition(job.status, Status.IN_PROGRESS)
+            job.stage, job.iteration = first
+            await self.rt.record(job, "started")
+        if not await self._prepare():
+            return
+        while True:
+            step = next_step(job, self.max_iterations)
+            if step == FINISH:
+                await self._settle_finished()
+                return
+            if step == BLOCK:
+                await self._block()
+                return
+            if step == PLAN_REVIEW:
+                await self.plans.wait(job)
+                return
+            assert isinstance(step, tuple)
+            if await self._should_stop(step):
+                return
+            await self._run_stage(*step)
+            if job.status is not Status.IN_PROGRESS:
+                return
 
     # -- the boundaries ---------------------------------------------------------------------
 
@@ -495,8 +500,14 @@ class Pipeline:
                 round=job.round,
             ),
         ]
+        # the note shows the stage that comes next, written as it starts (or as the job stops)
         await rt.record(
-            job, "checkpoint", stage=stage.value, iteration=iteration, outcome=outcome.value
+            job,
+            "checkpoint",
+            note=False,
+            stage=stage.value,
+            iteration=iteration,
+            outcome=outcome.value,
         )
 
     # -- endings ------------------------------------------------------------------------------

@@ -150,6 +150,25 @@ class Runtime:
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
         sync = event not in UNSYNCED
+        edit = self._changed_note(job) if note else None
+
+        def boundary() -> Status | None:
+            self.registry.save(job, event, sync=sync, **data)
+            return edit() if edit is not None else None
+
+        on_disk = await anyio.to_thread.run_sync(boundary)
+        if self.on_change is not None:
+            self.on_change(job)
+        return on_disk
+
+    async def show(self, job: Job) -> Status | None:
+        """Mirror ``job`` into its note if what the note shows changed since opus last wrote
+        it (a ``record(..., note=False)`` left it to a later write)."""
+        edit = self._changed_note(job)
+        return await anyio.to_thread.run_sync(edit) if edit is not None else None
+
+    def _changed_note(self, job: Job) -> Callable[[], Status | None] | None:
+        """The note write that brings the note up to ``job``, or None if it shows that."""
         shown = (
             job.status,
             job.stage,
@@ -161,19 +180,10 @@ class Runtime:
             job.round,
             job.plan_note,
         )
-        write = note and self._mirrored.get(job.id) != shown
-        if write:
-            self._mirrored[job.id] = shown  # (forgotten again if the write fails)
-        edit = self._mirror_edit(job) if write else None
-
-        def boundary() -> Status | None:
-            self.registry.save(job, event, sync=sync, **data)
-            return edit() if edit is not None else None
-
-        on_disk = await anyio.to_thread.run_sync(boundary)
-        if self.on_change is not None:
-            self.on_change(job)
-        return on_disk
+        if self._mirrored.get(job.id) == shown:
+            return None
+        self._mirrored[job.id] = shown  # (forgotten again if the write fails)
+        return self._mirror_edit(job)
 
     async def mirror(self, job: Job, *, answer: bool = False) -> Status | None:
         """Write the job's status into its note's opus keys; a person's control status wins

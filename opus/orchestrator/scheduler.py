@@ -71,6 +71,8 @@ class Scheduler:
         self._done_archived: set[str] = set()
         self.only: set[str] | None = None
         """When set, only these FR ids are acted on (``Orchestrator.process``)."""
+        self._unshown: list[Job] = []
+        """Jobs claimed this tick whose note does not show them yet (``start_ready``)."""
         self._settled: dict[str, tuple[FeatureRequest, tuple[object, ...]]] = {}
         """Per FR id: the note (the scan's object) and job state a reconcile last acted on.
         Unchanged since, they need nothing more until the next poll settles reviews."""
@@ -286,7 +288,9 @@ class Scheduler:
                 branch=f"{prefix}{slug(fr.id)}",
             )
         )
-        await rt.record(job, event)
+        # the note shows it when ``start_ready`` has decided: in-progress at once, or queued
+        await rt.record(job, event, note=False)
+        self._unshown.append(job)
         log.info("%s: %s as job %s (%s)", fr.id, event, job.id, fr.priority)
         return job
 
@@ -379,7 +383,20 @@ class Scheduler:
                 await self.rt.record(job, "waiting", reason=why or "")
 
     async def start_ready(self, tg: TaskGroup, scan: Scan) -> int:
-        """Start as many waiting jobs as there are free slots; preempt if one must yield."""
+        """Start as many waiting jobs as there are free slots; preempt if one must yield.
+
+        A job claimed this tick shows in its note as its pipeline starts (``in-progress``)
+        or, when it waits, as ``queued`` here.
+        """
+        try:
+            return await self._start_ready(tg, scan)
+        finally:
+            unshown, self._unshown = self._unshown, []
+            for job in unshown:
+                if job.id not in self.running:
+                    await self.rt.show(job)
+
+    async def _start_ready(self, tg: TaskGroup, scan: Scan) -> int:
         if not self.accepting:
             return 0
         await self._explain_waits(scan)
