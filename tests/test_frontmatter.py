@@ -392,7 +392,8 @@ def test_lines_are_what_one_ruamel_dump_writes(style: str | None) -> None:
         "~", "null", "- x", "#tag", "it's", 'say "hi"', "é ünïcode", "a\nb", " lead", "trail ",
         "1e3", ".inf", "2026-01-02", "yes", "@at", "%p", "x: y", "x #y", "1_000", "0x1F", "0b1",
         "1.5", "12.30", "Yes", "NO", "on", "n", "y", "NaN", "v1.2.3", "a/b/c", "_x", "9", "0",
-        "2026-01-02T10:30:00", "20261201-174330", "opus/FR-1-2", 0, 3, -7, 10**20,
+        "2026-01-02T10:30:00", "20261201-174330", "opus/FR-1-2", "[[FR-101 plan]]", "[[a]]",
+        "[[ x ]]", "[[a b/c.d]]", "[[é]]", "[[it's]]", 0, 3, -7, 10**20,
         datetime(2026, 12, 1, 17, 43, 30), date(2026, 1, 2), True, 1.5, None,
     ]  # fmt: skip
     mapping = {f"k{i}": v for i, v in enumerate(values)} | {"odd key": "v", "1": "one"}
