@@ -164,7 +164,10 @@ class Orchestrator:
         tb: TracebackType | None,
     ) -> None:
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(self.rt.registry.flush)
+            if self._last_scan is not None:  # registry.json, health.json, the dashboard
+                await anyio.to_thread.run_sync(self._write_state, self._last_scan, True)
+            else:
+                await anyio.to_thread.run_sync(self.rt.registry.flush)
             self.systemd.stopping()
             if self.rt.executor is not None:
                 await anyio.to_thread.run_sync(self.rt.executor.close)
@@ -453,7 +456,7 @@ class Orchestrator:
             job = self.rt.registry.latest_for(fr_id)
             fr = scan.frs[fr_id]
             summary.statuses[fr_id] = job.status.value if job else (fr.status or "planned")
-        await anyio.to_thread.run_sync(self._write_state, scan, True)
+        await anyio.to_thread.run_sync(self._write_state, scan)  # and always on leaving
         return summary
 
     async def process(self, ref: str) -> Job:
