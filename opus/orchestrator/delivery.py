@@ -102,21 +102,22 @@ class Delivery:
         rt, d = self.rt, self.rt.config.delivery
         ws = rt.workspace(job)
         assert job.base_commit is not None
-        stat = await anyio.to_thread.run_sync(ws.diff_stat, worktree, job.base_commit)
-        plan = await anyio.to_thread.run_sync(rt.registry.read_artifact, job.id, "plan.md")
-        review = ""
-        raw = await anyio.to_thread.run_sync(
-            rt.registry.read_artifact,
-            job.id,
-            f"review-{artifact_tag(job.round, job.iteration)}.json",
-        )
-        if raw:
-            verdict = Verdict.model_validate(json.loads(raw))
-            review = f"{verdict.summary} (confidence {verdict.confidence})"
-        body = rt.redactor(pr_description(job, fr, plan or "", stat, review))
-        await anyio.to_thread.run_sync(  # rebuilt at every delivery: nothing resumes from it
-            lambda: rt.registry.write_artifact(job.id, "pr.md", body, sync=False)
-        )
+        since, tag = job.base_commit, artifact_tag(job.round, job.iteration)
+
+        def describe() -> str:  # one hand-off: the stat, the plan and verdict, pr.md
+            stat = ws.diff_stat(worktree, since)
+            plan = rt.registry.read_artifact(job.id, "plan.md")
+            raw = rt.registry.read_artifact(job.id, f"review-{tag}.json")
+            review = ""
+            if raw:
+                verdict = Verdict.model_validate(json.loads(raw))
+                review = f"{verdict.summary} (confidence {verdict.confidence})"
+            body = rt.redactor(pr_description(job, fr, plan or "", stat, review))
+            # rebuilt at every delivery: nothing resumes from it
+            rt.registry.write_artifact(job.id, "pr.md", body, sync=False)
+            return body
+
+        body = await anyio.to_thread.run_sync(describe)
         if d.kind == "github":
             token = rt.environ.get(d.token_env)
             # a rebased branch (a conflict round with update = "rebase") replaces the old one

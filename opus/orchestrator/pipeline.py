@@ -273,7 +273,8 @@ class Pipeline:
                     await rt.notify("stuck", job, f"{stage} stalled (attempt {n}): {e}")
                 raise
             finally:
-                await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
+                if rt.redactor:  # (nothing to hide: no hand-off)
+                    await anyio.to_thread.run_sync(self._scrub, ctx.output_file)
 
         def retrying(n: int, e: AgentError, delay: float) -> None:
             log.warning("%s: %s attempt %d failed (%s); retrying in %.1f s",

@@ -461,8 +461,8 @@ class Orchestrator:
 
     async def process(self, ref: str) -> Job:
         """Run one FR (an id or a note's path) to a resting status and return its job."""
-        path = await anyio.to_thread.run_sync(self.rt.vault.find, ref)
-        fr = await anyio.to_thread.run_sync(self.rt.vault.read, path)
+        vault = self.rt.vault
+        fr = await anyio.to_thread.run_sync(lambda: vault.read(vault.find(ref)))
         await self.run_once(only={fr.id})
         job = self.rt.registry.latest_for(fr.id)
         if job is None:
