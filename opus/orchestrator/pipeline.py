@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 from datetime import datetime
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -219,7 +220,17 @@ class Pipeline:
         job, rt = self.job, self.rt
         job.status = check_transition(job.status, Status.IN_PROGRESS)
         job.stage, job.iteration, job.error = stage, iteration, None
-        on_disk = await rt.record(job, "stage_started", stage=stage.value, iteration=iteration)
+        # the stage's start and its files (prompt, feedback; the worktree's fingerprint) in
+        # one hand-off; a stage that does not start after all rewrites them when it does
+        on_disk, prepared = await rt.record_then(
+            job,
+            "stage_started",
+            (lambda: None)
+            if stage is Stage.DELIVERY
+            else partial(self._prepare_stage, stage, iteration),
+            stage=stage.value,
+            iteration=iteration,
+        )
         if on_disk is Status.CANCELLED:
             self.control.request("cancel")
             await anyio.lowlevel.checkpoint()  # a person's cancel lands here
@@ -233,7 +244,8 @@ class Pipeline:
             await self._deliver(started)
             return
         head_before, ws = self.head, rt.workspace(job)
-        ctx, before = await self._context(stage, iteration)
+        assert prepared is not None
+        ctx, before = prepared
         try:
             result, attempts = await self._call_agent(ctx, head_before)
         except AgentError as e:
@@ -309,12 +321,9 @@ class Pipeline:
         else:
             await self._finish(Status.FAILED, f"{stage} failed: {e}", "failed")
 
-    async def _context(self, stage: Stage, iteration: int) -> tuple[StageContext, object]:
-        """The stage's context, and the worktree's fingerprint before it runs: every file
-        read and written for it in one hand-off to a worker thread."""
-        return await anyio.to_thread.run_sync(self._prepare_stage, stage, iteration)
-
     def _prepare_stage(self, stage: Stage, iteration: int) -> tuple[StageContext, object]:
+        """The stage's context, and the worktree's fingerprint before it runs: every file
+        read and written for it (in a worker thread)."""
         job, rt = self.job, self.rt
         before = worktree_fingerprint(self.worktree)
         folder = rt.registry.job_dir(job.id)

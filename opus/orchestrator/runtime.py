@@ -13,7 +13,7 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import anyio
 import httpx
@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED})
 
 StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
+T = TypeVar("T")
 
 #: Events nothing is resumed from: not fsynced (a crash of opus keeps them; only a power
 #: loss could, and then the next checkpoint's snapshot carries the same state anyway).
@@ -59,6 +60,10 @@ class Control:
         self.stop = reason
         if reason == "cancel" and self.scope is not None:
             self.scope.cancel()
+
+
+def _nothing() -> None:
+    return None
 
 
 def local_now() -> datetime:
@@ -146,20 +151,29 @@ class Runtime:
         Returns the note's status as it was on disk (a person may have changed it), or None
         when the note was not touched.
         """
+        on_disk, _ = await self.record_then(job, event, _nothing, note=note, **data)
+        return on_disk
+
+    async def record_then(
+        self, job: Job, event: str, then: Callable[[], T], *, note: bool = True, **data: Any
+    ) -> tuple[Status | None, T]:
+        """``record``, then ``then()`` in the same hand-off to a worker thread (a stage's
+        start is recorded and its files are prepared in one)."""
         job.updated_at = self.now()
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
         sync = event not in UNSYNCED
         edit = self._changed_note(job) if note else None
 
-        def boundary() -> Status | None:
+        def boundary() -> tuple[Status | None, T]:
             self.registry.save(job, event, sync=sync, **data)
-            return edit() if edit is not None else None
+            on_disk = edit() if edit is not None else None
+            return on_disk, then()
 
-        on_disk = await anyio.to_thread.run_sync(boundary)
+        done = await anyio.to_thread.run_sync(boundary)
         if self.on_change is not None:
             self.on_change(job)
-        return on_disk
+        return done
 
     async def show(self, job: Job) -> Status | None:
         """Mirror ``job`` into its note if what the note shows changed since opus last wrote
