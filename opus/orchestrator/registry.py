@@ -246,8 +246,10 @@ class Registry:
         repo: str,
         branch: str,
         status: Status = Status.QUEUED,
+        event: str = "created",
     ) -> Job:
-        """A new job ``<YYYYmmdd-HHMMSS>-<fr-slug>-<4 hex>``, saved with event ``created``."""
+        """A new job ``<YYYYmmdd-HHMMSS>-<fr-slug>-<4 hex>``, saved with ``event`` (a claim
+        names its own: ``queued``)."""
         now = self._now()
         with self._lock:
             while True:
@@ -266,7 +268,7 @@ class Registry:
             created_at=now,
             updated_at=now,
         )
-        self.save(job, "created")
+        self.save(job, event)
         return job
 
     def save(self, job: Job, event: str, *, sync: bool = True, **data: Any) -> None:

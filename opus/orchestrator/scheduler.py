@@ -286,10 +286,12 @@ class Scheduler:
                 priority=fr.priority,
                 repo=repo,
                 branch=f"{prefix}{slug(fr.id)}",
+                event=event,  # the job's first line says it was claimed
             )
         )
+        if rt.on_change is not None:
+            rt.on_change(job)
         # the note shows it when ``start_ready`` has decided: in-progress at once, or queued
-        await rt.record(job, event, note=False)
         self._unshown.append(job)
         log.info("%s: %s as job %s (%s)", fr.id, event, job.id, fr.priority)
         return job
