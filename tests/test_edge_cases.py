@@ -280,3 +280,27 @@ async def test_no_preemption_while_a_slot_holds_a_job_that_outranks_the_waiting_
             while orch.scheduler.running:
                 await orch.scheduler.finished.wait()
     assert low_status is Status.REVIEW  # it was not made to yield its slot
+
+
+N_BATCH = 80
+"""Enough FRs that, without care, all three running pipelines end inside one tick."""
+
+
+@pytest.mark.anyio
+async def test_a_batch_longer_than_the_slots_runs_to_the_end(vault: Vault) -> None:
+    """Instant pipelines may finish while a tick still writes the waiting FRs' notes: the
+    batch goes on until every FR rests (80 FRs, 3 slots, in-process agents)."""
+    vault.write_config(pipeline="concurrency = 3\nstage_timeout = 60\nretries = 0")
+
+    def coder(ctx: StageContext) -> StageResult:
+        (ctx.worktree / f"{ctx.fr.id}.txt").write_text("done\n")
+        return StageResult()
+
+    agents: dict[str, Any] = {"coder": ScriptedAgent(coder)}
+    for stage in ("planner", "tester", "reviewer"):
+        agents[stage] = ScriptedAgent()
+    for i in range(N_BATCH):
+        fr(vault, f"FR-{i}")
+    async with Orchestrator(load_config(vault.config), agents=agents) as orch:
+        summary = await orch.run_once()
+    assert summary.statuses == {f"FR-{i}": "review" for i in range(N_BATCH)}

@@ -388,41 +388,40 @@ class Scheduler:
         """Start as many waiting jobs as there are free slots; preempt if one must yield.
 
         A job claimed this tick shows in its note as its pipeline starts (``in-progress``)
-        or, when it waits, as ``queued`` here.
+        or, when it waits, as ``queued`` — written here, before anything starts.
         """
-        try:
-            return await self._start_ready(tg, scan)
-        finally:
-            unshown, self._unshown = self._unshown, []
-            for job in unshown:
-                if job.id not in self.running:
-                    await self.rt.show(job)
+        waiting = await self._startable(scan)
+        chosen = waiting[: max(self.rt.config.pipeline.concurrency - len(self.running), 0)]
+        starting = {job.id for job, _ in chosen}
+        unshown, self._unshown = self._unshown, []
+        for job in unshown:
+            if job.id not in starting and job.id not in self.running:
+                await self.rt.show(job)
+        for job, fr in chosen:
+            control = Control()
+            self.running[job.id] = Running(job, control)
+            tg.start_soon(self._run, job, fr, control)
+        if self.rt.config.pipeline.preempt and len(waiting) > len(chosen):
+            self._preempt(waiting[len(chosen)][0])
+        return len(chosen)
 
-    async def _start_ready(self, tg: TaskGroup, scan: Scan) -> int:
+    async def _startable(self, scan: Scan) -> list[tuple[Job, FeatureRequest]]:
+        """``waiting``, when new work may start (accepting, within the budget); else []."""
         if not self.accepting:
-            return 0
+            return []
         await self._explain_waits(scan)
         waiting = self.waiting(scan)
         if not waiting:
-            return 0
+            return []
         why = await self.rt.check_budget(waiting[0][0])
         if why:
             if why != self._budget_told:
                 self._budget_told = why
                 log.warning("budget: %s; %d FR(s) wait", why, len(waiting))
                 await self.rt.notify("budget", waiting[0][0], why)
-            return 0
+            return []
         self._budget_told = None
-        started = 0
-        free = self.rt.config.pipeline.concurrency - len(self.running)
-        for job, fr in waiting[: max(free, 0)]:
-            control = Control()
-            self.running[job.id] = Running(job, control)
-            tg.start_soon(self._run, job, fr, control)
-            started += 1
-        if self.rt.config.pipeline.preempt and len(waiting) > started:
-            self._preempt(waiting[started][0])
-        return started
+        return waiting
 
     def _preempt(self, best: Job) -> None:
         if any(r.control.stop == "preempt" for r in self.running.values()):

@@ -195,6 +195,8 @@ class Orchestrator:
 
     _dirty = True
     _state_written = -1e9
+    _started = 0
+    """How many jobs the last tick started."""
 
     # -- one step --------------------------------------------------------------------------------
 
@@ -205,7 +207,7 @@ class Orchestrator:
         scan = await anyio.to_thread.run_sync(self.rt.vault.scan, changed)
         self._last_scan = scan
         await self.scheduler.reconcile(scan, settle_reviews=settle_reviews)
-        await self.scheduler.start_ready(tg, scan)
+        self._started = await self.scheduler.start_ready(tg, scan)
         idle = not self.scheduler.running and self.scheduler.accepting and not self.stopping
         idle = idle and self.scheduler.only is None  # not while `process` runs one FR
         await self.ideation.tick(tg, self.rt.registry.jobs(), busy=not idle)
@@ -444,6 +446,8 @@ class Orchestrator:
                 scan = await self.tick(tg, settle_reviews=settle, changed=changed)
                 settle, changed = False, set()
                 if not self.scheduler.running:
+                    if self._started:  # what it started finished within the tick: look again
+                        continue
                     break
                 if self._stop.is_set():
                     await self.scheduler.drain(self.grace)
