@@ -4,12 +4,13 @@
    the planned folder and a thread polls the file (~1 ms) for ``status: in-progress``.
 2. orchestration overhead — ``Orchestrator.process()`` of one FR, against the git commands
    that job needs run directly (``subprocess``) in the same repository, interleaved.
-7. throughput — ``run_once()`` over N planned FRs at concurrency 3, against N × the
-   single-FR time ÷ 3.
+7. throughput — ``run_once()`` over N planned FRs at concurrency 3, against the same git
+   commands run directly in 3 parallel lanes (SPEC §12), in the same run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
@@ -163,13 +164,18 @@ async def _drain(sock: UNIXDatagramSocket) -> None:
 # --- 2. orchestration overhead -------------------------------------------------------------------
 
 
-def git_commands(world: World, name: str) -> None:
-    """The git work one FR needs, run directly: base, worktree, commit, head, diff, stat."""
+def git_commands(world: World, name: str, adding: threading.Lock | None = None) -> None:
+    """The git work one FR needs, run directly: base, worktree, commit, head, diff, stat.
+
+    ``adding``: held around ``worktree add``, which git cannot run twice at once in one
+    repository (opus holds a lock per repository there too).
+    """
     repo = world.repo
     tree = world.root.parent / "baseline-worktrees" / name
     tree.parent.mkdir(exist_ok=True)
-    base = git(repo, "rev-parse", "--verify", "refs/heads/main^{commit}")
-    git(repo, "worktree", "add", "-q", "-b", f"baseline/{name}", str(tree), base)
+    with adding or contextlib.nullcontext():
+        base = git(repo, "rev-parse", "--verify", "refs/heads/main^{commit}")
+        git(repo, "worktree", "add", "-q", "-b", f"baseline/{name}", str(tree), base)
     (tree / "bench_change.txt").write_text("one line of change\n")
     git(tree, "add", "-A")
     git(tree, *_COMMIT, "commit", "-q", "--no-verify", "-m", f"baseline({name}): coder")
@@ -270,7 +276,7 @@ async def _batch(world: World, count: int) -> float:
 def git_lanes(world: World, count: int, lanes: int = 3) -> float:
     """The same git work for ``count`` FRs, run directly in ``lanes`` threads; wall time."""
     names = iter(range(count))
-    lock = threading.Lock()
+    lock, adding = threading.Lock(), threading.Lock()
 
     def lane() -> None:
         while True:
@@ -278,7 +284,7 @@ def git_lanes(world: World, count: int, lanes: int = 3) -> float:
                 n = next(names, None)
             if n is None:
                 return
-            git_commands(world, f"lane-{n}")
+            git_commands(world, f"lane-{n}", adding)
 
     threads = [threading.Thread(target=lane) for _ in range(lanes)]
     start = time.perf_counter()
