@@ -9,6 +9,7 @@ ideas waiting, the review rounds) adds a function there.
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -165,6 +166,7 @@ def gantt(b: Board) -> list[str]:
     since = now - GANTT_WINDOW
     fmt = "%Y-%m-%d %H:%M:%S"
     sections: list[str] = []
+    per_fr = Counter(j.fr_id for j in jobs)
     for job in sorted(jobs, key=lambda j: j.created_at):
         bars = []
         for cp in job.history:
@@ -179,7 +181,7 @@ def gantt(b: Board) -> list[str]:
             bars.append(f"    {job.stage} {job.iteration} :active, {start:{fmt}}, {end:{fmt}}")
         if bars:
             title = _GANTT_UNSAFE.sub(" ", f"{job.fr_id} {job.title}")[:60].strip()
-            if sum(1 for j in jobs if j.fr_id == job.fr_id) > 1:
+            if per_fr[job.fr_id] > 1:
                 title += f" ({job.created_at:%H:%M})"  # an earlier job of the same FR
             sections += [f"    section {title}", *bars]
     if not sections:
