@@ -332,6 +332,8 @@ class Scheduler:
 
     def _held(self, job: Job) -> str | None:
         """Why a job whose next stage runs on the cluster cannot start now (SPEC §18)."""
+        if self.rt.executor is None:
+            return None  # every stage runs here (and the next step is not worked out)
         step = next_step(job, self.rt.config.pipeline.max_iterations)
         return self.rt.executor_holds(step[0]) if isinstance(step, tuple) else None
 
