@@ -85,6 +85,8 @@ class Registry:
         """What the last :meth:`open` repaired, one line each."""
         self._now = now
         self._lock = threading.Lock()
+        self._flushing = threading.Lock()
+        """Held while ``flush`` writes registry.json (outside ``_lock``)."""
         self._jobs: dict[str, Job] = {}
         self._rows: dict[str, str] = {}  # id → compact JSON of the last saved snapshot
         self._dirty = False
@@ -299,25 +301,48 @@ class Registry:
                 self._flush_locked(now)
 
     def flush(self) -> bool:
-        """Rewrite registry.json atomically if anything changed; True if it was written."""
-        with self._lock:
-            self._require_open()
-            return self._flush_locked(self._now())
+        """Rewrite registry.json atomically if anything changed; True if it was written.
+
+        The jobs are copied under the lock and written outside it, so saves (every
+        checkpoint of every job) do not wait for a large registry.json to reach the disk.
+        """
+        with self._flushing:  # one writer at a time: a later snapshot is never overwritten
+            with self._lock:
+                self._require_open()
+                if not self._dirty:
+                    return False
+                now = self._now()
+                text = self._snapshot(now)
+                self._dirty = False
+                self._last_flush = now
+            try:
+                with _io(f"cannot write {self.registry_file}"):
+                    atomic_write(self.registry_file, text.encode())
+            except BaseException:
+                with self._lock:
+                    self._dirty = True
+                raise
+        return True
 
     def _flush_locked(self, now: datetime) -> bool:
+        # (with ``_lock`` held; a ``flush`` writing an older snapshot at the same time may
+        # replace this one last: registry.json is then older, never wrong — its written_at
+        # is older too, so readers read the newer job folders' events)
         if not self._dirty:
             return False
+        with _io(f"cannot write {self.registry_file}"):
+            atomic_write(self.registry_file, self._snapshot(now).encode())
+        self._dirty = False
+        self._last_flush = now
+        return True
+
+    def _snapshot(self, now: datetime) -> str:
         # written_at (the registry's clock, as job ids are): readers skip older job folders
-        text = (
+        return (
             f'{{"version":{VERSION},"written_at":"{now:%Y%m%d-%H%M%S}","jobs":['
             + ",".join(self._rows.values())
             + "]}"
         )
-        with _io(f"cannot write {self.registry_file}"):
-            atomic_write(self.registry_file, text.encode())
-        self._dirty = False
-        self._last_flush = now
-        return True
 
     def _append_event(self, job_id: str, line: str, *, sync: bool = True) -> None:
         folder = self.job_dir(job_id)
