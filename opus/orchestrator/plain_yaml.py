@@ -30,7 +30,6 @@ __all__ = ("forget", "parse_plain")
 
 _KEY = re.compile(r"([A-Za-z_][A-Za-z0-9_-]*):(?: +(.*))?")
 _ITEM = re.compile(r"( *)-(?: +(.*))?")
-_COMMENT = re.compile(r"[ \t]+#")
 _INDICATORS = frozenset("-?:,[]{}#&*!|>'\"%@`")
 _TAG = "tag:yaml.org,2002:"
 _STR = _TAG + "str"
@@ -40,8 +39,8 @@ _constructor = _Loader("")
 _MEMO: dict[str, Any] = {}
 _MEMO_MAX = 20_000
 _UNSAFE = re.compile(
-    r"[^\n\r\x20-\x5b\x5d-\x7e\xa0-\ud7ff\ue000-\ufefe\uff00-\ufffd\U00010000-\U0010ffff]"
-    r"|[\u2028\u2029]"
+    r"[^\n\r\x20-\x5b\x5d-\x7e\xa0-\u2027\u202a-\ud7ff\ue000-\ufefe\uff00-\ufffd"
+    r"\U00010000-\U0010ffff]"
 )
 """Tabs, backslashes (escapes), control characters, NEL, BOM and the Unicode line breaks."""
 
@@ -52,7 +51,7 @@ class _Decline(Exception):
 
 def parse_plain(text: str) -> dict[str, Any] | None:
     """The mapping PyYAML would build from ``text``, or None when it is not plain."""
-    if _UNSAFE.search(text) or text.count("\r") != text.count("\r\n"):
+    if _UNSAFE.search(text) or ("\r" in text and text.count("\r") != text.count("\r\n")):
         return None
     out: dict[str, Any] = {}
     key: str | None = None  # the key whose value is still open (empty so far)
@@ -62,79 +61,96 @@ def parse_plain(text: str) -> dict[str, Any] | None:
     for line in text.split("\n"):
         parsed = memo.get(line)
         if parsed is None:
-            parsed = _line(line)
             if len(memo) >= _MEMO_MAX:
                 memo.clear()
-            memo[line] = parsed
+            parsed = memo[line] = _line(line)
         kind = parsed[0]
-        if kind is _SKIP:
-            continue
-        if kind is _KEY_LINE:
-            name, value = parsed[1], parsed[2]
+        if kind <= _KEY_LIST:  # _KEY_VALUE or _KEY_LIST
+            name = parsed[1]
             if name in out:
                 return None  # a duplicate key: PyYAML's error
-            if value is _OPEN:
-                out[name], key, items = None, name, None
-            else:
-                out[name], key = (list(value) if type(value) is tuple else value), None
+            out[name] = parsed[2] if kind == _KEY_VALUE else list(parsed[2])
+            key = None
+        elif kind == _SKIP:
             continue
-        if kind is _ITEM_LINE and key is not None:
+        elif kind == _KEY_OPEN:
+            name = parsed[1]
+            if name in out:
+                return None
+            out[name], key, items = None, name, None
+        elif kind >= _ITEM_VALUE and key is not None:
             if items is None:
                 items, indent = [], parsed[1]
                 out[key] = items
             elif parsed[1] != indent:
                 return None
-            value = parsed[2]
-            items.append(None if value is _OPEN else list(value) if type(value) is tuple else value)
-            continue
-        return None
+            items.append(parsed[2] if kind == _ITEM_VALUE else list(parsed[2]))
+        else:
+            return None
     return out
 
 
+_KEY_VALUE, _KEY_LIST, _SKIP, _KEY_OPEN, _DECLINE, _ITEM_VALUE, _ITEM_LIST = range(7)
+"""What a line is: ``key: value``, ``key: [a, b]``, blank or a comment, ``key:`` (null,
+unless list items follow), outside the subset, ``- value`` (``-`` alone: None), ``- [a, b]``."""
 _OPEN = object()
-"""A key with nothing after it (null, unless list items follow)."""
-_SKIP, _KEY_LINE, _ITEM_LINE, _DECLINE = object(), object(), object(), object()
+"""A key or item with nothing after it."""
 _LINES: dict[str, tuple[Any, ...]] = {}
 """Parsed lines by their text: most lines (statuses, priorities, tags) repeat across notes.
 Values in it are immutable (a flow list is kept as a tuple and copied out)."""
+_KEYS: dict[str, bool] = {}
+"""Whether PyYAML reads a key as a string (``yes`` and ``null`` it does not), by key."""
 
 
 def forget() -> None:
     """Empty the memos (what a new process starts with; benchmarks measure cold scans so)."""
     _LINES.clear()
+    _KEYS.clear()
     _MEMO.clear()
 
 
 def _line(line: str) -> tuple[Any, ...]:
-    """One line: (_SKIP,), (_KEY_LINE, key, value), (_ITEM_LINE, indent, value), (_DECLINE,)."""
+    """One line as (kind, key or indent, value)."""
     line = line.removesuffix("\r").rstrip(" ")
     stripped = line.lstrip(" ")
-    if not stripped or stripped.startswith("#"):
+    if not stripped or stripped[0] == "#":
         return (_SKIP,)
     try:
         if line[0] != " " and not line.startswith("- ") and line != "-":
             m = _KEY.fullmatch(line)
-            if m is None or _scalar_kind(m.group(1)) is not None:
-                return (_DECLINE,)  # not a key line, or a key PyYAML reads as bool or null
-            return (_KEY_LINE, m.group(1), _frozen(_value(m.group(2))))
+            if m is None:
+                return (_DECLINE,)
+            name = m.group(1)
+            plain = _KEYS.get(name)
+            if plain is None:
+                plain = _KEYS[name] = _scalar_kind(name) is None
+            if not plain:
+                return (_DECLINE,)  # a key PyYAML reads as bool or null
+            value = _value(m.group(2))
+            if value is _OPEN:
+                return (_KEY_OPEN, name)
+            if type(value) is list:
+                return (_KEY_LIST, name, tuple(value))
+            return (_KEY_VALUE, name, value)
         m = _ITEM.fullmatch(line)
         if m is None:
             return (_DECLINE,)
-        return (_ITEM_LINE, len(m.group(1)), _frozen(_value(m.group(2))))
+        value = _value(m.group(2))
+        if value is _OPEN:
+            return (_ITEM_VALUE, len(m.group(1)), None)
+        if type(value) is list:
+            return (_ITEM_LIST, len(m.group(1)), tuple(value))
+        return (_ITEM_VALUE, len(m.group(1)), value)
     except _Decline:
         return (_DECLINE,)
-
-
-def _frozen(value: Any) -> Any:
-    return tuple(value) if type(value) is list else value
 
 
 def _value(raw: str | None) -> Any:
     if raw is None or raw.startswith("#"):
         return _OPEN
-    comment = _COMMENT.search(raw)
-    if comment is not None:
-        raw = raw[: comment.start()]
+    comment = raw.find(" #")  # no tabs here: parse_plain declines them
+    if comment >= 0:
+        raw = raw[:comment]
     raw = raw.rstrip(" ")
     if not raw:
         return _OPEN
