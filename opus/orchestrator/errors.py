@@ -61,8 +61,8 @@ class ConfigError(OpusError):
 class NoteError(OpusError):
     """A note that cannot be parsed or rewritten; the file is left untouched."""
 
-    def __init__(self, path: Path, problem: str) -> None:
-        self.path = path
+    def __init__(self, path: Path | str, problem: str) -> None:
+        self.path = Path(path)
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
@@ -70,7 +70,7 @@ class NoteError(OpusError):
 class NoteValueError(NoteError):
     """The frontmatter parses, but ``key`` holds a value opus cannot accept."""
 
-    def __init__(self, path: Path, key: str, problem: str) -> None:
+    def __init__(self, path: Path | str, key: str, problem: str) -> None:
         self.key = key
         super().__init__(path, problem)
 

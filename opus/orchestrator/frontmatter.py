@@ -51,6 +51,7 @@ __all__ = (
     "edit_note",
     "effective_changes",
     "parse_note",
+    "read_meta",
     "read_note",
     "read_raw",
     "rewrite",
@@ -61,7 +62,9 @@ __all__ = (
 MAX_NOTE_BYTES = 1 << 20
 
 _BOM = "\ufeff"
-_CLOSE = re.compile(r"^(?:---|\.\.\.)[ \t]*(?:\r?\n|\Z)", re.MULTILINE)
+_CLOSE = re.compile(r"\n((?:---|\.\.\.)[ \t]*(?:\r?\n|\Z))")
+"""The closing fence line, found from the newline before it (a search that skips to the
+next newline, not one that tries every position as ``^`` with MULTILINE does)."""
 _OPEN = re.compile(r"---[ \t]*(\r?\n)")
 _STR_TAG = "tag:yaml.org,2002:str"
 StatKey = tuple[int, int, int]
@@ -185,8 +188,7 @@ class Edit(NamedTuple):
     stat: os.stat_result | None
 
 
-@dataclass(frozen=True, slots=True)
-class _Split:
+class _Split(NamedTuple):
     bom: str
     newline: str
     fence_open: str
@@ -197,7 +199,7 @@ class _Split:
     meta: dict[str, Any]
 
 
-def read_raw(path: Path) -> tuple[bytes, os.stat_result]:
+def read_raw(path: Path | str) -> tuple[bytes, os.stat_result]:
     """A note's bytes and stat; NoteError for a symlink, a non-file or over 1 MiB."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -240,6 +242,15 @@ def read_note(path: Path) -> ParsedNote:
     return parse_note(path, raw, stat_key(st))
 
 
+def read_meta(path: Path | str) -> tuple[dict[str, Any], str, StatKey]:
+    """What a scan needs of a note: its frontmatter mapping, its body and the stat key of
+    the bytes read. The same reading and the same NoteErrors as ``read_note``, without the
+    digest (``path`` may be a string: a scan opens thousands of notes)."""
+    raw, st = read_raw(path)
+    split = _split(path, _decode(path, raw))
+    return split.meta, split.body, (st.st_ino, st.st_mtime_ns, st.st_size)
+
+
 def parse_note(path: Path, raw: bytes, key: StatKey | None = None) -> ParsedNote:
     """Parse a note's bytes (``path`` names it in errors). Raises NoteError."""
     split = _split(path, _decode(path, raw))
@@ -247,7 +258,7 @@ def parse_note(path: Path, raw: bytes, key: StatKey | None = None) -> ParsedNote
     return ParsedNote(path, split.meta, split.body, bool(split.fence_open), digest, key)
 
 
-def _decode(path: Path, raw: bytes) -> str:
+def _decode(path: Path | str, raw: bytes) -> str:
     if len(raw) > MAX_NOTE_BYTES:
         raise NoteError(path, f"larger than 1 MiB ({len(raw)} bytes)")
     if b"\x00" in raw:
@@ -258,7 +269,7 @@ def _decode(path: Path, raw: bytes) -> str:
         raise NoteError(path, f"not UTF-8 (byte 0x{raw[e.start]:02x} at offset {e.start})") from e
 
 
-def _split(path: Path, text: str) -> _Split:
+def _split(path: Path | str, text: str) -> _Split:
     bom = _BOM if text.startswith(_BOM) else ""
     rest = text[len(bom) :]
     opened = _OPEN.match(rest)
@@ -267,14 +278,14 @@ def _split(path: Path, text: str) -> _Split:
             raise NoteError(path, "frontmatter has no closing '---' line")
         return _Split(bom, _newline_of(rest), "", "", "", rest, {})
     nl, start = opened.group(1), opened.end()
-    close = _CLOSE.search(rest, start)
+    close = _CLOSE.search(rest, start - 1)  # the opening fence's line ends at start - 1
     if close is None:
         raise NoteError(path, "frontmatter has no closing '---' line")
-    yaml_text = rest[start : close.start()]
+    yaml_text = rest[start : close.start(1)]
     meta = _load_yaml(path, yaml_text)
     if meta is None:  # prose between two rules: the note opens with a horizontal rule
         return _Split(bom, nl, "", "", "", rest, {})
-    return _Split(bom, nl, rest[:start], yaml_text, close.group(), rest[close.end() :], meta)
+    return _Split(bom, nl, rest[:start], yaml_text, close.group(1), rest[close.end() :], meta)
 
 
 def _newline_of(text: str) -> str:
@@ -282,7 +293,7 @@ def _newline_of(text: str) -> str:
     return "\r\n" if i > 0 and text[i - 1] == "\r" else "\n"
 
 
-def _load_yaml(path: Path, yaml_text: str) -> dict[str, Any] | None:
+def _load_yaml(path: Path | str, yaml_text: str) -> dict[str, Any] | None:
     """The frontmatter mapping; None when the block is prose (a plain string)."""
     if not yaml_text.strip():
         return {}

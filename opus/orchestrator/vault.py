@@ -10,6 +10,7 @@ hash of what it wrote, so ``is_own_write()`` tells the watcher to ignore the ech
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, NamedTuple
 
 from .config import Config
 from .errors import NoteError, NoteValueError
@@ -30,6 +31,7 @@ from .frontmatter import (
     edit_note,
     effective_changes,
     parse_note,
+    read_meta,
     read_note,
     read_raw,
 )
@@ -108,8 +110,7 @@ class Scan:
     problems: list[NoteProblem] = field(default_factory=list)
 
 
-@dataclass(frozen=True, slots=True)
-class _Entry:
+class _Entry(NamedTuple):
     key: StatKey
     fr: FeatureRequest | None
     problem: NoteProblem | None
@@ -126,6 +127,7 @@ class Vault:
         self.config = config
         self.root = _abs(config.root)
         self.planned_dir = _abs(config.planned_dir)
+        self._planned = str(self.planned_dir)
         self.parses = 0
         self._clock = clock
         self._repos = frozenset(config.repos)
@@ -161,10 +163,13 @@ class Vault:
         seen: set[str] = set()
         listing = self._listing(problems) if changed is None else self._changed(changed)
         for name, key in listing:
-            seen.add(name)
             entry = self._cache.get(name)
-            if entry is None or entry.key != key:
-                entry = self._load(self.planned_dir / name, key)
+            if entry is None or key is None or entry.key != key:
+                found = self._load(name, key)
+                if found is None:
+                    continue
+                entry = found
+            seen.add(name)
             if entry.fr is not None:
                 frs.append(entry.fr)
             elif entry.problem is not None:
@@ -178,7 +183,9 @@ class Vault:
         self._log_problems(problems)
         return Scan(by_id, problems)
 
-    def _listing(self, problems: list[NoteProblem]) -> Iterator[tuple[str, StatKey]]:
+    def _listing(self, problems: list[NoteProblem]) -> Iterator[tuple[str, StatKey | None]]:
+        """Each candidate's name, and its stat key when the cache holds the name (else None:
+        the read that follows stats the open file)."""
         try:
             with os.scandir(self.planned_dir) as listing:
                 entries = list(listing)
@@ -188,12 +195,16 @@ class Vault:
         except OSError as e:
             problems.append(NoteProblem(self.planned_dir, f"cannot list the folder: {e.strerror}"))
             return
+        cache = self._cache
         for entry in entries:
             name = entry.name
             if not is_candidate_name(name):
                 continue
             try:
                 if entry.is_dir(follow_symlinks=False):
+                    continue
+                if name not in cache:
+                    yield name, None
                     continue
                 st = entry.stat(follow_symlinks=False)
             except FileNotFoundError:
@@ -217,18 +228,27 @@ class Vault:
                 continue
             yield name, (st.st_ino, st.st_mtime_ns, st.st_size)
 
-    def _load(self, path: Path, key: StatKey) -> _Entry:
-        """Read and map one note, and cache the result under its name."""
+    def _load(self, name: str, key: StatKey | None) -> _Entry | None:
+        """Read and map one note of the planned folder, and cache the result under its name.
+        ``key``: the listing's stat key, if it has one. None when the note is gone."""
         self.parses += 1
+        path = self.planned_dir / name
         try:
-            note = read_note(path)
-            entry = _Entry(note.stat_key or key, self._to_fr(note), None)
-        except NoteError as e:
-            entry = _Entry(key, None, NoteProblem(path, e.problem))
-        except Exception as e:  # whatever else a parser raises: one bad note, not a crash
-            log.exception("%s: unexpected error reading the note", path)
-            entry = _Entry(key, None, NoteProblem(path, f"cannot read: {type(e).__name__}: {e}"))
-        self._remember(path, entry)
+            meta, body, read_key = read_meta(f"{self._planned}{os.sep}{name}")
+            entry = _Entry(read_key, _feature_request(path, meta, body, self._repos), None)
+        except Exception as e:
+            problem = e.problem if isinstance(e, NoteError) else f"cannot read: {_named(e)}"
+            if not isinstance(e, NoteError):  # whatever else a parser raises: one bad note
+                log.exception("%s: unexpected error reading the note", path)
+            if key is None:  # the listing did not stat it: the key of the path as it is
+                try:
+                    st = os.lstat(path)
+                except (FileNotFoundError, NotADirectoryError):
+                    return None
+                key = (st.st_ino, st.st_mtime_ns, st.st_size)
+            entry = _Entry(key, None, NoteProblem(path, problem))
+        with self._lock:
+            self._cache[name] = entry
         return entry
 
     def _remember(self, path: Path, entry: _Entry) -> None:
@@ -384,66 +404,105 @@ def _dedupe(
 
 def read_status(value: object) -> Status | None:
     """A note's status: missing → None; a person's unknown value (``draft``) → planned."""
-    if value is None or (isinstance(value, str) and not value.strip()):
+    if isinstance(value, str):
+        return _status_of(value)
+    if value is None:
         return None
     return Status.parse(value) or Status.PLANNED
+
+
+@functools.lru_cache(maxsize=256)
+def _status_of(text: str) -> Status | None:
+    return Status.parse(text) or Status.PLANNED if text.strip() else None
+
+
+@functools.lru_cache(maxsize=256)
+def _priority_of(value: str | int) -> Priority | str:
+    """The priority a value spells, or the problem with it."""
+    try:
+        return Priority.parse(value)
+    except ValueError as e:
+        return str(e)
 
 
 def to_feature_request(note: ParsedNote, *, repos: Collection[str]) -> FeatureRequest:
     """Map a parsed note to an FR. A bad ``id`` raises NoteValueError; other bad values
     of a person's keys set ``invalid`` (the first one found)."""
-    meta, path = note.meta, note.path if note.path.is_absolute() else _abs(note.path)
+    path = note.path if note.path.is_absolute() else _abs(note.path)
+    return _feature_request(path, note.meta, note.body, repos)
+
+
+def _feature_request(
+    path: Path, meta: dict[str, Any], body: str, repos: Collection[str]
+) -> FeatureRequest:
+    """``to_feature_request`` of a note's parts (a scan maps thousands: only the keys the
+    note has are looked at further, and fields left at their defaults are not passed)."""
+    get = meta.get
     invalid: list[tuple[str, str]] = []
-    fr_id = _fr_id(path, meta.get("id"))
-    title = _text(meta.get("title")) or _heading(note.body) or path.stem
-    priority = Priority.MEDIUM
-    if meta.get("priority") is not None:
-        try:
-            priority = Priority.parse(meta["priority"])
-        except ValueError as e:
-            invalid.append(("priority", str(e)))
-    repo = _repo(meta.get("repo"), repos, invalid)
-    depends_on = _depends_on(meta.get("depends_on"), invalid)
-    approval: Literal["manual", "auto"] | None = None
-    spelled = _text(meta.get("approval"))
+    fields: dict[str, Any] = {
+        "id": _fr_id(path, get("id")),
+        "title": _text(get("title")) or _heading(body) or path.stem,
+        "path": path,
+        "body": body,
+    }
+    value = get("priority")
+    if value is not None:
+        kind = type(value)
+        priority = _priority_of(value) if kind is str or kind is int else _priority_of_any(value)
+        if isinstance(priority, Priority):
+            fields["priority"] = priority
+        else:
+            invalid.append(("priority", priority))
+    if "repo" in meta:
+        fields["repo"] = _repo(meta["repo"], repos, invalid)
+    if "depends_on" in meta:
+        fields["depends_on"] = _depends_on(meta["depends_on"], invalid)
+    spelled = _text(get("approval"))
     if spelled is not None:
         if spelled.lower() == "manual":
-            approval = "manual"
+            fields["approval"] = "manual"
         elif spelled.lower() == "auto":
-            approval = "auto"
+            fields["approval"] = "auto"
         else:
             invalid.append(("approval", f"approval must be manual or auto, not {spelled!r}"))
-    plan_approval = meta.get("plan_approval")
-    if plan_approval is not None and not isinstance(plan_approval, bool):
-        invalid.append(
-            ("plan_approval", f"plan_approval must be true or false, not {plan_approval!r}")
+    plan_approval = get("plan_approval")
+    if plan_approval is not None:
+        if isinstance(plan_approval, bool):
+            fields["plan_approval"] = plan_approval
+        else:
+            message = f"plan_approval must be true or false, not {plan_approval!r}"
+            invalid.append(("plan_approval", message))
+    if "status" in meta:
+        fields["status"] = read_status(meta["status"])
+    if "job_id" in meta:
+        fields["job_id"] = _text(meta["job_id"])
+    stage = get("stage")
+    if stage is not None:
+        stage = _text(stage)
+        fields["stage"] = Stage(stage) if stage in _STAGES else None
+    iteration = get("iteration")
+    if isinstance(iteration, int) and not isinstance(iteration, bool):
+        fields["iteration"] = iteration
+    if "error" in meta:
+        fields["error"] = _text(meta["error"])
+    feedback = get("feedback")
+    if feedback is not None:
+        fields["feedback"] = (
+            feedback.strip() or None if isinstance(feedback, str) else _text(feedback)
         )
-        plan_approval = None
-    feedback = meta.get("feedback")
-    stage = _text(meta.get("stage")) or ""
-    iteration = meta.get("iteration")
-    return FeatureRequest(
-        id=fr_id,
-        title=title,
-        path=path,
-        body=note.body,
-        priority=priority,
-        repo=repo,
-        depends_on=depends_on,
-        approval=approval,
-        status=read_status(meta.get("status")),
-        job_id=_text(meta.get("job_id")),
-        stage=Stage(stage) if stage in _STAGES else None,
-        iteration=iteration
-        if isinstance(iteration, int) and not isinstance(iteration, bool)
-        else None,
-        error=_text(meta.get("error")),
-        feedback=feedback.strip() or None if isinstance(feedback, str) else _text(feedback),
-        plan_approval=plan_approval,
-        invalid=invalid[0] if invalid else None,
-        problems=tuple(invalid),
-        aliases=_aliases(meta.get("aliases")),
-    )
+    if invalid:
+        fields["invalid"] = invalid[0]
+        fields["problems"] = tuple(invalid)
+    if "aliases" in meta:
+        fields["aliases"] = _aliases(meta["aliases"])
+    return FeatureRequest(**fields)
+
+
+def _priority_of_any(value: object) -> Priority | str:
+    try:
+        return Priority.parse(value)
+    except ValueError as e:
+        return str(e)
 
 
 def _aliases(value: object) -> tuple[str, ...]:
@@ -511,6 +570,10 @@ def _depends_on(value: object, invalid: list[tuple[str, str]]) -> tuple[str, ...
         link = _WIKILINK.match(text)
         ids.append(link.group(1).strip() if link else text)
     return tuple(ids)
+
+
+def _named(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
 
 
 def _one_line(value: object) -> object:
