@@ -126,3 +126,80 @@ def test_golden_notes_read_the_same(note: Path, monkeypatch: pytest.MonkeyPatch)
     except Exception as e:
         slow = type(e).__name__ + str(e)
     assert repr(fast) == repr(slow)
+
+
+# --- the scan's shortcuts: each reads what PyYAML reads, or leaves the line to the general path
+
+
+WORDS = [
+    "FR-101", "fr_2", "a/b.c", "v1.2", "x-", "_x", "Ana Silva", "a b c", "a  b", "a - b",
+    "5", "05", "0o7", "0x1F", "1_000", "1.5", "1e3", "1:20", "2026-11-21", "2026-02-30",
+    "2026-11-21T10:30:00", "20260101-000000-fr-00001-0001", "12abc", "3 apples",
+    "yes", "Yes", "YES", "yEs", "no", "No", "n", "N", "y", "Y", "on", "On", "oN", "off",
+    "Off", "true", "True", "tRUE", "false", "FALSE", "null", "Null", "nULL", "NULL", "none",
+    "nan", "inf", "yess", "nul", "o", "O", "t", "T", "f", "F", "ON", "OFF", "OFFx", "Nope",
+]  # fmt: skip
+SHAPES = [
+    "k: {w}", "k:  {w}", "k: {w}  ", "k: {w}\r", "k: {w} # c", 'k: "{w}"', 'k: "{w}" ',
+    "k: '{w}'", "k: [{w}]", "k: [{w}, b]", "k: [a,{w}]", "k: [a,  {w}]", "k: [ {w}]",
+    "k: [{w} ]", "k: [{w},]", "{w}: v", "{w}: [{w}]",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+def test_simple_lines_agree_with_pyyaml(shape: str) -> None:
+    for word in WORDS:
+        line = shape.format(w=word)
+        nl = "\n" if line.endswith("\r") else "\r\n" if "\r" in line else "\n"
+        agrees(f"{line}{nl}")
+        agrees(f"a: 1{nl}{line}{nl}tags:{nl}  - {word}{nl}")
+
+
+def test_quoted_shortcut_keeps_everything_inside_the_quotes() -> None:
+    for inner in ["", " ", "a: b", "a, b", "[x]", "{x}", "it's", "- x", "@x", "  two  ", "ü"]:
+        agrees(f'k: "{inner}"\n')
+        assert parse_plain(f'title: "{inner}"\n') in ({"title": inner}, None)
+    assert parse_plain('title: "a: b"\n') == {"title": "a: b"}
+
+
+def test_word_tables_agree_with_the_resolvers() -> None:
+    from opus.orchestrator.plain_yaml import _RESOLVERS, _WORD_TAGS, _scalar_kind
+
+    assert set(_WORD_TAGS) == set("yYnNtTfFoO")  # PyYAML's bool and null words
+    spellings = {w for word in WORDS for w in (word, word.lower(), word.upper(), word.title())}
+    spellings |= {w + s for w in list(spellings) for s in ("", "x", " ", ".")}
+    for word in sorted(spellings):
+        regexp_tag = next((tag for tag, rx in _RESOLVERS.get(word[:1], ()) if rx.match(word)), None)
+        try:
+            kind = _scalar_kind(word)
+        except Exception:
+            kind = "declined"
+        expected = None if regexp_tag in (None, "tag:yaml.org,2002:str") else regexp_tag
+        assert kind == expected or kind == "declined", word
+
+
+def test_unsafe_text_check_agrees_with_its_regexp() -> None:
+    from opus.orchestrator.plain_yaml import _UNSAFE, _unsafe
+
+    chars = [chr(c) for c in range(0x100)] + ["\u2028", "\u2029", "\ufeff", "\ud7ff", "é"]
+    for c in chars:
+        for text in (f"k: a{c}b\n", c, f"{c}é"):
+            assert _unsafe(text) == bool(_UNSAFE.search(text)), repr(text)
+
+
+def test_shortcut_lines_are_read_without_pyyaml() -> None:
+    text = (
+        "id: FR-00001\r\n"
+        'title: "Export: the CSV, [fast]"\r\n'
+        "job_id: 20260101-000000-fr-00001-0001\r\n"
+        "depends_on: [FR-00000, FR-7]\r\n"
+        "estimate: 5\r\n"
+        "created: 2026-01-02\r\n"
+        "flag: yes\r\n"
+    )
+    fast = parse_plain(text)
+    assert fast == pyyaml(text)
+    assert fast is not None and fast["depends_on"] == ["FR-00000", "FR-7"]
+    assert fast["estimate"] == 5 and fast["flag"] is True
+    assert parse_plain("created: 2026-02-30\n") is None  # PyYAML's error, not the shortcut's
+    assert parse_plain("depends_on: [FR-1, 2026-02-30]\n") is None

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import gc
 import hashlib
 import logging
 import os
@@ -79,6 +80,35 @@ StatKey = tuple[int, int, int]
 def _abs(path: str | os.PathLike[str]) -> Path:
     """Absolute and normalized, without following symlinks."""
     return Path(os.path.abspath(path))  # noqa: PTH100
+
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_resume = False
+
+
+@contextlib.contextmanager
+def _gc_paused() -> Iterator[None]:
+    """The cyclic garbage collector off while a scan builds an FR for each note.
+
+    A cold scan of 10,000 notes keeps ~90,000 new container objects (no cycles among
+    them): with the previous scan still alive, the collections they trigger took a fifth
+    of the scan. Reference counting still frees everything else at once; the collector
+    comes back on after the last of concurrent scans, and only if it was on before.
+    """
+    global _gc_pauses, _gc_resume
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_resume = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_resume:
+                gc.enable()
 
 
 def is_candidate_name(name: str) -> bool:
@@ -162,18 +192,19 @@ class Vault:
         frs: list[FeatureRequest] = []
         seen: set[str] = set()
         listing = self._listing(problems) if changed is None else self._changed(changed)
-        for name, key in listing:
-            entry = self._cache.get(name)
-            if entry is None or key is None or entry.key != key:
-                found = self._load(name, key)
-                if found is None:
-                    continue
-                entry = found
-            seen.add(name)
-            if entry.fr is not None:
-                frs.append(entry.fr)
-            elif entry.problem is not None:
-                problems.append(entry.problem)
+        with _gc_paused():
+            for name, key in listing:
+                entry = self._cache.get(name)
+                if entry is None or key is None or entry.key != key:
+                    found = self._load(name, key)
+                    if found is None:
+                        continue
+                    entry = found
+                seen.add(name)
+                if entry.fr is not None:
+                    frs.append(entry.fr)
+                elif entry.problem is not None:
+                    problems.append(entry.problem)
         with self._lock:
             for gone in self._cache.keys() - seen:
                 del self._cache[gone]
