@@ -11,7 +11,9 @@ without a space, …) returns None and the caller parses the block with PyYAML, 
 validity rule and error message stays PyYAML's.
 
 The subset is chosen so that each accepted line has one reading in YAML 1.1; a test compares
-this parser with PyYAML on the golden corpus and on generated lines.
+this parser with PyYAML on the golden corpus and on generated lines. Lines are memoized by
+their text; the lines a memo cannot answer (an id, a title, a list of ids) mostly take one
+regexp (``_SIMPLE``), each word still typed by PyYAML's resolvers.
 """
 
 from __future__ import annotations
@@ -74,27 +76,25 @@ def parse_plain(text: str) -> dict[str, Any] | None:
             if len(memo) >= _MEMO_MAX:
                 memo.clear()
             parsed = memo[line] = _line(line)
-        kind = parsed[0]
+        kind, first, value = parsed  # first: the key, or an item's indent
         if kind <= _KEY_LIST:  # _KEY_VALUE or _KEY_LIST
-            name = parsed[1]
-            if name in out:
+            if first in out:
                 return None  # a duplicate key: PyYAML's error
-            out[name] = parsed[2] if kind == _KEY_VALUE else list(parsed[2])
+            out[first] = value if kind == _KEY_VALUE else list(value)
             key = None
         elif kind == _SKIP:
             continue
         elif kind == _KEY_OPEN:
-            name = parsed[1]
-            if name in out:
+            if first in out:
                 return None
-            out[name], key, items = None, name, None
+            out[first], key, items = None, first, None
         elif kind >= _ITEM_VALUE and key is not None:
             if items is None:
-                items, indent = [], parsed[1]
-                out[key] = items
-            elif parsed[1] != indent:
+                items = out[key] = []
+                indent = first
+            elif first != indent:
                 return None
-            items.append(parsed[2] if kind == _ITEM_VALUE else list(parsed[2]))
+            items.append(value if kind == _ITEM_VALUE else list(value))
         else:
             return None
     return out
@@ -111,6 +111,7 @@ def _unsafe(text: str) -> bool:
 _KEY_VALUE, _KEY_LIST, _SKIP, _KEY_OPEN, _DECLINE, _ITEM_VALUE, _ITEM_LIST = range(7)
 """What a line is: ``key: value``, ``key: [a, b]``, blank or a comment, ``key:`` (null,
 unless list items follow), outside the subset, ``- value`` (``-`` alone: None), ``- [a, b]``."""
+_SKIPPED, _DECLINED = (_SKIP, None, None), (_DECLINE, None, None)
 _OPEN = object()
 """A key or item with nothing after it."""
 _LINES: dict[str, tuple[Any, ...]] = {}
@@ -128,14 +129,12 @@ def forget() -> None:
 
 
 def _line(line: str) -> tuple[Any, ...]:
-    """One line as (kind, key or indent, value)."""
+    """One line as (kind, key or indent, value); (kind, None, None) for a skipped or
+    declined line."""
     simple = _SIMPLE.fullmatch(line)
     if simple is not None:
         name, quoted, word, listed = simple.groups()
-        plain = _KEYS.get(name)
-        if plain is None:
-            plain = _KEYS[name] = _scalar_kind(name) is None
-        if plain:
+        if _plain_key(name):
             if quoted is not None:
                 return (_KEY_VALUE, name, quoted)
             try:
@@ -147,27 +146,24 @@ def _line(line: str) -> tuple[Any, ...]:
     line = line.removesuffix("\r").rstrip(" ")
     stripped = line.lstrip(" ")
     if not stripped or stripped[0] == "#":
-        return (_SKIP,)
+        return _SKIPPED
     try:
         if line[0] != " " and not line.startswith("- ") and line != "-":
             m = _KEY.fullmatch(line)
             if m is None:
-                return (_DECLINE,)
+                return _DECLINED
             name = m.group(1)
-            plain = _KEYS.get(name)
-            if plain is None:
-                plain = _KEYS[name] = _scalar_kind(name) is None
-            if not plain:
-                return (_DECLINE,)  # a key PyYAML reads as bool or null
+            if not _plain_key(name):
+                return _DECLINED  # a key PyYAML reads as bool or null
             value = _value(m.group(2))
             if value is _OPEN:
-                return (_KEY_OPEN, name)
+                return (_KEY_OPEN, name, None)
             if type(value) is list:
                 return (_KEY_LIST, name, tuple(value))
             return (_KEY_VALUE, name, value)
         m = _ITEM.fullmatch(line)
         if m is None:
-            return (_DECLINE,)
+            return _DECLINED
         value = _value(m.group(2))
         if value is _OPEN:
             return (_ITEM_VALUE, len(m.group(1)), None)
@@ -175,7 +171,17 @@ def _line(line: str) -> tuple[Any, ...]:
             return (_ITEM_LIST, len(m.group(1)), tuple(value))
         return (_ITEM_VALUE, len(m.group(1)), value)
     except _Decline:
-        return (_DECLINE,)
+        return _DECLINED
+
+
+def _plain_key(name: str) -> bool:
+    """Whether PyYAML reads the key as a string; memoized (keys repeat across notes)."""
+    plain = _KEYS.get(name)
+    if plain is None:
+        if len(_KEYS) >= _MEMO_MAX:
+            _KEYS.clear()
+        plain = _KEYS[name] = _scalar_kind(name) is None
+    return plain
 
 
 def _word(word: str) -> Any:

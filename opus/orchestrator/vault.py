@@ -112,16 +112,21 @@ def _gc_paused() -> Iterator[None]:
 
 
 def is_candidate_name(name: str) -> bool:
-    """True for a file name that may be an FR note (``*.md``, not a temp or hidden file)."""
+    """True for a file name that may be an FR note (``*.md``, not a temp or hidden file).
+
+    A ``*.md`` name never ends with one of ``_IGNORED_SUFFIXES``, and Syncthing's and opus's
+    temp files start with a dot: checking ``.md``, the first character and the conflict
+    marker is the whole rule.
+    """
     return (
         name.endswith(".md")
         and len(name) > 3
-        and not name.startswith((".", "~"))
-        and not name.endswith(_IGNORED_SUFFIXES)
-        and not name.startswith(".syncthing.")
+        and name[0] not in ".~"
         and ".sync-conflict-" not in name
-        and not name.startswith(TEMP_PREFIX)
     )
+
+
+assert TEMP_PREFIX.startswith(".") and not any(".md".endswith(s) for s in _IGNORED_SUFFIXES)
 
 
 @dataclass(frozen=True, slots=True)
@@ -165,7 +170,8 @@ class Vault:
         self._cache: dict[str, _Entry] = {}
         """By file name in the planned folder."""
         self._logged: dict[Path, str] = {}
-        self._winners: dict[str, Path] = {}
+        self._winners: Mapping[str, FeatureRequest] = {}
+        """The previous scan's FRs by id (a clash keeps its winner)."""
         self._own: dict[Path, str] = {}
         """sha256 of the bytes opus last wrote, by path."""
 
@@ -209,7 +215,7 @@ class Vault:
             for gone in self._cache.keys() - seen:
                 del self._cache[gone]
         by_id = _dedupe(frs, problems, self._winners)
-        self._winners = {fr_id: fr.path for fr_id, fr in by_id.items()}
+        self._winners = by_id
         problems.sort(key=lambda p: p.path)
         self._log_problems(problems)
         return Scan(by_id, problems)
@@ -412,17 +418,22 @@ class Vault:
 
 
 def _dedupe(
-    frs: list[FeatureRequest], problems: list[NoteProblem], before: Mapping[str, Path]
+    frs: list[FeatureRequest], problems: list[NoteProblem], before: Mapping[str, FeatureRequest]
 ) -> dict[str, FeatureRequest]:
-    """FRs by id; of notes sharing an id, the one with a ``job_id`` wins, else the first path."""
-    by_id: dict[str, FeatureRequest] = {}
+    """FRs by id; of notes sharing an id, the one with a ``job_id`` wins, then the one that
+    won before, else the first path."""
+    by_id = {fr.id: fr for fr in frs}
+    if len(by_id) == len(frs):
+        return by_id  # no clash (almost always)
+    by_id = {}
     clashes: dict[str, list[FeatureRequest]] = {}
     for fr in frs:
         first = by_id.setdefault(fr.id, fr)
         if first is not fr:
             clashes.setdefault(fr.id, [first]).append(fr)
     for fr_id, group in clashes.items():
-        group.sort(key=lambda fr: (fr.job_id is None, fr.path != before.get(fr.id), fr.path))
+        won = before.get(fr_id)
+        group.sort(key=lambda fr: (fr.job_id is None, won is None or fr.path != won.path, fr.path))
         by_id[fr_id] = winner = group[0]
         for loser in group[1:]:
             message = f"duplicate id {fr_id}, also in {winner.path.name}"
