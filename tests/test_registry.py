@@ -8,6 +8,7 @@ import os
 import re
 import stat
 import threading
+import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -517,3 +518,26 @@ def test_finished_jobs_beyond_the_cap_go_to_the_archive(tmp_path: Path) -> None:
     assert len(live) < 35
     reopened = opened(tmp_path, clock, keep_days=1000, max_finished=20)
     assert {j.id for j in reopened.jobs()} <= live and active.id in {j.id for j in reopened.jobs()}
+
+
+def test_readers_see_what_was_saved_after_registry_json(tmp_path: Path) -> None:
+    """``read_jobs`` (the CLI's reader) after a flush: a later save in a named job's log and
+    a job folder made after it are both read — registry.json is dated before its snapshot,
+    and the job folders are listed only when one was made or removed since."""
+    from opus.orchestrator.views import read_jobs
+
+    state = tmp_path / ".opus"
+    registry = Registry(state, now=datetime.now, flush_interval=3600)
+    registry.open()
+    first = new_job(registry, "FR-1")
+    assert registry.flush()
+    assert [j.status for j in read_jobs(state)] == [Status.QUEUED]
+    first.status = Status.IN_PROGRESS
+    registry.save(first, "started", sync=False)  # not flushed
+    assert [j.status for j in read_jobs(state)] == [Status.IN_PROGRESS]
+    new_job(registry, "FR-2")  # a new folder, not in registry.json
+    assert [j.fr_id for j in read_jobs(state)] == ["FR-1", "FR-2"]
+    before = time.time_ns()
+    assert registry.flush()
+    assert (state / "registry.json").stat().st_mtime_ns < before - 10**9 // 2  # dated back
+    assert [j.fr_id for j in read_jobs(state)] == ["FR-1", "FR-2"]

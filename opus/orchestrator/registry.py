@@ -23,6 +23,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
@@ -52,6 +53,10 @@ _STAMP = "%Y%m%dT%H%M%S"
 
 def _local_now() -> datetime:
     return datetime.now().replace(microsecond=0)
+
+
+_MARGIN_NS = 1_000_000_000
+"""How far before its snapshot ``flush`` dates registry.json."""
 
 
 class Registry:
@@ -313,11 +318,16 @@ class Registry:
                     return False
                 now = self._now()
                 text = self._snapshot(now)
+                taken = time.time_ns()
                 self._dirty = False
                 self._last_flush = now
             try:
                 with _io(f"cannot write {self.registry_file}"):
                     atomic_write(self.registry_file, text.encode())
+                    # dated before the snapshot (with a margin for the file system's coarse
+                    # clock): an event log appended while the file was written is newer, so
+                    # readers and the next start still read it
+                    os.utime(self.registry_file, ns=(taken - _MARGIN_NS, taken - _MARGIN_NS))
             except BaseException:
                 with self._lock:
                     self._dirty = True

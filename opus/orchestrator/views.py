@@ -75,7 +75,9 @@ def _read_jobs(
         mtime = 0
     folder = state_dir / "jobs"
     try:
-        names = os.listdir(folder)  # noqa: PTH208 - names only: no Path per job folder
+        # no job folder made or removed since registry.json: no listing of the history
+        same = bool(mtime) and os.stat(folder).st_mtime_ns < mtime  # noqa: PTH116
+        names = list(jobs) if same else os.listdir(folder)  # noqa: PTH208 - names only
     except OSError:
         names = []
     for name in names:
