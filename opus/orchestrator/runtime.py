@@ -175,6 +175,14 @@ class Runtime:
             self.on_change(job)
         return done
 
+    async def create_job(self, event: str, **fields: Any) -> Job:
+        """A new job in the registry, its first event ``event`` (a claim); the note is left
+        to ``show`` or the job's first ``record``."""
+        job = await anyio.to_thread.run_sync(lambda: self.registry.create(event=event, **fields))
+        if self.on_change is not None:
+            self.on_change(job)
+        return job
+
     async def show(self, job: Job) -> Status | None:
         """Mirror ``job`` into its note if what the note shows changed since opus last wrote
         it (a ``record(..., note=False)`` left it to a later write)."""

@@ -278,19 +278,15 @@ class Scheduler:
         repo = fr.repo or rt.config.default_repo
         prefix = rt.config.repos[repo].branch_prefix
         rel = fr.path.relative_to(rt.config.root).as_posix()
-        job = await anyio.to_thread.run_sync(
-            lambda: rt.registry.create(
-                fr_id=fr.id,
-                fr_path=rel,
-                title=fr.title,
-                priority=fr.priority,
-                repo=repo,
-                branch=f"{prefix}{slug(fr.id)}",
-                event=event,  # the job's first line says it was claimed
-            )
+        job = await rt.create_job(
+            event,  # the job's first line says it was claimed
+            fr_id=fr.id,
+            fr_path=rel,
+            title=fr.title,
+            priority=fr.priority,
+            repo=repo,
+            branch=f"{prefix}{slug(fr.id)}",
         )
-        if rt.on_change is not None:
-            rt.on_change(job)
         # the note shows it when ``start_ready`` has decided: in-progress at once, or queued
         self._unshown.append(job)
         log.info("%s: %s as job %s (%s)", fr.id, event, job.id, fr.priority)
