@@ -432,9 +432,9 @@ def _representer() -> type[RoundTripRepresenter]:
 def _render_lines(values: Mapping[str, object], styles: Mapping[str, str], nl: str) -> str:
     """``key: value`` lines, quoting strings PyYAML would read as something else.
 
-    Each line is what ``ruamel.yaml`` writes for that one key: numbers and dates directly,
-    strings through ruamel once per distinct (key, value, quoting) — statuses, stages and
-    branch names repeat from write to write.
+    Each line is what ``ruamel.yaml`` writes for that one key. Numbers, dates, plain words
+    (ids, branches, URLs) and wiki-links are written directly; any other value goes through
+    ruamel, once per distinct (key, value, quoting) (cached).
     """
     lines = []
     for key, value in values.items():
