@@ -70,6 +70,8 @@ def test_a_worker_lost_mid_stage_is_a_retried_attempt_on_a_new_node(
                 await until(lambda: any(c["stage"] == "coder" for c in vault.calls()), "coder")
                 strays.extend(c["pid"] for c in vault.calls() if c["stage"] == "coder")
                 first.kill()  # the machine is lost mid-stage
+                # the retry finds no agent node and waits; only then does a new one join
+                await until(lambda: '"event":"waiting"' in _log_text(vault), "waiting")
                 await anyio.to_thread.run_sync(cluster.add_worker, "worker-c", 1)
                 go.touch()
             return result[0]
@@ -120,6 +122,10 @@ def test_opus_killed_mid_remote_stage_restarts_and_resumes(
 async def _process(vault: Vault, env: dict[str, str], fr: str):  # type: ignore[no-untyped-def]
     async with Orchestrator(load_config(vault.config), environ=env) as orch:
         return await orch.process(fr)
+
+
+def _log_text(vault: Vault) -> str:
+    return "".join(p.read_text() for p in (vault.state / "jobs").glob("*/events.jsonl"))
 
 
 def _events(vault: Vault) -> list[dict]:  # type: ignore[type-arg]
