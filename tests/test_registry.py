@@ -365,6 +365,23 @@ def _archive_fixture(state: Path, clock: Clock) -> tuple[Registry, dict[str, Job
     return registry, jobs
 
 
+def test_latest_for_follows_creation_and_archive(state: Path, clock: Clock) -> None:
+    registry = opened(state, clock, keep_days=1)
+    older = new_job(registry)
+    clock.advance(minutes=1)
+    newer = new_job(registry)
+    assert registry.latest_for("FR-101") is newer
+    registry.save(older, "touched")  # saving an older job does not make it the newest
+    assert registry.latest_for("FR-101") is newer
+    assert registry.latest() == {"FR-101": newer}
+    finish(newer, Status.DONE, clock())
+    registry.save(newer, "finished")
+    clock.advance(days=2)
+    assert registry.archive() == 1
+    assert registry.latest_for("FR-101") is older  # the newest live one is the older job now
+    assert opened(state, clock, keep_days=1).latest() == {"FR-101": older}
+
+
 def test_archive_moves_old_finished_jobs_only(state: Path, clock: Clock) -> None:
     registry, jobs = _archive_fixture(state, clock)
     assert registry.archive() == 2

@@ -93,6 +93,8 @@ class Registry:
         self._flushing = threading.Lock()
         """Held while ``flush`` writes registry.json (outside ``_lock``)."""
         self._jobs: dict[str, Job] = {}
+        self._latest: dict[str, Job] = {}
+        """Each FR's newest live job (``_jobs`` is in creation order)."""
         self._rows: dict[str, str] = {}  # id → compact JSON of the last saved snapshot
         self._dirty = False
         self._last_flush: datetime | None = None
@@ -124,6 +126,7 @@ class Registry:
             changed = self._replay_logs(jobs, mtime)
             ordered = sorted(jobs.values(), key=lambda j: _naive(j.created_at))
             self._jobs = {j.id: j for j in ordered}
+            self._latest = {j.fr_id: j for j in ordered}
             self._rows = {j.id: j.model_dump_json() for j in ordered}
             for job_id in self._jobs:
                 self._note_removed(cleanup_temp_files(self.jobs_dir / job_id, TEMP_PREFIX))
@@ -296,6 +299,9 @@ class Registry:
                 f'{{"time":{_dumps(now.isoformat())},"event":{_dumps(event)},"job":{row}{extra}}}'
             )
             self._append_event(job.id, line, sync=sync)
+            newest = self._latest.get(job.fr_id)
+            if job.id not in self._jobs or (newest is not None and newest.id == job.id):
+                self._latest[job.fr_id] = job
             self._jobs[job.id] = job
             self._rows[job.id] = row
             self._dirty = True
@@ -386,7 +392,12 @@ class Registry:
     def latest_for(self, fr_id: str) -> Job | None:
         """The newest live job of that FR."""
         with self._lock:
-            return next((j for j in reversed(self._jobs.values()) if j.fr_id == fr_id), None)
+            return self._latest.get(fr_id)
+
+    def latest(self) -> dict[str, Job]:
+        """Each FR's newest live job, by FR id (a copy)."""
+        with self._lock:
+            return dict(self._latest)
 
     def active(self) -> list[Job]:
         """Live jobs whose status is not in ``lifecycle.FINISHED``."""
@@ -438,6 +449,7 @@ class Registry:
                     line = marker + _dumps(f"archive/{name}") + "}"
                     self._append_event(job_id, line, sync=False)
                 del self._jobs[job_id], self._rows[job_id]
+        self._latest = {j.fr_id: j for j in self._jobs.values()}
         self._dirty = True
         self._flush_locked(now)
         self.archive_generation += 1

@@ -104,16 +104,12 @@ class Scheduler:
 
     async def reconcile(self, scan: Scan, *, settle_reviews: bool = True) -> None:
         """Act on every note whose status and job disagree (cheap for notes at rest)."""
-        latest = {job.fr_id: job for job in self.rt.registry.jobs()}
-        for fr in sorted(scan.frs.values(), key=lambda f: (f.priority.rank, f.id)):
-            if self.only is not None and fr.id not in self.only:
-                continue
+        latest = self.rt.registry.latest()
+        todo = [
+            fr for fr in scan.frs.values() if self._unsettled(fr, latest.get(fr.id), settle_reviews)
+        ]
+        for fr in sorted(todo, key=lambda f: (f.priority.rank, f.id)):
             job = latest.get(fr.id)
-            if self._at_rest(fr, job):
-                continue
-            last = self._settled.get(fr.id)
-            if not settle_reviews and last and last[0] is fr and last[1] == self._state(job):
-                continue  # nothing changed since the last reconcile acted on this FR
             try:
                 await self._reconcile(fr, job, settle_reviews)
             except OpusError as e:  # a note, git or GitHub problem: this FR waits, others go on
@@ -143,6 +139,17 @@ class Scheduler:
                     continue
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
+
+    def _unsettled(self, fr: FeatureRequest, job: Job | None, settle_reviews: bool) -> bool:
+        """Whether a reconcile has anything to do for this FR (a tick asks it of every note)."""
+        if self.only is not None and fr.id not in self.only:
+            return False
+        if self._at_rest(fr, job):
+            return False
+        last = self._settled.get(fr.id)
+        # unless reviews are settled, an FR whose note and job are as the last reconcile left
+        # them has nothing new
+        return settle_reviews or not last or last[0] is not fr or last[1] != self._state(job)
 
     def _state(self, job: Job | None) -> tuple[object, ...]:
         """What a reconcile of an FR reads besides its note: its job and whether it runs."""
