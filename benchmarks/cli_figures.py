@@ -1,7 +1,9 @@
 """Figures 8 and 9: the command line's latency, and ``opus metrics`` against history.
 
 8. CLI latency — ``opus --version`` and ``opus status`` (a vault of N FR notes, each with its
-   finished job in ``registry.json``), each a new process, against ``python -c pass``.
+   finished job in ``registry.json``), each a new process, against ``python -c pass``; also
+   timed: the floor of a command line built on click with pydantic-validated settings (SPEC
+   §6, §13) — importing both and defining one model, opus's own code not imported.
 
 9. metrics — ``opus metrics --json`` with no archive vs with M archived jobs spread over the
    ten months before this one (their job folders kept, as opus keeps them), each a new
@@ -32,6 +34,8 @@ from world import World, make_world
 from opus.orchestrator.registry import Registry
 
 OPUS = [sys.executable, "-m", "opus"]
+DEPENDENCIES = "import click, pydantic\nclass A(pydantic.BaseModel):\n    x: int = 0\n"
+"""What any ``opus`` command that reads the configuration must run before its own code."""
 
 
 def compiled(base: Path) -> dict[str, str]:
@@ -90,6 +94,7 @@ def cli_latency(base: Path, jobs: int, runs: int) -> Figure:
     env = compiled(base)
     floor = _timed([sys.executable, "-c", "pass"], runs, env)
     version = _timed([*OPUS, "--version"], runs, env)
+    deps = _timed([sys.executable, "-c", DEPENDENCIES], runs, env)
     status = _timed([*OPUS, "status", "--config", config], max(3, runs // 2), env)
     return Figure(
         8,
@@ -102,7 +107,9 @@ def cli_latency(base: Path, jobs: int, runs: int) -> Figure:
             f"each a new process, bytecode cached, median of {runs} (status: "
             f"{max(3, runs // 2)}); CPU time "
             f"(user + system): python {ms(CPU['-c pass'])}, --version "
-            f"{ms(CPU['-m opus --version'])}, status {ms(CPU['-m opus status'])}"
+            f"{ms(CPU['-m opus --version'])}, status {ms(CPU['-m opus status'])}",
+            f"floor of click + pydantic + one model (no opus code): {ms(deps)} "
+            f"({ratio(deps, floor)} of python); status is {ratio(status, deps)} of it",
         ],
     )
 
