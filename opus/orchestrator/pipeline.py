@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
 from pathlib import Path
@@ -243,7 +244,7 @@ class Pipeline:
         if stage is Stage.DELIVERY:
             await self._deliver(started)
             return
-        head_before, ws = self.head, rt.workspace(job)
+        head_before = self.head
         assert prepared is not None
         ctx, before = prepared
         try:
@@ -251,17 +252,24 @@ class Pipeline:
         except AgentError as e:
             await self._stage_failed(stage, iteration, started, e)
             return
-        if stage is not Stage.CODER and before != await anyio.to_thread.run_sync(
-            worktree_fingerprint, self.worktree
-        ):
-            # only the coder changes the branch: drop what a planner, tester or reviewer left
-            await anyio.to_thread.run_sync(ws.reset, self.worktree, head_before)
         for key, value in result.meta.items():
             job.agent_versions[f"{stage}.{key}"] = value
         if result.usage is not None:
             job.usage = job.usage + result.usage
-        outcome, artifact = await self._judge(stage, iteration, result, head_before)
-        await self._checkpoint(stage, iteration, outcome, started, attempts, artifact, result)
+        # what the stage leaves on disk goes in the checkpoint's hand-off, before its record
+        files: list[Callable[[], object]] = []
+        if stage is not Stage.CODER:
+            files.append(partial(self._drop_changes, before, head_before))
+        outcome, artifact = await self._judge(stage, iteration, result, head_before, files)
+        await self._checkpoint(
+            stage, iteration, outcome, started, attempts, artifact, result, files=files
+        )
+
+    def _drop_changes(self, before: object, head: str) -> None:
+        """Only the coder changes the branch: reset what a planner, tester or reviewer left
+        in the worktree (in a worker thread)."""
+        if before != worktree_fingerprint(self.worktree):
+            self.rt.workspace(self.job).reset(self.worktree, head)
 
     async def _call_agent(self, ctx: StageContext, head: str) -> tuple[StageResult, int]:
         """The stage's agent, retried on retryable errors from a clean worktree. What failed
@@ -405,16 +413,22 @@ class Pipeline:
         self.job.pgids = [p for p in self.job.pgids if p != pgid]
 
     async def _judge(
-        self, stage: Stage, iteration: int, result: StageResult, head_before: str
+        self,
+        stage: Stage,
+        iteration: int,
+        result: StageResult,
+        head_before: str,
+        files: list[Callable[[], object]],
     ) -> tuple[Outcome, str | None]:
-        """Turn an agent's result into the checkpoint's outcome (and the next feedback)."""
+        """Turn an agent's result into the checkpoint's outcome (and the next feedback);
+        the artifacts to write go to ``files``, written in the checkpoint's hand-off."""
         job, rt = self.job, self.rt
         write = rt.registry.write_artifact
         tag = artifact_tag(job.round, iteration)
         if stage is Stage.PLANNER:
             plan = rt.redactor(result.output)
-            await anyio.to_thread.run_sync(write, job.id, "plan.md", plan)
-            await self.plans.planned(job, self.fr, plan)  # the plan note; the gate (SPEC §16)
+            files.append(partial(write, job.id, "plan.md", plan))
+            files.extend(self.plans.planned(job, self.fr, plan))  # the plan note (SPEC §16)
             return Outcome.OK, "plan.md"
         if stage is Stage.CODER:
             if not result.passed:
@@ -454,9 +468,7 @@ class Pipeline:
         verdict = result.verdict
         assert verdict is not None, "the reviewer returned no verdict"
         name = f"review-{tag}.json"
-        await anyio.to_thread.run_sync(
-            write, job.id, name, rt.redactor(verdict.model_dump_json(indent=2))
-        )
+        files.append(partial(write, job.id, name, rt.redactor(verdict.model_dump_json(indent=2))))
         if verdict.verdict == "approve":
             job.confidence = verdict.confidence
             return Outcome.OK, name
@@ -491,7 +503,9 @@ class Pipeline:
         result: StageResult | None = None,
         *,
         error: str | None = None,
+        files: Sequence[Callable[[], object]] = (),
     ) -> None:
+        """Add the stage's checkpoint and record it, ``files`` written first (one hand-off)."""
         job, rt = self.job, self.rt
         commit = self.head
         job.history = [
@@ -515,6 +529,7 @@ class Pipeline:
             job,
             "checkpoint",
             note=False,
+            first=files,
             stage=stage.value,
             iteration=iteration,
             outcome=outcome.value,

@@ -16,6 +16,7 @@ the planner at ``plan-review``:
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -74,9 +75,11 @@ class PlanGate:
         folder = self.rt.config.plans_dir
         return folder / job.plan_note if folder is not None and job.plan_note else None
 
-    async def planned(self, job: Job, fr: FeatureRequest, plan: str) -> None:
-        """The planner finished: write (or rewrite) the plan note; arm the gate."""
+    def planned(self, job: Job, fr: FeatureRequest, plan: str) -> list[Callable[[], None]]:
+        """The planner finished: arm the gate; returns the write of the plan note (for the
+        planner's checkpoint to run in its hand-off, before its record)."""
         folder = self.rt.config.plans_dir
+        writes = []
         if folder is not None:
             name = note_name(fr.id)
             text = _render(fr, self.rt.config, plan)
@@ -85,10 +88,11 @@ class PlanGate:
                 folder.mkdir(parents=True, exist_ok=True)
                 atomic_write(folder / name, text.encode(), mode=0o644)
 
-            await anyio.to_thread.run_sync(write)
+            writes.append(write)
             job.plan_note = name
         job.plan_gate = gated(self.rt.config, fr)
         job.plan_feedback = None
+        return writes
 
     async def wait(self, job: Job) -> None:
         """Stop at ``plan-review`` and tell the person."""

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Literal, TypeVar
@@ -143,22 +143,37 @@ class Runtime:
         return self.workspaces[job.repo]
 
     async def record(
-        self, job: Job, event: str, *, note: bool = True, **data: Any
+        self,
+        job: Job,
+        event: str,
+        *,
+        note: bool = True,
+        first: Sequence[Callable[[], object]] = (),
+        **data: Any,
     ) -> Status | None:
         """Checkpoint ``job`` in the registry, then mirror it into its note if what the note
-        shows changed — both in one hand-off to a worker thread.
+        shows changed — both in one hand-off to a worker thread (after ``first``, see
+        ``record_then``).
 
         Returns the note's status as it was on disk (a person may have changed it), or None
         when the note was not touched.
         """
-        on_disk, _ = await self.record_then(job, event, _nothing, note=note, **data)
+        on_disk, _ = await self.record_then(job, event, _nothing, note=note, first=first, **data)
         return on_disk
 
     async def record_then(
-        self, job: Job, event: str, then: Callable[[], T], *, note: bool = True, **data: Any
+        self,
+        job: Job,
+        event: str,
+        then: Callable[[], T],
+        *,
+        note: bool = True,
+        first: Sequence[Callable[[], object]] = (),
+        **data: Any,
     ) -> tuple[Status | None, T]:
         """``record``, then ``then()`` in the same hand-off to a worker thread (a stage's
-        start is recorded and its files are prepared in one)."""
+        start is recorded and its files are prepared in one). ``first`` run before the
+        record, in that hand-off too: the files a checkpoint names are on disk before it."""
         job.updated_at = self.now()
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
@@ -166,6 +181,8 @@ class Runtime:
         edit = self._changed_note(job) if note else None
 
         def boundary() -> tuple[Status | None, T]:
+            for step in first:
+                step()
             self.registry.save(job, event, sync=sync, **data)
             on_disk = edit() if edit is not None else None
             return on_disk, then()
