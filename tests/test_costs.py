@@ -26,7 +26,7 @@ from .conftest import Vault
 NOTE = "---\nid: {id}\ntitle: Thing {id}\npriority: medium\n---\n# Thing\n\nDo {id}.\n"
 
 #: Per FR, as counted when this test was written (instant agents, one repository).
-BUDGET = {"hand-offs": 25, "fsyncs": 22, "note rewrites": 6, "git processes": 7}
+BUDGET = {"hand-offs": 22, "fsyncs": 22, "note rewrites": 6, "git processes": 7}
 
 
 def instant_agents() -> dict[str, Any]:

@@ -165,7 +165,7 @@ class Orchestrator:
     ) -> None:
         with anyio.CancelScope(shield=True):
             if self._last_scan is not None:  # registry.json, health.json, the dashboard
-                await anyio.to_thread.run_sync(self._write_state, self._last_scan, True)
+                await self._save_state(self._last_scan, force=True)
             else:
                 await anyio.to_thread.run_sync(self.rt.registry.flush)
             self.systemd.stopping()
@@ -211,20 +211,24 @@ class Orchestrator:
         idle = not self.scheduler.running and self.scheduler.accepting and not self.stopping
         idle = idle and self.scheduler.only is None  # not while `process` runs one FR
         await self.ideation.tick(tg, self.rt.registry.jobs(), busy=not idle)
-        await anyio.to_thread.run_sync(self._write_state, scan)
+        await self._save_state(scan)
         return scan
 
     async def ideate(self, category: str | None = None) -> IdeaRun:
         """One ideation now, whatever the queue (``opus ideate``; SPEC §19)."""
         return await self.ideation.run(category)
 
-    def _write_state(self, scan: Scan, force: bool = False) -> None:
+    async def _save_state(self, scan: Scan, *, force: bool = False) -> None:
         """End of a tick: registry.json, health.json, STATUS=, the dashboard — at most once
-        a second (ticks come as often as pipelines finish), always when ``force``."""
+        a second (ticks come as often as pipelines finish; no hand-off between), always
+        when ``force``."""
         now = time.monotonic()
         if not force and now - self._state_written < 1.0:
             return
         self._state_written = now
+        await anyio.to_thread.run_sync(self._write_state, scan)
+
+    def _write_state(self, scan: Scan) -> None:
         self._heartbeat()
         if self._dirty and self.config.dashboard_path is not None:
             self._dirty = False
@@ -398,7 +402,7 @@ class Orchestrator:
                 self.systemd.stopping()
                 await self.scheduler.drain(self.grace)
                 if self._last_scan is not None:
-                    await anyio.to_thread.run_sync(self._write_state, self._last_scan, True)
+                    await self._save_state(self._last_scan, force=True)
                 tg.cancel_scope.cancel()
 
     async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
@@ -460,7 +464,7 @@ class Orchestrator:
             job = self.rt.registry.latest_for(fr_id)
             fr = scan.frs[fr_id]
             summary.statuses[fr_id] = job.status.value if job else (fr.status or "planned")
-        await anyio.to_thread.run_sync(self._write_state, scan)  # and always on leaving
+        await self._save_state(scan)  # (and always on leaving: __aexit__)
         return summary
 
     async def process(self, ref: str) -> Job:
