@@ -155,6 +155,7 @@ def remote(vault: Vault, tmp_path: Path) -> Path:
     bare = tmp_path / "remote.git"
     subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
     git(vault.repo, "remote", "add", "origin", str(bare))
+    git(vault.repo, "push", "-q", "origin", "main")  # as on GitHub: the base is there
     return bare
 
 
@@ -338,3 +339,51 @@ async def test_a_rework_round_updates_the_same_pr(
     assert json.loads(patch.body) == {"body": pr_md} and "round 2" in pr_md
     assert git(remote, "rev-parse", "opus/fr-1") == git(gh_vault.repo, "rev-parse", "opus/fr-1")
     assert git(remote, "show", "opus/fr-1:FR-1.txt") == "change of round 2, iteration 1"
+
+
+def merged_elsewhere(remote: Path, clone: Path, shared: str) -> str:
+    """Another PR merged on GitHub: a commit changing shared.txt pushed to the remote's
+    main from a clone of its own; returns that commit."""
+    subprocess.run(["git", "clone", "-q", "-b", "main", str(remote), str(clone)], check=True)
+    (clone / "shared.txt").write_text(shared)
+    git(clone, "add", "shared.txt")
+    git(clone, "commit", "-q", "-m", "another PR")
+    git(clone, "push", "-q", "origin", "main")
+    return git(clone, "rev-parse", "HEAD")
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
+
+
+@pytest.mark.anyio
+async def test_a_base_moved_on_the_remote_starts_a_conflict_round(
+    gh_vault: Vault, github: FakeGitHub, remote: Path, tmp_path: Path
+) -> None:
+    """Another PR merged on GitHub changed what this one changes: the local base never
+    moved, yet approving starts a conflict round against the remote's base, and the PR gets
+    the resolution instead of being merged."""
+    resolved = {"write": {"shared.txt": "upstream was here\nFR-1 was here\n"}}
+    gh_vault.script({"*": {"coder": [{"write": {"shared.txt": "FR-1 was here\n"}}],
+                           "coder@2": [resolved]}})  # fmt: skip
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    local_main = git(gh_vault.repo, "rev-parse", "main")
+
+    upstream = merged_elsewhere(remote, tmp_path / "elsewhere", "upstream was here\n")
+
+    set_status(note, "approved")
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    assert meta(note)["round"] == 2
+    assert github.requests("PUT") == []  # not merged: it would not have merged cleanly
+    (coder,) = gh_vault.runs("coder", "FR-1")[1:]
+    feedback = read_json(Path(coder["feedback"]))
+    assert feedback["source"] == "conflict"
+    assert (
+        "`origin/main`" in feedback["message"] and "conflicts in shared.txt" in feedback["message"]
+    )
+    # the PR's branch now holds the remote's base: it merges cleanly; the local main is as it was
+    git(remote, "merge-base", "--is-ancestor", upstream, "opus/fr-1")
+    assert git(remote, "show", "opus/fr-1:shared.txt") == "upstream was here\nFR-1 was here"
+    assert git(gh_vault.repo, "rev-parse", "main") == local_main
+    assert len(github.requests("PATCH", f"{PULLS}/1")) == 1  # the same PR, updated

@@ -542,6 +542,36 @@ def test_push_sends_the_token_as_a_header_only(ws: Workspace, repo: Path, http_r
         assert secret not in message
 
 
+def test_fetch_base_fills_the_tracking_ref_and_leaves_the_local_base(
+    ws: Workspace, repo: Path, remote: Path, tmp_path: Path
+) -> None:
+    git(repo, "push", "-q", "origin", "main")
+    local = git(repo, "rev-parse", "main")
+    elsewhere = tmp_path / "elsewhere"
+    git(tmp_path, "clone", "-q", "-b", "main", str(remote), str(elsewhere))
+    commit_file(elsewhere, "upstream.txt", "merged on the remote\n")
+    git(elsewhere, "push", "-q", "origin", "main")
+    ref = ws.fetch_base("origin", TOKEN)
+    assert ref == "refs/remotes/origin/main"
+    assert ws.base_commit(ref) == git(elsewhere, "rev-parse", "HEAD") != local
+    assert ws.base_commit() == git(repo, "rev-parse", "main") == local  # not moved
+    for path, data in all_bytes_under(repo / ".git"):
+        assert TOKEN.encode() not in data and BASIC.encode() not in data, path
+
+
+def test_a_failed_fetch_raises_without_the_token(
+    ws: Workspace, repo: Path, http_remote: str
+) -> None:
+    git(repo, "remote", "add", "gh", f"http://user:urlsecret@{http_remote}/octo/app.git")
+    with pytest.raises(WorkspaceError) as caught:
+        ws.fetch_base("gh", TOKEN)
+    assert _Recorder.seen and all(h == f"basic {BASIC}" for h in _Recorder.seen)
+    message = str(caught.value)
+    assert message.startswith("git fetch") and "\n" not in message
+    for secret in (TOKEN, BASIC, "urlsecret"):
+        assert secret not in message
+
+
 def test_public_names() -> None:
     assert set(workspace_module.__all__) == {
         "PUSH_TIMEOUT",

@@ -145,23 +145,30 @@ class Rounds:
     async def conflict(self, job: Job) -> Trigger | None:
         """A ``conflict`` trigger when the job's branch no longer merges cleanly into the
         base (SPEC §7), with the conflicting paths as the coder's feedback; else None."""
-        ws = self.rt.workspace(job)
+        ws, d = self.rt.workspace(job), self.rt.config.delivery
+        # a PR merges into the base as the remote has it: fetched now (the local one may lag)
+        remote = d.remote if d.kind == "github" else None
+        token = self.rt.environ.get(d.token_env) if remote else None
+
+        def check() -> tuple[list[str], str]:
+            ref = ws.fetch_base(remote, token) if remote else None
+            paths = ws.conflicts_with_base(job.branch, forked_from=job.base_commit, base_ref=ref)
+            return paths, (ws.base_commit(ref) if paths else "")
+
         try:
-            paths = await anyio.to_thread.run_sync(
-                lambda: ws.conflicts_with_base(job.branch, forked_from=job.base_commit)
-            )
-            if not paths:
-                return None
-            target = await anyio.to_thread.run_sync(ws.base_commit)
+            paths, target = await anyio.to_thread.run_sync(check)
         except WorkspaceError as e:  # the merge or delivery that follows reports it
             log.warning("%s: cannot check for conflicts: %s", job.fr_id, e)
             return None
+        if not paths:
+            return None
+        base = f"{remote}/{ws.base}" if remote else ws.base
         how = "rebased onto" if self.rt.config.reactions.update == "rebase" else "merged"
         listed = "\n".join(f"- `{p}`" for p in paths)
         feedback = (
-            f"The branch no longer merges cleanly into `{ws.base}` (now at {target[:12]}): "
+            f"The branch no longer merges cleanly into `{base}` (now at {target[:12]}): "
             f"conflicts in {', '.join(paths)}.\n\n"
-            f"opus {how} `{ws.base}` into this worktree and left the conflicts in place:\n\n"
+            f"opus {how} `{base}` into this worktree and left the conflicts in place:\n\n"
             f"{listed}\n\n"
             "Resolve every conflict: keep the intent of both sides, remove every conflict "
             "marker (`<<<<<<<`, `=======`, `>>>>>>>`), and keep the tests passing. opus "

@@ -92,9 +92,27 @@ class Workspace:
         ):
             raise WorkspaceError(f"base branch '{self.base}' not found in {self.repo_path}")
 
-    def base_commit(self) -> str:
-        """The commit the base branch points at."""
-        return self._git(self.repo_path, "rev-parse", "--verify", f"{self._base_ref}^{{commit}}")
+    def base_commit(self, ref: str | None = None) -> str:
+        """The commit the base branch (or ``ref``, e.g. ``fetch_base``'s) points at."""
+        ref = ref or self._base_ref
+        return self._git(self.repo_path, "rev-parse", "--verify", f"{ref}^{{commit}}")
+
+    def fetch_base(self, remote: str, token: str | None) -> str:
+        """Fetch the base branch from ``remote`` into ``refs/remotes/REMOTE/BASE`` (where a
+        PR merges: its base as the remote has it; the local base branch is not moved), and
+        return that ref."""
+        ref = f"refs/remotes/{remote}/{self.base}"
+        env, hidden = _auth(token)
+        self._call(
+            self.repo_path,
+            ["fetch", "--no-tags", "--no-recurse-submodules", remote,
+             f"+refs/heads/{self.base}:{ref}"],
+            opts=_QUIET,
+            env=env,
+            hidden=hidden,
+            timeout=PUSH_TIMEOUT,
+        )  # fmt: skip
+        return ref
 
     def is_merged(self, branch: str) -> bool:
         """Whether ``branch`` is an ancestor of the base (a branch equal to the base is)."""
@@ -240,17 +258,20 @@ class Workspace:
         """Whether ``ancestor`` is reachable from ``commit``."""
         return self._ok(self.repo_path, "merge-base", "--is-ancestor", ancestor, commit)
 
-    def conflicts_with_base(self, branch: str, *, forked_from: str | None = None) -> list[str]:
-        """The paths that conflict when ``branch`` is merged into the base now ([] = clean).
-        A base still at ``forked_from`` (where the branch began) cannot conflict: no merge
-        is tried then."""
-        if forked_from is not None and read_ref(self.repo_path, self._base_ref) == forked_from:
+    def conflicts_with_base(
+        self, branch: str, *, forked_from: str | None = None, base_ref: str | None = None
+    ) -> list[str]:
+        """The paths that conflict when ``branch`` is merged into the base (or ``base_ref``)
+        now ([] = clean). A base still at ``forked_from`` (where the branch began) cannot
+        conflict: no merge is tried then."""
+        base_ref = base_ref or self._base_ref
+        if forked_from is not None and read_ref(self.repo_path, base_ref) == forked_from:
             return []
         import subprocess
 
         args = ["merge-tree", "--write-tree", "--name-only", "--no-messages", "-z"]
         command = ["git", "-C", os.fspath(self.repo_path), *_QUIET, *args,
-                   self._base_ref, f"refs/heads/{branch}"]  # fmt: skip
+                   base_ref, f"refs/heads/{branch}"]  # fmt: skip
         done = subprocess.run(command, capture_output=True, env={**os.environ, **self._env({})})
         if done.returncode == 0:
             return []
@@ -316,16 +337,7 @@ class Workspace:
     ) -> None:
         """Push ``branch`` to ``remote``; a token travels in git's environment config only.
         ``force``: the branch was rewritten (``--force-with-lease``)."""
-        env: dict[str, str] = {}
-        hidden: list[str] = []
-        if token:
-            basic = base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
-            env = {
-                "GIT_CONFIG_COUNT": "1",
-                "GIT_CONFIG_KEY_0": "http.extraheader",
-                "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}",
-            }
-            hidden = [token, basic]
+        env, hidden = _auth(token)
         refspec = f"refs/heads/{branch}:refs/heads/{branch}"
         self._call(
             path,
@@ -495,6 +507,20 @@ class Workspace:
             message = _URL_CREDENTIALS.sub("***@", re.sub(r"\s+", " ", message))
             raise WorkspaceError(message) from e
         return 0, out
+
+
+def _auth(token: str | None) -> tuple[dict[str, str], list[str]]:
+    """git's environment for a remote that takes ``token`` (in config, never in a URL or an
+    argument), and what to scrub from errors."""
+    if not token:
+        return {}, []
+    basic = base64.b64encode(f"x-access-token:{token}".encode()).decode("ascii")
+    env = {
+        "GIT_CONFIG_COUNT": "1",
+        "GIT_CONFIG_KEY_0": "http.extraheader",
+        "GIT_CONFIG_VALUE_0": f"AUTHORIZATION: basic {basic}",
+    }
+    return env, [token, basic]
 
 
 def read_head(worktree: Path) -> str | None:
