@@ -1,7 +1,8 @@
 """What one FR costs opus, counted on a real run (issue 13; SPEC §12): hand-offs to worker
 threads, fsyncs, rewrites of the person's note and git processes — each held at or under
-what was measured, so a change that adds one per write shows here — and the order the
-checkpoint relies on: the files it names are on disk before it is recorded."""
+what was measured, so a change that adds one per write shows here — and what a stage's
+end, one hand-off, keeps: the files a checkpoint names are on disk before it is recorded,
+and a checkpoint whose files could not be written is not recorded at all."""
 
 from __future__ import annotations
 
@@ -18,7 +19,8 @@ import anyio.to_thread
 import pytest
 
 from opus.orchestrator import Orchestrator, ScriptedAgent, Status, load_config
-from opus.orchestrator.agents.fake import writes
+from opus.orchestrator.agents.base import StageContext, StageResult
+from opus.orchestrator.agents.fake import tests_pass, writes
 from opus.orchestrator.registry import Registry
 
 from .conftest import Vault
@@ -113,3 +115,27 @@ async def test_a_checkpoint_is_recorded_after_the_files_it_names(
     # what opus writes for a checkpoint is there before it (an in-process agent logs nothing)
     written = {name: exists for _, name, exists in seen if not name.endswith(".log")}
     assert written == {"plan.md": True, "review-1.json": True, "pr.md": True}
+
+
+def locks_the_index(ctx: StageContext) -> StageResult:
+    """A tester that leaves a file behind and git's index lock: the reset that drops what it
+    left cannot run."""
+    (ctx.worktree / "left-behind.txt").write_text("a tester's mess\n")
+    gitdir = Path((ctx.worktree / ".git").read_text().removeprefix("gitdir:").strip())
+    (gitdir / "index.lock").write_text("")
+    return tests_pass()
+
+
+@pytest.mark.anyio
+async def test_a_stage_whose_end_cannot_be_written_records_no_checkpoint(vault: Vault) -> None:
+    vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    agents = instant_agents() | {"tester": ScriptedAgent(locks_the_index)}
+    async with Orchestrator(load_config(vault.config), agents=agents) as orch:
+        job = await orch.process("FR-1")
+    assert job.status is Status.FAILED
+    assert "index.lock" in str(job.error)
+    assert [c.stage.value for c in job.history] == ["planner", "coder"]  # no tester
+    saved = Registry(vault.state)
+    saved.open()
+    reread = saved.get(job.id)
+    assert reread is not None and [c.stage.value for c in reread.history] == ["planner", "coder"]

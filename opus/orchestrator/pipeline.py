@@ -507,16 +507,16 @@ class Pipeline:
     ) -> None:
         """Add the stage's checkpoint and record it, ``files`` written first (one hand-off)."""
         job, rt = self.job, self.rt
-        commit = self.head
+        earlier = job.history
         job.history = [
-            *job.history,
+            *earlier,
             Checkpoint(
                 stage=stage,
                 iteration=iteration,
                 outcome=outcome,
                 started_at=started,
                 finished_at=rt.now(),
-                commit=commit,
+                commit=self.head,
                 attempts=attempts,
                 artifact=artifact,
                 usage=result.usage if result else None,
@@ -524,16 +524,21 @@ class Pipeline:
                 round=job.round,
             ),
         ]
-        # the note shows the stage that comes next, written as it starts (or as the job stops)
-        await rt.record(
-            job,
-            "checkpoint",
-            note=False,
-            first=files,
-            stage=stage.value,
-            iteration=iteration,
-            outcome=outcome.value,
-        )
+        try:
+            # the note shows the stage that comes next, written as it starts (or as the job
+            # stops)
+            await rt.record(
+                job,
+                "checkpoint",
+                note=False,
+                first=files,
+                stage=stage.value,
+                iteration=iteration,
+                outcome=outcome.value,
+            )
+        except OpusError:
+            job.history = earlier  # not recorded: whatever records the job next must not show it
+            raise
 
     # -- endings ------------------------------------------------------------------------------
 
