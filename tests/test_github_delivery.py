@@ -387,3 +387,29 @@ async def test_a_base_moved_on_the_remote_starts_a_conflict_round(
     assert git(remote, "show", "opus/fr-1:shared.txt") == "upstream was here\nFR-1 was here"
     assert git(gh_vault.repo, "rev-parse", "main") == local_main
     assert len(github.requests("PATCH", f"{PULLS}/1")) == 1  # the same PR, updated
+
+
+@pytest.mark.anyio
+async def test_a_pr_github_cannot_merge_gets_a_conflict_round_while_in_review(
+    gh_vault: Vault, github: FakeGitHub, remote: Path, tmp_path: Path
+) -> None:
+    """No approval needed: once GitHub says the PR cannot merge and opus's own check agrees,
+    a conflict round resolves it; while GitHub says so but the branch merges cleanly,
+    nothing starts."""
+    resolved = {"write": {"shared.txt": "upstream was here\nFR-1 was here\n"}}
+    gh_vault.script({"*": {"coder": [{"write": {"shared.txt": "FR-1 was here\n"}}],
+                           "coder@2": [resolved]}})  # fmt: skip
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+
+    github.prs[1]["mergeable"] = False  # (GitHub's word alone: the base has not moved)
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    assert "round" not in meta(note)
+
+    merged_elsewhere(remote, tmp_path / "elsewhere", "upstream was here\n")
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    assert meta(note)["round"] == 2
+    (coder,) = gh_vault.runs("coder", "FR-1")[1:]
+    assert read_json(Path(coder["feedback"]))["source"] == "conflict"
+    assert git(remote, "show", "opus/fr-1:shared.txt") == "upstream was here\nFR-1 was here"
+    assert github.requests("PUT") == []  # a person still approves or merges it

@@ -167,3 +167,12 @@ class Delivery:
             return Status.CANCELLED if pr.state == "closed" else None
         merged = await anyio.to_thread.run_sync(rt.workspace(job).is_merged, job.branch)
         return Status.DONE if merged else None
+
+    async def unmergeable(self, job: Job) -> bool:
+        """Whether GitHub says it cannot merge the PR into its base (as ``merged_or_closed``
+        last read it, from the runtime's cache, when GitHub gave it an ETag)."""
+        if self.rt.config.delivery.kind != "github" or job.pr_number is None:
+            return False
+        async with self._github() as gh:
+            pr = gh.cached_pr(job.pr_number) or await gh.pr_state(job.pr_number)
+        return pr is not None and pr.state == "open" and pr.mergeable is False

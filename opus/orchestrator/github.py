@@ -60,6 +60,8 @@ class PullRequest:
     merged: bool
     head_sha: str | None = None
     """The commit at the head of the PR's branch (checks and statuses are on it)."""
+    mergeable: bool | None = None
+    """Whether GitHub can merge it into its base; None while GitHub works it out."""
 
 
 @dataclass(frozen=True)
@@ -433,6 +435,7 @@ def _pull_request(data: Any) -> PullRequest:
             state=str(data["state"]),
             merged=bool(data.get("merged") or data.get("merged_at")),
             head_sha=str(sha) if sha else None,
+            mergeable=data.get("mergeable") if isinstance(data.get("mergeable"), bool) else None,
         )
     except (KeyError, TypeError, ValueError) as e:
         raise GitHubError(f"GitHub returned an unexpected pull request object ({e!r})") from e

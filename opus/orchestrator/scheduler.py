@@ -237,6 +237,11 @@ class Scheduler:
                     await self._end(job, settled, None, settled.value)
                 elif (trigger := await github_trigger(rt, job)) is not None:
                     await self.rounds.start(job, trigger)  # PR reviews, comments, CI
+                elif (
+                    await self.delivery.unmergeable(job)  # the base moved on GitHub under it
+                    and (trigger := await self.rounds.conflict(job)) is not None  # confirmed
+                ):
+                    await self.rounds.start(job, trigger)
         elif status in OPUS_SET:
             # the note may be older than the job (scanned before a pipeline moved on):
             # the registry decides whether a job still claims it
