@@ -536,7 +536,7 @@ class Pipeline:
                 iteration=iteration,
                 outcome=outcome.value,
             )
-        except OpusError:
+        except Exception:  # (a plan note's OSError too; a cancel lands after the record)
             job.history = earlier  # not recorded: whatever records the job next must not show it
             raise
 
