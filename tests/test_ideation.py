@@ -8,6 +8,7 @@ import logging
 import os
 import re
 import sys
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -32,13 +33,17 @@ IDEA = (
 
 
 class Now:
-    """The Orchestrator's clock: real time plus an offset a test moves forward."""
+    """The Orchestrator's clock: today at 09:00 as the test starts, moving with real time,
+    plus an offset a test moves forward. The fixed start keeps a test's hours on one day
+    (a daily budget starts again at midnight, whenever the suite runs)."""
 
-    def __init__(self) -> None:
+    def __init__(self, start: datetime | None = None) -> None:
+        self.start = start or datetime.now().replace(hour=9, minute=0, second=0, microsecond=0)
+        self.began = time.monotonic()
         self.offset = timedelta()
 
     def __call__(self) -> datetime:
-        now = datetime.now() + self.offset
+        now = self.start + timedelta(seconds=time.monotonic() - self.began) + self.offset
         return now.replace(microsecond=now.microsecond // 1000 * 1000)
 
 
