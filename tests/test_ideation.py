@@ -32,14 +32,15 @@ IDEA = (
 )
 
 
+START = datetime.now().replace(hour=9, minute=0, second=0, microsecond=0)
+
+
 class Now:
-    """The Orchestrator's clock: today at 09:00 as the test starts, moving with real time,
-    plus an offset a test moves forward. The fixed start keeps a test's hours on one day
-    (a daily budget starts again at midnight, whenever the suite runs)."""
+    """The Orchestrator's clock: real time, from ``start`` if given, plus an offset a test
+    moves forward."""
 
     def __init__(self, start: datetime | None = None) -> None:
-        self.start = start or datetime.now().replace(hour=9, minute=0, second=0, microsecond=0)
-        self.began = time.monotonic()
+        self.start, self.began = start or datetime.now(), time.monotonic()
         self.offset = timedelta()
 
     def __call__(self) -> datetime:
@@ -250,7 +251,7 @@ async def test_an_answer_without_title_or_body_writes_nothing(vault: Vault) -> N
 async def test_ideation_spend_counts_toward_the_budget(vault: Vault) -> None:
     paid = {"output": IDEA, "usage": {"input_tokens": 900, "output_tokens": 120, "cost_usd": 0.5}}
     configure(vault, [paid], budget="daily_usd = 0.4")
-    now = Now()
+    now = Now(START)  # the two hours below stay on one day, whenever the suite runs
     async with orchestrator(vault, now) as orch:
         await orch.run_once()
         (run,) = orch.ideation.ledger.runs
