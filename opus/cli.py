@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 F = TypeVar("F", bound=Callable[..., Any])
 
 _JSON = "opus.json"
+_LOG_FORMAT = "opus.log_format"
 _ARGV = "opus.argv"
 
 
@@ -120,9 +121,11 @@ def fail(message: str, code: int = 1, *, problems: Sequence[str] = ()) -> NoRetu
     if _wants_json():
         _print_json({"error": message, **({"problems": list(problems)} if problems else {})})
     else:
-        click.echo(f"opus: {message}", err=True)
+        ctx = click.get_current_context(silent=True)
+        prefix = "<3>" if ctx is not None and ctx.meta.get(_LOG_FORMAT) == "journal" else ""
+        click.echo(f"{prefix}opus: {message}", err=True)
         for problem in problems:
-            click.echo(f"  {problem}", err=True)
+            click.echo(f"{prefix}  {problem}", err=True)
     sys.exit(code)
 
 
@@ -283,10 +286,11 @@ def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
     from .orchestrator.errors import ConfigError, OpusError
     from .orchestrator.service import serve
 
-    setup_logging(
+    chosen = setup_logging(
         log_format="json" if json_logs else log_format,
         level=logging.DEBUG if verbose else logging.INFO,
     )
+    click.get_current_context().meta[_LOG_FORMAT] = chosen  # for ``fail``: <3> in the journal
     config = load()
     try:
         summary = anyio.run(lambda: serve(config, once=once, config_path=config_path()))
@@ -304,8 +308,9 @@ def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
     if summary is not None:
         for fr_id, status in summary.statuses.items():
             click.echo(f"{fr_id}\t{status}")
+        prefix = "<4>" if chosen == "journal" else ""
         for problem in summary.problems:
-            click.echo(f"problem\t{problem}", err=True)
+            click.echo(f"{prefix}problem\t{problem}", err=True)
 
 
 def _os_leaf(group: BaseExceptionGroup[BaseException]) -> OSError | None:

@@ -1,7 +1,7 @@
 """How the ``opus`` command writes log lines to stderr (SPEC §10, §20).
 
 - ``journal``: ``<3>``/``<4>``/``<6>``… syslog priority prefixes, no timestamp (journald
-  stamps each line) — chosen by itself when ``$JOURNAL_STREAM`` names our stderr;
+  stamps each line) — chosen by itself when ``$JOURNAL_STREAM`` is set;
 - ``text``: ``level: message``, with a ``HH:MM:SS`` time in front on a terminal;
 - ``json``: one JSON object per line, with an ISO time.
 """
@@ -67,25 +67,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(data)
 
 
-def _is_journal(stream: TextIO, environ: Mapping[str, str]) -> bool:
-    """``$JOURNAL_STREAM`` is ``device:inode`` of the stream systemd connected to journald."""
-    value = environ.get("JOURNAL_STREAM", "")
-    if not value:
-        return False
-    try:
-        dev, ino = (int(part) for part in value.split(":", 1))
-        st = os.fstat(stream.fileno())
-    except (ValueError, OSError):
-        return True  # set but not checkable (stderr replaced): trust it
-    return (st.st_dev, st.st_ino) == (dev, ino)
+def _is_journal(environ: Mapping[str, str]) -> bool:
+    """systemd sets ``$JOURNAL_STREAM`` for a unit whose output goes to journald (SPEC §20:
+    set means journal lines; its ``device:inode`` is not compared with stderr, so a
+    wrapper or a pipe between the unit and opus keeps the priorities)."""
+    return bool(environ.get("JOURNAL_STREAM"))
 
 
-def choose_format(
-    requested: LogFormat | None, stream: TextIO, environ: Mapping[str, str]
-) -> LogFormat:
+def choose_format(requested: LogFormat | None, environ: Mapping[str, str]) -> LogFormat:
     if requested is not None:
         return requested
-    return "journal" if _is_journal(stream, environ) else "text"
+    return "journal" if _is_journal(environ) else "text"
 
 
 def setup_logging(
@@ -97,7 +89,7 @@ def setup_logging(
 ) -> LogFormat:
     """Send the ``opus`` loggers to ``stream`` (stderr) in the chosen format; return it."""
     stream = stream or sys.stderr
-    chosen = choose_format(log_format, stream, os.environ if environ is None else environ)
+    chosen = choose_format(log_format, os.environ if environ is None else environ)
     handler = logging.StreamHandler(stream)
     if chosen == "json":
         handler.setFormatter(JsonFormatter())

@@ -8,6 +8,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -166,6 +167,26 @@ def test_journald_gets_priorities_and_a_terminal_gets_times() -> None:
     assert setup_logging(stream=tty, environ={}) == "text"
     log.info("hello")
     assert tty.getvalue()[2] == ":" and tty.getvalue()[8:] == " info: hello\n"
+
+
+def test_journal_stream_set_means_priorities_even_through_a_pipe(vault: Vault) -> None:
+    """SPEC §20: ``$JOURNAL_STREAM`` set is enough (its device:inode need not be stderr's),
+    and the start-up error that stops the service is an error line too."""
+    vault.note("FR-7.md", FR)
+    env = {**os.environ, "JOURNAL_STREAM": "8:1234"}
+    command = [sys.executable, "-m", "opus", "run", "--once", "--config", str(vault.config)]
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = done.stderr.splitlines()
+    assert "<6>info: FR-7: review (job" in done.stderr
+    assert lines and all(re.match(r"<[0-7]>", line) for line in lines), lines
+    text = vault.config.read_text()
+    vault.config.write_text(text.replace("stage_timeout = 60", "stage_timeout = -1"))
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(f"<3>opus: configuration error: {vault.config}: ")
+    assert "stage_timeout" in line
 
 
 def test_doctor_checks_one_line_each(vault: Vault, tmp_path: Path) -> None:

@@ -101,7 +101,9 @@ def test_the_round_after_max_rounds_blocks_with_the_trigger(vault: Vault) -> Non
     assert opus(vault, "run", "--once")[0] == 0
     assert meta(note)["round"] == 2 and meta(note)["status"] == "review"
     set_keys(note, status="changes-requested", feedback="Second request: more.")
-    assert opus(vault, "run", "--once")[0] == 0
+    code, out = opus(vault, "run", "--once", "--log-format", "journal")
+    assert code == 0
+    assert "<4>warning: FR-1: blocked: max_rounds (2) used up" in out  # SPEC §20: not info
     m = meta(note)
     assert m["status"] == "blocked", m
     assert m["error"] == "max_rounds (2) used up; person: Second request: more."

@@ -110,7 +110,7 @@ class Rounds:
             job.stage = None
             job.error = rt.redactor(f"max_rounds ({cap}) used up; {trigger.summary}")
             await rt.record(job, "blocked", source=trigger.source)
-            log.info("%s: blocked: %s (job %s)", job.fr_id, job.error, job.id)
+            log.warning("%s: blocked: %s (job %s)", job.fr_id, job.error, job.id)
             await rt.notify("blocked", job, job.error, feedback=feedback)
             return job.status
         await anyio.to_thread.run_sync(
