@@ -58,6 +58,18 @@ def test_relative_paths_resolve_against_the_files_folder(tmp_path: Path) -> None
          "needs `command`"),
         ('[repos.app]\npath = "a"\n[approval]\nauto_priorities = ["urgent"]\n',
          "approval.auto_priorities", "unknown priority"),
+        # SPEC §14: a key the agent's kind does not use is refused, never silently ignored
+        ('[repos.app]\npath = "a"\n[agents.coder]\nkind = "claude"\ntemperature = 0.2\n',
+         "agents.coder", "kind = 'claude' does not use `temperature`"),
+        ('[repos.app]\npath = "a"\n[agents.planner]\nkind = "codex"\nstdin = false\n',
+         "agents.planner", "kind = 'codex' does not use `stdin`"),
+        ('[repos.app]\npath = "a"\n[agents.tester]\nkind = "command"\ncommand = "t"\n'
+         'model = "m"\n', "agents.tester", "kind = 'command' does not use `model`"),
+        ('[repos.app]\npath = "a"\n[agents.reviewer]\nkind = "openai"\nmodel = "m"\n'
+         'env = { A = "1" }\nnetwork = false\n', "agents.reviewer",
+         "kind = 'openai' does not use `env`, `network`"),
+        ('[repos.app]\npath = "a"\n[agents.ideator]\nkind = "python"\ncallable = "m:f"\n'
+         'max_tokens = 9\n', "agents.ideator", "kind = 'python' does not use `max_tokens`"),
     ],
 )  # fmt: skip
 def test_a_bad_file_names_the_key_and_the_file(

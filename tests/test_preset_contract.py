@@ -67,7 +67,11 @@ def test_a_preset_that_cannot_take_an_endpoint_refuses_it() -> None:
         product = "Plain CLI"
 
     with pytest.raises(ConfigError, match="cannot take base_url / api_key_env") as info:
-        Plain(AgentSection(kind="command", command="x", base_url="u", api_key_env="K"), Stage.CODER)
+        # (built unvalidated: the config already refuses both keys on a plain command)
+        section = AgentSection.model_construct(
+            kind="command", command="x", base_url="u", api_key_env="K"
+        )
+        Plain(section, Stage.CODER)
     assert info.value.key == "agents.coder"
 
 

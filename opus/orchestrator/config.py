@@ -72,6 +72,32 @@ class PipelineSection(_Section):
     preempt: bool = True
 
 
+_PROCESS = frozenset(
+    {"command", "args", "env", "env_passthrough", "network", "home", "price_in_per_mtok",
+     "price_out_per_mtok"}
+)  # fmt: skip
+_CLI = _PROCESS | {"model", "base_url", "api_key_env"}  # the preset says how, or refuses
+AGENT_KEYS: dict[str, frozenset[str]] = {
+    kind: frozenset({"kind", "timeout"}) | keys
+    for kind, keys in {
+        "command": _PROCESS | {"stdin"},
+        "claude": _CLI | {"stdin"},
+        "codex": _CLI,
+        "gemini": _CLI,
+        "opencode": _CLI,
+        "aider": _CLI | {"max_tokens"},
+        "openai": frozenset(
+            {"model", "base_url", "api_key_env", "temperature", "max_tokens",
+             "price_in_per_mtok", "price_out_per_mtok"}
+        ),  # fmt: skip
+        "python": frozenset({"callable"}),
+    }.items()
+}
+"""The keys each agent kind uses (SPEC §14): any other key set for it is an error, never
+silently ignored (``stdin`` on a CLI that always takes its prompt one way, ``temperature``
+on a CLI without such a flag, ``env`` on an HTTP or Python agent, …)."""
+
+
 class AgentSection(_Section):
     kind: Literal["command", "claude", "codex", "aider", "opencode", "gemini", "openai", "python"]
     command: str | list[str] | None = None
@@ -95,6 +121,10 @@ class AgentSection(_Section):
 
     @model_validator(mode="after")
     def _needs(self) -> AgentSection:
+        unused = sorted(self.model_fields_set - AGENT_KEYS[self.kind])
+        if unused:
+            keys = ", ".join(f"`{k}`" for k in unused)
+            raise ValueError(f"kind = {self.kind!r} does not use {keys}")
         if self.kind == "command" and not self.command:
             raise ValueError("kind = 'command' needs `command`")
         if self.kind == "python" and not self.callable:
