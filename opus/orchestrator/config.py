@@ -77,6 +77,10 @@ _PROCESS = frozenset(
      "price_out_per_mtok"}
 )  # fmt: skip
 _CLI = _PROCESS | {"model", "base_url", "api_key_env"}  # the preset says how, or refuses
+_HTTP = frozenset(
+    {"model", "base_url", "api_key_env", "temperature", "max_tokens", "price_in_per_mtok",
+     "price_out_per_mtok"}
+)  # fmt: skip
 AGENT_KEYS: dict[str, frozenset[str]] = {
     kind: frozenset({"kind", "timeout"}) | keys
     for kind, keys in {
@@ -86,10 +90,7 @@ AGENT_KEYS: dict[str, frozenset[str]] = {
         "gemini": _CLI,
         "opencode": _CLI,
         "aider": _CLI | {"max_tokens"},
-        "openai": frozenset(
-            {"model", "base_url", "api_key_env", "temperature", "max_tokens",
-             "price_in_per_mtok", "price_out_per_mtok"}
-        ),  # fmt: skip
+        "openai": _HTTP,
         "python": frozenset({"callable"}),
     }.items()
 }
