@@ -128,6 +128,37 @@ def test_service_picks_up_a_moved_note_and_reports_health(vault: Vault, service)
     assert code == 1 and "not running" in out
 
 
+def test_registry_json_and_the_dashboard_follow_a_running_service_within_a_second_or_so(
+    vault: Vault, service
+) -> None:
+    """A state write a tick skipped (one was under a second ago) comes once the second is
+    up, not at the next 30 s beat (SPEC §3.1, §10)."""
+    vault.write_config(polling="active = 30\nidle_max = 300\ndebounce_ms = 50")
+    s = service()
+    wait(lambda: (vault.state / "health.json").exists(), "health.json")
+    note = fr(vault, "FR-1")
+    wait(lambda: status_of(note) == "review", "FR-1 in review", timeout=20)
+    seen = time.monotonic()
+
+    def registry_says_review() -> bool:
+        try:
+            jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
+        except (OSError, ValueError):
+            return False
+        return [j["status"] for j in jobs if j["fr_id"] == "FR-1"] == ["review"]
+
+    wait(registry_says_review, "registry.json to show FR-1 in review", timeout=10)
+    dashboard = vault.root / "00_system" / "opus-dashboard.md"
+
+    def dashboard_awaits_review() -> bool:
+        section = dashboard.read_text().partition("## Awaiting review")[2].split("\n## ")[0]
+        return "[[" in section and "FR-1" in section
+
+    wait(dashboard_awaits_review, "the dashboard to list FR-1 as awaiting review", timeout=10)
+    assert time.monotonic() - seen < 10  # the beat is 30 s away
+    assert s.stop()[0] == 0
+
+
 def test_pause_at_the_next_boundary_then_resume_from_the_checkpoint(
     vault: Vault, service, tmp_path: Path
 ) -> None:

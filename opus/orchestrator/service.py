@@ -49,6 +49,9 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
+STATE_EVERY = 1.0
+"""Seconds between two state writes (registry.json, health.json, the dashboard) at most."""
+
 
 def _opus_loggers() -> list[logging.Logger]:
     """Every logger of the package (a filter applies only to its own logger's records)."""
@@ -85,6 +88,7 @@ class Orchestrator:
         self._on_change = on_change
         self._lock = InstanceLock(config.state_dir / "opus.lock")
         self._stop = anyio.Event()
+        self._state_due = anyio.Event()
         self._started_at = now()
         self._last_scan: Scan | None = None
         self._log_filter: RedactingFilter | None = None
@@ -223,10 +227,21 @@ class Orchestrator:
         a second (ticks come as often as pipelines finish; no hand-off between), always
         when ``force``."""
         now = time.monotonic()
-        if not force and now - self._state_written < 1.0:
+        if not force and now - self._state_written < STATE_EVERY:
+            self._state_due.set()  # written by ``_write_late`` once the second is up
             return
         self._state_written = now
         await anyio.to_thread.run_sync(self._write_state, scan)
+
+    async def _write_late(self) -> None:
+        """A state write a tick skipped (another was under a second ago) happens once the
+        second is up, so registry.json and the dashboard never wait for the next beat."""
+        while True:
+            await self._state_due.wait()
+            self._state_due = anyio.Event()
+            await anyio.sleep(max(0.0, self._state_written + STATE_EVERY - time.monotonic()))
+            if self._last_scan is not None:
+                await self._save_state(self._last_scan)
 
     def _write_state(self, scan: Scan) -> None:
         self._heartbeat()
@@ -373,6 +388,7 @@ class Orchestrator:
                 tg.start_soon(self._forward_changes, watcher, wake_send)
                 tg.start_soon(self._forward_finished, wake_send)
                 tg.start_soon(self._beat)
+                tg.start_soon(self._write_late)
                 settle, first = True, True
                 changed: set[Path] | None = None
                 while not self._stop.is_set():
