@@ -179,13 +179,13 @@ def main() -> None:
 @click.option(
     "--repo",
     "repo",
-    default="../app",
-    show_default=True,
-    help="Path of the target git repository (relative to DIR).",
+    default=None,
+    help="Path of the target git repository (relative to DIR; it must be one). "
+    "Default: ../app, named in opus.toml even before it exists.",
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing opus.toml.")
 @config_option
-def init(directory: Path, repo: str, force: bool) -> None:
+def init(directory: Path, repo: str | None, force: bool) -> None:
     """Scaffold a vault in DIR (or the folder of --config): folders, opus.toml, FR template."""
     from .orchestrator.errors import OpusError
     from .orchestrator.scaffold import init_vault

@@ -206,3 +206,24 @@ def test_init_refuses_a_missing_or_non_git_repository(tmp_path: Path) -> None:
     )
     assert plain.exit_code == 1 and "is not a git repository" in plain.output
     assert not (tmp_path / "v" / "opus.toml").exists()
+
+
+def test_init_without_repo_scaffolds_before_the_repository_exists(tmp_path: Path) -> None:
+    """SPEC §9 ``opus init [DIR]``: the default ``../app`` may come later; init says so, and
+    validate refuses it until then (an explicit ``--repo`` must exist: above)."""
+    vault = tmp_path / "v"
+    result = CliRunner().invoke(main, ["init", str(vault)])
+    assert result.exit_code == 0, result.output
+    assert (vault / "10_features" / "03_planned").is_dir()
+    assert (vault / "templates" / "feature-request.md").is_file()
+    assert f"warning: [repos.app] path ../app: {tmp_path / 'app'} does not exist" in result.output
+    assert 'path = "../app"' in (vault / "opus.toml").read_text()
+    config = ["--config", str(vault / "opus.toml")]
+    validate = CliRunner().invoke(main, ["validate", *config])
+    assert validate.exit_code == 1 and "[repos.app.path]" in validate.output
+    repo = tmp_path / "app"
+    repo.mkdir()
+    git(repo, "init", "-q", "-b", "main")
+    git(repo, "commit", "-q", "--allow-empty", "-m", "initial")
+    validate = CliRunner().invoke(main, ["validate", *config])
+    assert "[repos.app" not in validate.output, validate.output

@@ -150,9 +150,16 @@ class InitReport:
     base_detected: bool = False
     agents_found: list[str] = field(default_factory=list)
     agent: str = "claude"
+    repo_problem: str | None = None
+    """Why the repository ``opus.toml`` names cannot be served yet (None: it can)."""
 
     def lines(self) -> list[str]:
         out = [f"created {p}" for p in self.created]
+        if self.repo_problem is not None:
+            out.append(
+                f"warning: [repos.app] path {self.repo_problem}; "
+                "opus validate and opus run refuse it until then"
+            )
         how = "detected" if self.base_detected else "assumed"
         out.append(f"base branch: {self.base} ({how})")
         if self.agents_found:
@@ -195,26 +202,37 @@ def default_branch(repo: Path) -> str | None:
     return None
 
 
-def init_vault(directory: Path, *, repo: str = "../app", force: bool = False) -> InitReport:
+DEFAULT_REPO = "../app"
+
+
+def init_vault(directory: Path, *, repo: str | None = None, force: bool = False) -> InitReport:
     """Create the vault's folders, ``opus.toml``, the FR template and the Bases view.
 
     ``repo`` (relative to ``directory``) must be a git repository: its default branch goes
     into ``opus.toml``. Raises OpusError, creating nothing, when it is not, or when
-    ``opus.toml`` exists (unless ``force``)."""
+    ``opus.toml`` exists (unless ``force``). Without ``repo``, ``../app`` is named in
+    ``opus.toml`` whether or not it exists yet: the report says what to do about it (and
+    ``opus validate`` / ``opus run`` refuse it until then)."""
     directory = directory.expanduser()
     config = directory / "opus.toml"
     if config.exists() and not force:
         raise OpusError(f"{config} already exists (use --force to overwrite it)")
+    given, repo = repo is not None, repo or DEFAULT_REPO
     repo_path = Path(repo).expanduser()
     repo_path = Path(
         os.path.normpath(repo_path if repo_path.is_absolute() else directory.absolute() / repo_path)
     )
+    missing = None
     if not repo_path.is_dir():
-        raise OpusError(f"--repo {repo}: {repo_path} does not exist (create or clone it first)")
-    if _git(repo_path, "rev-parse", "--git-dir") is None:
-        raise OpusError(f"--repo {repo}: {repo_path} is not a git repository (git init it first)")
-    report = InitReport(directory)
-    base = default_branch(repo_path)
+        missing = f"{repo_path} does not exist (create or clone it first"
+    elif _git(repo_path, "rev-parse", "--git-dir") is None:
+        missing = f"{repo_path} is not a git repository (git init it first"
+    if missing is not None and given:
+        raise OpusError(f"--repo {repo}: {missing})")
+    if missing is not None:
+        missing = f"{repo}: {missing}, or name another in opus.toml)"
+    report = InitReport(directory, repo_problem=missing)
+    base = default_branch(repo_path) if missing is None else None
     report.base, report.base_detected = base or "main", base is not None
     report.agents_found = [name for name in AGENT_CLIS if shutil.which(name)]
     report.agent = report.agents_found[0] if report.agents_found else "claude"
