@@ -149,6 +149,7 @@ def test_create_adds_a_worktree_on_a_new_branch_from_base(ws: Workspace, repo: P
     assert ws.head(created.path) == base == ws.base_commit()
     assert git(repo, "symbolic-ref", "HEAD") == "refs/heads/main"
     assert git(repo, "status", "--porcelain") == ""
+    assert ws.worktrees_dir.stat().st_mode & 0o777 == 0o700  # SPEC §8: state folders 0700
 
 
 def test_a_taken_branch_name_gets_the_first_free_suffix(ws: Workspace, repo: Path) -> None:

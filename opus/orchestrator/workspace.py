@@ -144,7 +144,7 @@ class Workspace:
             if path.exists() or path.is_symlink():
                 return self._existing(path, branch)
             base = self.base_commit()
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             chosen = branch
             try:  # the usual case: one git process
                 self._git(self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base)
@@ -169,7 +169,7 @@ class Workspace:
         with self._lock():
             if path.exists() or path.is_symlink():
                 return self._existing(path, branch)
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._git(self.repo_path, "worktree", "prune")
             self._git(self.repo_path, "worktree", "add", "-q", str(path), branch)
             base = self._git(path, "merge-base", self._base_ref, "HEAD")
@@ -182,7 +182,7 @@ class Workspace:
             raise WorkspaceError(f"invalid worktree name {name!r}")
         path = self.worktrees_dir.absolute() / name
         with self._lock():
-            path.parent.mkdir(parents=True, exist_ok=True)
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             self._git(
                 self.repo_path, "worktree", "add", "-q", "--detach", str(path), self.base_commit()
             )
