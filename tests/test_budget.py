@@ -206,7 +206,26 @@ async def test_alert_at_tells_the_first_time_each_share_is_spent(
     alerts = [e["message"] for e in events(events_file) if "% of the" in e["message"]]
     assert alerts == [
         "50 % of the daily budget spent: $0.60 of $1.00",
+        "75 % of the daily budget spent: $0.90 of $1.00",
         "90 % of the daily budget spent: $0.90 of $1.00",
-    ]  # 75 % was crossed together with 90 %: one message names the highest share
+    ]  # 75 % and 90 % were crossed by one stage: each share is told
     await run_once(vault, now)  # a restart does not tell again
-    assert len([e for e in events(events_file) if "% of the" in e["message"]]) == 2
+    assert len([e for e in events(events_file) if "% of the" in e["message"]]) == 3
+
+
+@pytest.mark.anyio
+async def test_the_last_stages_spend_is_told_when_its_pipeline_ends(
+    vault: Vault, events_file: Path
+) -> None:
+    """The reviewer's $6 of a $10 cap: the 50 % alert comes with this FR's ending, not
+    before the next FR's first stage (there may be none for a long time)."""
+    usage = {"input_tokens": 10, "output_tokens": 10, "cost_usd": 6.0}
+    verdict = {"verdict": "approve", "confidence": 95}
+    vault.script({"*": {"reviewer": [{"verdict": verdict, "usage": usage}]}})
+    config(vault, events_file, daily=10)
+    note = vault.note("FR-1.md", NOTE.format(id="FR-1", priority="high"))
+    await run_once(vault, clock(DAY))
+    assert status(note) == "review"
+    told = [(e["event"], e["fr_id"], e["message"]) for e in events(events_file)]
+    assert ("budget", "FR-1", "50 % of the daily budget spent: $6.00 of $10.00") in told
+    assert [t for t in told if t[0] == "budget"] == [told[-1]]  # once, after the review

@@ -317,3 +317,18 @@ async def test_in_the_sandbox_the_ideator_cannot_write_the_repository(
     assert call["scribbled"] is False  # the planner's policy: the worktree read-only
     assert len(idea_notes(vault)) == 1
     assert not exists(str(vault.state / "sandbox" / Path(call["worktree"]).name))
+
+
+@pytest.mark.anyio
+async def test_ideation_spend_is_told_by_alert_at(vault: Vault) -> None:
+    told = vault.root.parent / "told.jsonl"
+    script = f"import sys; open({str(told)!r}, 'a').write(sys.stdin.read() + '\\n')"
+    paid = {"output": IDEA, "usage": {"input_tokens": 900, "output_tokens": 120, "cost_usd": 0.6}}
+    notify = f'kind = "command"\ncommand = {json.dumps([sys.executable, "-c", script])}'
+    configure(vault, [paid], budget="daily_usd = 1", **{"[[notify]]": notify})
+    async with orchestrator(vault) as orch:
+        await orch.run_once()
+    assert len(idea_notes(vault)) == 1
+    events = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
+    budget = [(e["event"], e["fr_id"], e["title"], e["message"]) for e in events]
+    assert budget == [("budget", "", "ideation", "50 % of the daily budget spent: $0.60 of $1.00")]

@@ -72,9 +72,8 @@ def new_alerts(
         done = told.setdefault(key, [])
         crossed = [share for share in sorted(caps.alert_at) if used >= cap * share / 100]
         fresh = [share for share in crossed if share not in done]
-        if fresh:
-            done.extend(fresh)
-            messages.append(
-                f"{fresh[-1]:g} % of the {name} budget spent: ${used:.2f} of ${cap:.2f}"
-            )
+        done.extend(fresh)
+        messages += [
+            f"{share:g} % of the {name} budget spent: ${used:.2f} of ${cap:.2f}" for share in fresh
+        ]  # one each (SPEC §20), also for shares one stage's spend crossed together
     return messages

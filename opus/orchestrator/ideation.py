@@ -376,6 +376,8 @@ class Ideation:
                 )
                 run.outcome, run.note = "proposed", path.relative_to(config.root).as_posix()
         await anyio.to_thread.run_sync(self._remember, run)
+        if run.usage is not None:
+            await rt.check_budget(None)  # alert_at for what the ideator spent
         if run.outcome == "proposed" and self._on_written is not None:
             self._on_written()
         if run.outcome == "proposed":

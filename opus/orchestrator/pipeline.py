@@ -91,6 +91,7 @@ class Pipeline:
                 await self._interrupted()
             raise
         await self.rt.show(self.job)  # what the last boundary left for the next write
+        await self.rt.check_budget(self.job)  # alert_at for the last stage's spend, now
         return self.job
 
     async def _steps(self) -> None:

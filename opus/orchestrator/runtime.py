@@ -121,8 +121,9 @@ class Runtime:
                 self._budget_alerts += fresh
         return over_caps(caps, day, month)
 
-    async def check_budget(self, job: Job) -> str | None:
-        """``over_budget`` in a thread, then the ``budget`` notifications it found due."""
+    async def check_budget(self, job: Job | None) -> str | None:
+        """``over_budget`` in a thread, then the ``budget`` notifications it found due (for
+        ``job``'s FR; None: for an ideation's spend)."""
         caps = self.config.budget
         if not caps.daily_usd and not caps.monthly_usd:
             return None  # no caps: nothing to add up (before every stage of every job)
@@ -130,7 +131,12 @@ class Runtime:
         alerts, self._budget_alerts = self._budget_alerts, []
         for message in alerts:
             log.warning("budget: %s", message)
-            await self.notify("budget", job, message)
+            if job is not None:
+                await self.notify("budget", job, message)
+            else:
+                await self.notifier.send(
+                    "budget", fr_id="", title="ideation", status="", message=message
+                )
         return why
 
     def executor_holds(self, stage: Stage) -> str | None:
