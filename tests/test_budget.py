@@ -105,7 +105,7 @@ async def test_a_reached_cap_keeps_queued_frs_waiting_until_it_is_raised(
 
         # the cap raised: opus.toml rewritten and reloaded into the running orchestrator
         config(vault, events_file, daily=10)
-        orch.reload(load_config(vault.config))
+        await orch.reload(load_config(vault.config))
         summary = await orch.run_once()
     assert summary.statuses == {"FR-1": "review", "FR-2": "review", "FR-3": "review"}
     assert [status(notes[i]) for i in (1, 2, 3)] == ["review"] * 3

@@ -331,6 +331,43 @@ def test_sighup_reloads_the_config_and_rejects_a_bad_one(vault: Vault, service) 
     assert s.stop()[0] == 0
 
 
+def test_sighup_moves_the_watch_to_a_new_planned_folder_and_turns_the_sandbox_on(
+    vault: Vault, service
+) -> None:
+    """SPEC §20: SIGHUP re-reads everything — the planned folder (watched at once: the
+    poll is 30 s away) and ``[sandbox]`` (the next agent runs in bwrap's PID namespace)."""
+    import shutil
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    vault.write_config(polling="active = 30\nidle_max = 300\ndebounce_ms = 50")
+    s = service()
+    wait(lambda: (vault.state / "health.json").exists(), "the service to start")
+    new = vault.root / "10_features" / "06_next"
+    new.mkdir(parents=True)
+    calls = str(vault.calls_file.parent)
+    vault.write_config(
+        vault='planned = "10_features/06_next"\ndashboard = "00_system/opus-dashboard.md"',
+        polling="active = 30\nidle_max = 300\ndebounce_ms = 50",
+        sandbox=f'kind = "bwrap"\npaths = [{json.dumps(calls)}]',
+    )
+    s.proc.send_signal(signal.SIGHUP)
+    wait(lambda: "configuration reloaded" in s.log.read_text(), "the reload")
+    assert "sandbox: bubblewrap" in s.log.read_text()
+    old = fr(vault, "FR-OLD")  # the old planned folder: no longer served
+    before = old.read_text()
+    src = vault.root / "10_features" / "01_inbox" / "FR-NEW.md"
+    src.write_text(old.read_text().replace("FR-OLD", "FR-NEW"))
+    note = new / "FR-NEW.md"
+    os.replace(src, note)
+    wait(lambda: status_of(note) == "review", "FR-NEW in review", timeout=25)
+    assert old.read_text() == before
+    planners = [c for c in vault.calls() if c["stage"] == "planner" and c["event"] == "start"]
+    assert [c["fr"] for c in planners] == ["FR-NEW"]
+    assert planners[0]["pid"] < 10  # in bwrap's own PID namespace
+    assert s.stop()[0] == 0
+
+
 def test_the_service_speaks_the_systemd_notify_protocol(
     vault: Vault, service, tmp_path: Path
 ) -> None:

@@ -20,7 +20,7 @@ from types import TracebackType
 
 import anyio
 import httpx
-from anyio.abc import TaskGroup
+from anyio.abc import TaskGroup, TaskStatus
 from anyio.streams.memory import MemoryObjectSendStream
 
 from .agents import AgentLike, build_agents
@@ -89,6 +89,8 @@ class Orchestrator:
         self._lock = InstanceLock(config.state_dir / "opus.lock")
         self._stop = anyio.Event()
         self._state_due = anyio.Event()
+        self._rewatch = anyio.Event()
+        self._poll = _adaptive_poll(config)
         self._started_at = now()
         self._last_scan: Scan | None = None
         self._log_filter: RedactingFilter | None = None
@@ -282,18 +284,24 @@ class Orchestrator:
 
     # -- serving -----------------------------------------------------------------------------------
 
-    def reload(self, config: Config) -> None:
+    async def reload(self, config: Config) -> None:
         """Take a new config (SIGHUP): everything in the file, repositories included.
 
         Refused (OpusError, the old config kept) when it moves the vault or the state
-        folder, or names a repository that is not usable. Running stages finish with what
-        they started with; what starts next uses the new values.
+        folder, names a repository that is not usable, or asks for a sandbox that does not
+        work. Running stages finish with what they started with; what starts next uses the
+        new values. A new planned folder is watched from now on. ``[executor]`` alone waits
+        for a restart (running remote stages hold on to the cluster): a warning says so.
         """
-        if config.state_dir != self.config.state_dir or config.root != self.config.root:
+        old = self.config
+        if config.state_dir != old.state_dir or config.root != old.root:
             raise OpusError("a reload cannot move the vault or the state folder; restart opus")
-        problems = repo_problems(config)
+        problems = await anyio.to_thread.run_sync(repo_problems, config)
         if problems:
             raise ConfigError(problems[0], file=None, problems=problems)
+        sandbox = self.rt.sandbox
+        if config.sandbox != old.sandbox:
+            sandbox = await anyio.to_thread.run_sync(open_sandbox, config, self._environ)
         agents = build_agents(config, self._agent_overrides, environ=self._environ)
         executor = self.rt.executor
         if executor is not None:
@@ -301,11 +309,13 @@ class Orchestrator:
 
             assert isinstance(executor, Executor)
             built = {s for s in agents if s.value not in self._agent_overrides}
-            agents = executor.wrap(agents, config, built)  # [executor] itself needs a restart
-        old = self.config
+            agents = executor.wrap(agents, config, built)
+        if config.executor != old.executor:
+            log.warning("[executor] changed: it takes effect when opus restarts")
         self.config = config
         self.rt.config = config
         self.rt.agents = agents
+        self.rt.sandbox = sandbox
         self.rt.redactor.update(config.secrets(self._environ))
         self.rt.notifier = Notifier(
             config.notify, self.rt.redactor, transport=self._http_transport, environ=self._environ
@@ -330,8 +340,18 @@ class Orchestrator:
             if job.repo not in workspaces and job.repo in self.rt.workspaces:
                 workspaces[job.repo] = self.rt.workspaces[job.repo]
         self.rt.workspaces = workspaces
-        self.rt.vault.set_repos(config.repos)
-        self._rescan = True
+        self.rt.registry.keep_days = config.state.keep_days
+        self.rt.vault.reconfigure(config)
+        if config.polling != old.polling:
+            self._poll = _adaptive_poll(config)
+        if config.planned_dir != old.planned_dir or config.polling != old.polling:
+            self._rewatch.set()  # the watcher starts again on the new folder
+        self._rescan, self._dirty = True, True
+        if self._wake is not None:
+            try:
+                self._wake.send_nowait("reload")
+            except anyio.WouldBlock:
+                pass
         for problem in notifier_problems(config, self._environ):
             log.warning("%s", problem)
         log.info(
@@ -373,53 +393,74 @@ class Orchestrator:
 
     async def run(self) -> None:
         """Serve the vault until ``stop()`` (or cancellation): watch, poll, run pipelines."""
-        polling = self.config.polling
-        poll = AdaptivePoll(polling.active, polling.idle_max, polling.backoff)
+        self._poll = _adaptive_poll(self.config)
         wake_send, wake_recv = anyio.create_memory_object_stream[str](100)
         self._wake = wake_send
         async with anyio.create_task_group() as tg:
+            await tg.start(self._watch, wake_send)
+            tg.start_soon(self._forward_finished, wake_send)
+            tg.start_soon(self._beat)
+            tg.start_soon(self._write_late)
+            settle, first = True, True
+            changed: set[Path] | None = None
+            while not self._stop.is_set():
+                scan = await self.tick(tg, settle_reviews=settle, changed=changed)
+                if first:
+                    first = False
+                    self.systemd.ready()
+                    log.info(
+                        "serving %s: %d FR note(s), %d problem(s)",
+                        self.config.root,
+                        len(scan.frs),
+                        len(scan.problems),
+                    )
+                busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
+                settle, changed = True, None
+                with anyio.move_on_after(self._poll.interval(busy)):
+                    await wake_recv.receive()
+                    settle = False  # merges are looked for on the poll only
+                    # whatever woke us, the notes the watcher reported are looked at
+                    changed = None if self._rescan else self._changed_paths
+                    self._changed_paths, self._rescan = set(), False
+            log.info(
+                "stopping: %d running job(s) get %.0f s to finish their stage",
+                len(self.scheduler.running),
+                self.grace,
+            )
+            self.systemd.stopping()
+            await self.scheduler.drain(self.grace)
+            if self._last_scan is not None:
+                await self._save_state(self._last_scan, force=True)
+            tg.cancel_scope.cancel()
+
+    async def _watch(
+        self,
+        wake: MemoryObjectSendStream[str],
+        *,
+        task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """The watcher over the planned folder; started again when a reload moves the folder
+        or changes ``[polling]`` (the rescan that follows covers the moment between)."""
+        while True:
+            polling, vault = self.config.polling, self.rt.vault
+            self._rewatch = anyio.Event()
             watcher = Watcher(
-                self.config.planned_dir,
-                is_candidate=self.rt.vault.is_candidate,
+                vault.planned_dir,
+                is_candidate=vault.is_candidate,
                 debounce=polling.debounce_ms / 1000,
                 enabled=polling.watch,
             )
-            async with watcher:
-                tg.start_soon(self._forward_changes, watcher, wake_send)
-                tg.start_soon(self._forward_finished, wake_send)
-                tg.start_soon(self._beat)
-                tg.start_soon(self._write_late)
-                settle, first = True, True
-                changed: set[Path] | None = None
-                while not self._stop.is_set():
-                    scan = await self.tick(tg, settle_reviews=settle, changed=changed)
-                    if first:
-                        first = False
-                        self.systemd.ready()
-                        log.info(
-                            "serving %s: %d FR note(s), %d problem(s)",
-                            self.config.root,
-                            len(scan.frs),
-                            len(scan.problems),
-                        )
-                    busy = bool(self.scheduler.running) or bool(self.scheduler.waiting(scan))
-                    settle, changed = True, None
-                    with anyio.move_on_after(poll.interval(busy)):
-                        await wake_recv.receive()
-                        settle = False  # merges are looked for on the poll only
-                        # whatever woke us, the notes the watcher reported are looked at
-                        changed = None if self._rescan else self._changed_paths
-                        self._changed_paths, self._rescan = set(), False
-                log.info(
-                    "stopping: %d running job(s) get %.0f s to finish their stage",
-                    len(self.scheduler.running),
-                    self.grace,
-                )
-                self.systemd.stopping()
-                await self.scheduler.drain(self.grace)
-                if self._last_scan is not None:
-                    await self._save_state(self._last_scan, force=True)
+            async with watcher, anyio.create_task_group() as tg:
+                tg.start_soon(self._forward_changes, watcher, wake)
+                task_status.started()
+                task_status = anyio.TASK_STATUS_IGNORED
+                await self._rewatch.wait()
                 tg.cancel_scope.cancel()
+            self._rescan = True
+            try:
+                wake.send_nowait("rewatch")
+            except anyio.WouldBlock:
+                pass
 
     async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
         """Watcher batches (minus opus's own writes) wake the loop with the paths to look at."""
@@ -542,7 +583,7 @@ async def _signals(orch: Orchestrator, scope: anyio.CancelScope, config_path: st
                 orch.systemd.reloading()
                 try:
                     new = await anyio.to_thread.run_sync(load_config, config_path)
-                    orch.reload(new)
+                    await orch.reload(new)
                 except OpusError as e:
                     log.error("reload rejected, keeping the old config: %s", e)
                 orch.systemd.ready()
@@ -555,3 +596,8 @@ async def _signals(orch: Orchestrator, scope: anyio.CancelScope, config_path: st
             else:
                 log.info("%s: finishing running stages", signal.Signals(signum).name)
                 orch.stop()
+
+
+def _adaptive_poll(config: Config) -> AdaptivePoll:
+    polling = config.polling
+    return AdaptivePoll(polling.active, polling.idle_max, polling.backoff)

@@ -349,10 +349,14 @@ class Vault:
             f"no feature request with id, file name, title or alias {ref!r} in {self.planned_dir}",
         )
 
-    def set_repos(self, repos: Collection[str]) -> None:
-        """Take a new set of repository names (a reload); notes are judged again."""
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config: the planned folder and the repository names may change;
+        every note is read and judged again (what opus wrote stays known as its own)."""
         with self._lock:
-            self._repos = frozenset(repos)
+            self.config = config
+            self.planned_dir = _abs(config.planned_dir)
+            self._planned = str(self.planned_dir)
+            self._repos = frozenset(config.repos)
             self._cache.clear()
 
     def _to_fr(self, note: ParsedNote) -> FeatureRequest:
