@@ -87,7 +87,7 @@ def test_blocked_after_exactly_max_iterations(vault: Vault) -> None:
     assert data["status"] == "blocked"
     assert "reviewer still requests changes after 3 iterations" in str(data["error"])
     assert len(vault.runs("coder")) == 3
-    assert "stage" not in data
+    assert "stage" not in data and data["iteration"] == 3  # SPEC §2.2: only stage goes at rest
 
 
 def test_coder_that_changes_nothing_fails_the_iteration(vault: Vault) -> None:

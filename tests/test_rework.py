@@ -43,7 +43,7 @@ def test_a_persons_feedback_runs_a_round_on_the_same_branch(vault: Vault) -> Non
     m = meta(note)
     assert m["status"] == "review" and m["round"] == 2, m
     assert m["feedback"] == "Rename the file's greeting to `hi`."  # a person's key stays
-    assert "stage" not in m and "iteration" not in m
+    assert "stage" not in m and m["iteration"] == 1  # (the pass the round ended in)
     coders = vault.runs("coder")
     assert [(c["round"], c["iteration"]) for c in coders] == [(1, 1), (2, 1)]
     assert len(vault.runs("planner")) == 1  # a round never re-plans

@@ -241,7 +241,7 @@ class Runtime:
         changes: dict[str, object | None] = {
             "status": job.status.value,
             "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
-            "iteration": job.iteration if job.status in WITH_STAGE else None,
+            "iteration": job.iteration or None,  # kept at rest: the pass it ended in
             "round": job.round if job.round > 1 else None,
             "plan": f"[[{job.plan_note.removesuffix('.md')}]]" if job.plan_note else None,
             "job_id": job.id,
