@@ -185,7 +185,8 @@ def main() -> None:
 )
 @click.option("--force", is_flag=True, help="Overwrite an existing opus.toml.")
 @config_option
-def init(directory: Path, repo: str | None, force: bool) -> None:
+@json_option
+def init(directory: Path, repo: str | None, force: bool, as_json: bool) -> None:
     """Scaffold a vault in DIR (or the folder of --config): folders, opus.toml, FR template."""
     from .orchestrator.errors import OpusError
     from .orchestrator.scaffold import init_vault
@@ -197,8 +198,7 @@ def init(directory: Path, repo: str | None, force: bool) -> None:
         report = init_vault(directory, repo=repo, force=force)
     except OpusError as e:
         fail(str(e))
-    for line in report.lines():
-        click.echo(line)
+    emit(report.data(), "\n".join(report.lines()))
 
 
 @main.command()
@@ -278,7 +278,8 @@ def validate(as_json: bool) -> None:
 )
 @click.option("--json-logs", is_flag=True, help="Same as --log-format json.")
 @click.option("-v", "--verbose", is_flag=True, help="Log debug lines too.")
-def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
+@json_option
+def run(once: bool, log_format: Any, json_logs: bool, verbose: bool, as_json: bool) -> None:
     """Serve the vault until SIGTERM (the service; see systemd/)."""
     import anyio
 
@@ -305,7 +306,9 @@ def run(once: bool, log_format: Any, json_logs: bool, verbose: bool) -> None:
         if leaf is None:
             raise
         fail(_os_error(leaf))
-    if summary is not None:
+    if summary is not None and as_json:  # --once: where each FR rests, and bad notes
+        _print_json({"statuses": summary.statuses, "problems": summary.problems})
+    elif summary is not None:
         for fr_id, status in summary.statuses.items():
             click.echo(f"{fr_id}\t{status}")
         prefix = "<4>" if chosen == "journal" else ""
@@ -426,11 +429,15 @@ def show(fr: str, as_json: bool) -> None:
 @click.option("--stage", type=click.Choice(["planner", "coder", "tester", "reviewer"]))
 @click.option("-f", "--follow", is_flag=True, help="Follow live, across stages, until it rests.")
 @config_option
-def logs(fr: str, stage: str | None, follow: bool) -> None:
-    """The agent output of FR's current (or last) stage; -f follows it live."""
+@json_option
+def logs(fr: str, stage: str | None, follow: bool, as_json: bool) -> None:
+    """The agent output of FR's current (or last) stage; -f follows it live.
+
+    With --json: one object (the log and its lines), or with -f one object per line as
+    it comes ({"log": name, "line": text})."""
     from .orchestrator import views
     from .orchestrator.errors import OpusError
-    from .orchestrator.stage_logs import current_log
+    from .orchestrator.stage_logs import current_log, headed
     from .orchestrator.stage_logs import follow as follow_logs
 
     _quiet_logging()
@@ -446,20 +453,33 @@ def logs(fr: str, stage: str | None, follow: bool) -> None:
         def latest() -> Any:
             return views.job_for(config, fr_id)[1]
 
+        def as_lines(path: Path, text: str) -> None:
+            for line in text.splitlines():
+                click.echo(json.dumps({"log": path.name, "line": line}))
+
+        out = as_lines if as_json else headed(lambda s: click.echo(s, nl=False))
         try:
-            follow_logs(config, latest, lambda s: click.echo(s, nl=False), stage=stage)
+            follow_logs(config, latest, out, stage=stage)
         except KeyboardInterrupt:
             pass
         return
     path = current_log(config, job, stage)
     if path is None:
         fail(f"{fr_id}: no {stage or 'stage'} log yet (job {job.id})")
+    running = job.status.value == "in-progress"
+    if as_json:
+        text = path.read_bytes().decode("utf-8", "replace")
+        _print_json(
+            {"fr_id": fr_id, "job_id": job.id, "log": path, "running": running,
+             "lines": text.splitlines()}
+        )  # fmt: skip
+        return
     click.echo(f"==> {path} <==", err=True)
     with open(path, "rb") as f:
         while chunk := f.read(1 << 16):
             sys.stdout.buffer.write(chunk)
     sys.stdout.flush()
-    if job.status.value == "in-progress":
+    if running:
         click.echo(f"(still running: opus logs {fr_id} -f follows it)", err=True)
 
 

@@ -67,6 +67,31 @@ def test_json_errors_are_json_on_stdout_with_the_same_exit_status(vault: Vault) 
     assert code == 2 and "FR" in json.loads(out)["error"]
 
 
+def test_run_once_init_and_logs_print_only_json_with_json(vault: Vault, tmp_path: Path) -> None:
+    """SPEC §9: every command that prints data takes --json."""
+    vault.script({"*": {"tester": [{"exit": 0, "stdout": "42 passed, all green"}]}})
+    vault.note("FR-7.md", FR)
+    vault.note("FR-8.md", "---\nid: [\n---\nbroken\n")
+    code, out, _ = cli("run", "--once", "--json", "--config", str(vault.config))
+    data = json.loads(out)
+    assert code == 0 and data["statuses"] == {"FR-7": "review"}
+    assert len(data["problems"]) == 1 and "FR-8.md" in data["problems"][0]
+    code, out, _ = cli("logs", "FR-7", "--stage", "tester", "--json", "--config", str(vault.config))
+    data = json.loads(out)
+    assert code == 0 and data["fr_id"] == "FR-7" and data["running"] is False
+    assert data["log"].endswith("tester-1.log") and "out| 42 passed, all green" in data["lines"]
+    code, out, _ = cli("logs", "FR-7", "-f", "--json", "--config", str(vault.config))
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert code == 0 and lines and {line["log"] for line in lines} == {"reviewer-1.log"}
+    code, out, _ = cli("init", str(tmp_path / "v2"), "--repo", str(vault.repo), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["base"] == "main" and data["base_detected"] is True
+    assert data["config"] == str(tmp_path / "v2" / "opus.toml") and data["repo_problem"] is None
+    assert data["config"] in data["created"]
+    code, out, _ = cli("init", str(tmp_path / "v2"), "--json")  # exists: the error as JSON
+    assert code == 1 and "already exists" in json.loads(out)["error"]
+
+
 def test_validate_lists_every_config_problem_once(tmp_path: Path) -> None:
     bad = tmp_path / "opus.toml"
     bad.write_text(

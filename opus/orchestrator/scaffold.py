@@ -153,6 +153,18 @@ class InitReport:
     repo_problem: str | None = None
     """Why the repository ``opus.toml`` names cannot be served yet (None: it can)."""
 
+    def data(self) -> dict[str, object]:
+        """``opus init --json``."""
+        return {
+            "created": [str(p) for p in self.created],
+            "config": str(self.directory / "opus.toml"),
+            "base": self.base,
+            "base_detected": self.base_detected,
+            "agents_found": self.agents_found,
+            "agent": self.agent,
+            "repo_problem": self.repo_problem,
+        }
+
     def lines(self) -> list[str]:
         out = [f"created {p}" for p in self.created]
         if self.repo_problem is not None:

@@ -6,6 +6,7 @@ functions only read those files, so they work while the service runs, or without
 
 from __future__ import annotations
 
+import functools
 import re
 import time
 from collections.abc import Callable
@@ -16,7 +17,7 @@ from .lifecycle import Status
 from .models import Job
 from .reactions import artifact_tag
 
-__all__ = ("current_log", "follow", "stage_logs")
+__all__ = ("current_log", "follow", "headed", "stage_logs")
 
 _LOG = re.compile(r"^(?P<stage>[a-z]+)-(?:r(?P<round>\d+)-)?(?P<iteration>\d+)\.log$")
 """``coder-2.log`` in round 1, ``coder-r2-1.log`` in a rework round (SPEC §15)."""
@@ -55,18 +56,17 @@ def current_log(config: Config, job: Job, stage: str | None = None) -> Path | No
 def follow(
     config: Config,
     job_of: Callable[[], Job | None],
-    echo: Callable[[str], None],
+    out: Callable[[Path, str], None],
     *,
     stage: str | None = None,
     poll: float = 0.25,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Print the job's stage logs as they grow — from the current one on, then each log a
-    later stage starts (stages that run side by side included), a ``==> name <==`` line
-    whenever the output switches file — until the FR rests (its job is neither queued nor
-    in progress). With ``stage``, only that stage's logs."""
+    """Hand ``out`` the job's stage logs as they grow, as (log, complete lines) — from the
+    current one on, then each log a later stage starts (stages that run side by side
+    included) — until the FR rests (its job is neither queued nor in progress). With
+    ``stage``, only that stage's logs. ``headed`` makes ``out`` of a plain text printer."""
     offsets: dict[Path, int] = {}
-    shown: Path | None = None
     first = True
     while True:
         job = job_of()
@@ -84,21 +84,23 @@ def follow(
                     if p not in logs:
                         offsets[p] = -1  # never shown
         for path in logs:
-            if offsets.get(path, 0) < 0:
-                continue
             before = offsets.get(path, 0)
-            after = _drain(path, before, echo if path == shown else _headed(path, echo))
-            if after != before:
-                shown = path
-            offsets[path] = after
+            if before >= 0:
+                offsets[path] = _drain(path, before, functools.partial(out, path))
         if job.status not in _MOVING:
             return
         sleep(poll)
 
 
-def _headed(path: Path, echo: Callable[[str], None]) -> Callable[[str], None]:
-    def out(text: str) -> None:
-        echo(f"==> {path.name} <==\n")
+def headed(echo: Callable[[str], None]) -> Callable[[Path, str], None]:
+    """``follow``'s ``out`` for a terminal: the text, after a ``==> name <==`` line whenever
+    the output switches file."""
+    shown: list[Path] = []
+
+    def out(path: Path, text: str) -> None:
+        if shown != [path]:
+            shown[:] = [path]
+            echo(f"==> {path.name} <==\n")
         echo(text)
 
     return out
