@@ -141,8 +141,13 @@ def test_every_forbidden_attempt_fails_and_the_fr_reaches_review(
     assert statuses == {"FR-1": "review"}  # the FR's outcome is the agent's own work
     tried = attempts(vault, "coder")
     print("\n" + "\n".join(f"| {name} | {result} |" for name, result in tried.items()))
-    refused = {k: v for k, v in tried.items() if k != "leave a setsid daemon"}
-    assert len(refused) == 9 and all(v.startswith("refused") for v in refused.values()), tried
+    allowed = ("leave a setsid daemon", "leave a file in the artifacts")
+    refused = {k: v for k, v in tried.items() if k not in allowed}
+    assert len(refused) == 11 and all(v.startswith("refused") for v in refused.values()), tried
+    assert tried["leave a file in the artifacts"] == "done"
+    (job,) = registry(vault)
+    left = vault.state / "jobs" / str(job["id"]) / "coder-notes.txt"
+    assert left.read_text() == "what the coder saw\n"
     assert daemons(str(world["token"])) == []  # the daemon went with the stage
     assert {p: Path(str(p)).read_bytes() for p in guarded} == before
     assert body(note) == body_before

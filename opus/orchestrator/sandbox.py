@@ -9,8 +9,9 @@ delegated cgroup for ``memory_max``. For each agent process, :meth:`Sandbox.wrap
 - bound back: the worktree (writable for the coder and the tester), the repository's git
   directory (read-only; for the coder its objects, the worktree's own git folder and its
   branch's ref and reflog folders writable), the FR's note read-only, the job's artifact
-  folder read-only with the prompt inside (its subfolders, where presets keep a stage's
-  CLI home or temp folder, writable), the output file writable, a private TMPDIR, a
+  folder writable (``$OPUS_ARTIFACTS``: an agent may leave files there) with every file
+  opus wrote there before the stage read-only over it (events, prompts, logs, plan,
+  reviews), the output file writable, a private TMPDIR, a
   private HOME per job holding only the preset's ``home_paths`` and ``[sandbox] home_binds``
   (folders bound, files copied in), ``[sandbox] paths`` writable, and where the program
   itself lives when that is hidden (its install prefix, its ``#!`` interpreter's, the files
@@ -112,7 +113,7 @@ class Policy:
     git_writable: bool
     fr_file: Path
     artifacts: Path
-    """The job's artifact folder: read-only (its files are opus's: events, prompts, plan)."""
+    """The job's artifact folder: writable, but for ``artifact_files``."""
     prompt_file: Path
     output_file: Path
     tmp: Path
@@ -120,8 +121,9 @@ class Policy:
     """The HOME path the agent is told (the real HOME's)."""
     private_home: Path | None
     """Bound at ``home``; None: the real HOME, read-only."""
-    artifact_dirs: tuple[Path, ...] = ()
-    """Folders inside ``artifacts`` (the presets' per-stage homes and temp folders): writable."""
+    artifact_files: tuple[Path, ...] = ()
+    """The files in ``artifacts`` as the stage starts (opus's: events, prompts, logs, plan,
+    reviews): read-only over the writable folder, so an agent adds files but changes none."""
     home_dirs: tuple[str, ...] = ()
     """Folders of the real HOME (relative) bound writable at the same place."""
     hidden: tuple[Path, ...] = ()
@@ -166,9 +168,9 @@ def bwrap_args(policy: Policy) -> list[str]:
             for folder in policy.git.ref_dirs:
                 bind(folder, True)
     bind(policy.worktree, policy.worktree_writable)
-    bind(policy.artifacts, False)
-    for folder in policy.artifact_dirs:
-        bind(folder, True)
+    bind(policy.artifacts, True)
+    for file in policy.artifact_files:
+        bind(file, False)
     bind(policy.prompt_file, False)
     bind(policy.output_file, True)
     bind(policy.fr_file, False)
@@ -463,9 +465,14 @@ class Sandbox:
             elif source.is_file() and private is not None:  # copied: CLIs replace their files
                 (private / rel).parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(source, private / rel)
-        subfolders = tuple(p for p in ctx.artifacts.iterdir() if p.is_dir() and not p.is_symlink())
+        own = {ctx.prompt_file, ctx.output_file}  # (bound on their own)
+        files = tuple(
+            p
+            for p in sorted(ctx.artifacts.iterdir())
+            if p not in own and not p.is_symlink() and p.is_file()
+        )
         policy = Policy(
-            artifact_dirs=subfolders,
+            artifact_files=files,
             worktree=ctx.worktree,
             worktree_writable=ctx.stage in WRITABLE_WORKTREE,
             git=git,

@@ -3,7 +3,8 @@
 Every stage records what it tried in ``OPUS_OUTPUT_FILE`` as ``{"attempts": {name: result}}``
 where a result is ``"refused: <why>"`` or ``"done"``, then does its stage's honest work:
 planner  tries to write the worktree; the plan is the JSON record
-coder    tries each forbidden thing, changes ``change.txt`` and commits it itself
+coder    tries each forbidden thing, leaves a file in ``OPUS_ARTIFACTS`` (allowed), changes
+         ``change.txt`` and commits it itself
 tester   exits 0
 reviewer approves (the verdict goes to stdout: the output file holds the record)
 
@@ -46,6 +47,13 @@ def main() -> int:
         attempt(record, "write the registry (../../registry.json)",
                 lambda: append("../../registry.json", marker))  # fmt: skip
         attempt(record, "append to its own note", lambda: append(env["OPUS_FR_FILE"], marker))
+        artifacts = Path(env["OPUS_ARTIFACTS"])
+        attempt(record, "rewrite opus's events in the artifacts",
+                lambda: append(artifacts / "events.jsonl", marker))  # fmt: skip
+        attempt(record, "rewrite the planner's prompt",
+                lambda: append(artifacts / "prompt-planner-1.md", marker))  # fmt: skip
+        attempt(record, "leave a file in the artifacts",
+                lambda: (artifacts / "coder-notes.txt").write_text("what the coder saw\n"))  # fmt: skip
         attempt(record, "write the vault root", lambda: append(vault / "opus.toml", marker))
         attempt(record, "create a file in the vault", lambda: append(vault / "new.md", marker))
         attempt(record, "write another job's worktree", lambda: append(env["OTHER"], marker))
