@@ -52,8 +52,9 @@ def main() -> int:
                 lambda: append(artifacts / "events.jsonl", marker))  # fmt: skip
         attempt(record, "rewrite the planner's prompt",
                 lambda: append(artifacts / "prompt-planner-1.md", marker))  # fmt: skip
+        notes = artifacts / "coder-notes.txt"
         attempt(record, "leave a file in the artifacts",
-                lambda: (artifacts / "coder-notes.txt").write_text("what the coder saw\n"))  # fmt: skip
+                lambda: notes.write_text("what the coder saw\n"))  # fmt: skip
         attempt(record, "write the vault root", lambda: append(vault / "opus.toml", marker))
         attempt(record, "create a file in the vault", lambda: append(vault / "new.md", marker))
         attempt(record, "write another job's worktree", lambda: append(env["OTHER"], marker))
