@@ -112,6 +112,7 @@ async def test_an_idle_service_writes_one_idea_note(vault: Vault) -> None:
     (note,) = idea_notes(vault)
     data, head, body = front(note)
     assert data["status"] == "idea" and data["source"] == "opus"
+    assert data["title"] == "Cache the greeting table"
     assert data["category"] == "testing"  # the first category, never used before
     assert data["id"].startswith("IDEA-") and note.name.startswith(data["id"])
     assert re.search(r"(?m)^created: \d{4}-\d\d-\d\dT\d\d:\d\d:\d\d$", head)  # unquoted
@@ -244,7 +245,10 @@ async def test_an_answer_without_title_or_body_writes_nothing(vault: Vault) -> N
     assert idea_notes(vault) == []
     with pytest.raises(ValueError, match="no body"):
         parse_idea("# Title only\n\n")
-    assert parse_idea("intro\n# A title #\nbody\n") == ("A title", "body")
+    with pytest.raises(ValueError, match="no acceptance criteria"):
+        parse_idea("# A title\n\nJust do it.\n")
+    body = "Why.\n\n**Acceptance Criteria**\n- [ ] x"
+    assert parse_idea(f"intro\n# A title #\n{body}\n") == ("A title", body)
 
 
 @pytest.mark.anyio

@@ -239,7 +239,8 @@ def ideation_prompt(category: str, repo: str, context: str, titles: Sequence[str
 
 def parse_idea(text: str) -> tuple[str, str]:
     """(title, body) of the ideator's answer: the first ``# `` heading and what follows.
-    Raises ValueError when there is no heading or no body."""
+    Raises ValueError when there is no heading, no body, or no acceptance criteria in it
+    (SPEC §19: an idea is a title and a body with acceptance criteria)."""
     match = re.search(r"^# +(.+?)[ \t#]*$", text, re.MULTILINE)
     if match is None:
         raise ValueError("the answer has no `# ` heading for the title")
@@ -247,12 +248,14 @@ def parse_idea(text: str) -> tuple[str, str]:
     body = text[match.end() :].strip()
     if not body:
         raise ValueError(f"the idea {title!r} has no body")
+    if "acceptance criteria" not in body.lower():
+        raise ValueError(f"the idea {title!r} has no acceptance criteria")
     return title, body
 
 
 def idea_note(idea_id: str, title: str, body: str, category: str, created: datetime) -> str:
     meta = yaml.safe_dump(
-        {"id": idea_id, "status": "idea", "category": category, "source": "opus"},
+        {"id": idea_id, "title": title, "status": "idea", "category": category, "source": "opus"},
         sort_keys=False,
         allow_unicode=True,
     )
