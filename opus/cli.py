@@ -380,7 +380,10 @@ def health(as_json: bool, max_age: float) -> None:
     from .orchestrator.health import health_record
 
     config = load()
-    record = health_record(config.state_dir / "health.json", now=datetime.now(), max_age=max_age)
+    state = config.state_dir
+    record = health_record(
+        state / "health.json", now=datetime.now(), max_age=max_age, lock=state / "opus.lock"
+    )
     emit(record, record["reason"])
     sys.exit(0 if record["ok"] else 1)
 

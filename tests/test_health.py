@@ -105,6 +105,21 @@ def test_dead_pid(tmp_path: Path, dead_pid: int) -> None:
     assert (ok, why) == (False, f"pid {dead_pid} is not running")
 
 
+def test_a_live_pid_that_no_longer_holds_the_lock_is_not_running(tmp_path: Path) -> None:
+    """Between ``opus stop`` returning (the lock released) and the process being gone."""
+    from opus.orchestrator.health import health_record
+    from opus.orchestrator.lock import InstanceLock
+
+    path, lock = tmp_path / "health.json", tmp_path / "opus.lock"
+    write(path, pid=os.getpid())
+    with InstanceLock(lock):
+        held = health_record(path, now=T0, max_age=120, lock=lock)
+    assert held["ok"] is True, held
+    gone = health_record(path, now=T0, max_age=120, lock=lock)
+    assert gone["ok"] is False
+    assert gone["reason"] == f"pid {os.getpid()} is not running opus (it does not hold {lock})"
+
+
 def test_stale_tick(tmp_path: Path) -> None:
     path = tmp_path / "health.json"
     write(path, pid=os.getpid())

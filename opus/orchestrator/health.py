@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from .atomic import atomic_write
+from .lock import InstanceLock
 
 __all__ = ("check_health", "health_record", "write_health")
 
@@ -58,10 +59,13 @@ def check_health(path: Path, *, now: datetime, max_age: float) -> tuple[bool, st
     return bool(record["ok"]), str(record["reason"])
 
 
-def health_record(path: Path, *, now: datetime, max_age: float) -> dict[str, Any]:
+def health_record(
+    path: Path, *, now: datetime, max_age: float, lock: Path | None = None
+) -> dict[str, Any]:
     """``check_health`` as data for ``opus health --json``: ``ok``, ``reason``, and what the
     file says (``pid``, ``started_at``, ``last_tick``, ``age`` in seconds, ``running``,
-    ``queued``) when it could be read."""
+    ``queued``) when it could be read. With ``lock`` (the instance lock), a pid that no
+    longer holds it is not running either: it is on its way out (``opus stop`` returned)."""
     out: dict[str, Any] = {"ok": False, "reason": "", "health_file": str(path)}
     try:
         raw = path.read_bytes()
@@ -91,6 +95,8 @@ def health_record(path: Path, *, now: datetime, max_age: float) -> dict[str, Any
         out["executor"] = record["executor"]  # why remote stages wait (SPEC §18)
     if not _alive(pid):
         return {**out, "reason": f"pid {pid} is not running"}
+    if lock is not None and InstanceLock(lock).holder() != pid:
+        return {**out, "reason": f"pid {pid} is not running opus (it does not hold {lock})"}
     if age > max_age:
         return {**out, "reason": f"last tick {age:.0f} s ago (limit {max_age:g} s)"}
     count = len(out["running"])
