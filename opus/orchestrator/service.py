@@ -311,6 +311,7 @@ class Orchestrator:
             built = {s for s in agents if s.value not in self._agent_overrides}
             agents = executor.wrap(agents, config, built)
         if config.executor != old.executor:
+            # (a process holds one Ray connection, and running remote stages hold on to it)
             log.warning("[executor] changed: it takes effect when opus restarts")
         self.config = config
         self.rt.config = config
