@@ -435,3 +435,22 @@ def test_sigkill_in_round_2_resumes_in_round_2_and_runs_nothing_twice(
         (2, "coder"), (2, "tester"), (2, "reviewer"), (2, "delivery"),
     ]  # fmt: skip
     assert git(vault.repo, "rev-list", "--count", "main..opus/fr-1") == "2"
+
+
+@pytest.mark.anyio
+async def test_a_reload_applies_the_file_but_says_executor_waits_for_a_restart(
+    vault: Vault, caplog: pytest.LogCaptureFixture
+) -> None:
+    from opus.orchestrator.config import load_config
+    from opus.orchestrator.service import Orchestrator
+
+    async with Orchestrator(load_config(vault.config)) as orch:
+        vault.write_config(
+            pipeline="stage_timeout = 60\nstall_timeout = 30\nretries = 1\nconcurrency = 7",
+            executor='kind = "ray"\naddress = "127.0.0.1:1"\ntoken_env = "NO_SUCH_TOKEN"',
+        )
+        with caplog.at_level("WARNING", logger="opus"):
+            await orch.reload(load_config(vault.config))
+        assert orch.rt.config.pipeline.concurrency == 7  # the rest of the file applies
+        assert orch.rt.executor is None  # no cluster was connected to in the middle of a run
+    assert "[executor] changed: it takes effect when opus restarts" in caplog.text
