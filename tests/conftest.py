@@ -43,6 +43,9 @@ def _opus_logger_restored() -> Iterator[None]:
 def _git_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in GIT_ENV.items():
         monkeypatch.setenv(key, value)
+    # a suite run from a systemd unit must not turn every opus log line into journal form
+    # (the tests of that form set the variable themselves)
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
 
 
 def git(repo: Path, *args: str) -> str:
