@@ -294,3 +294,17 @@ def test_a_queued_fr_follows_a_new_priority(vault: Vault) -> None:
     (job,) = [j for j in registry(vault) if j["fr_id"] == "FR-2"]
     assert job["priority"] == "critical"
     assert meta(first)["status"] == "failed"
+
+
+def test_every_state_file_is_0600_and_every_state_folder_0700(vault: Vault) -> None:
+    """SPEC §8, the agents' own output files and the worktree's folder included."""
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "review"
+    (job,) = registry(vault)
+    jobs, worktrees = vault.state / "jobs", vault.state / "worktrees"
+    files = [p for p in (jobs / str(job["id"])).rglob("*") if p.is_file()]
+    assert any(p.name.startswith("output-") for p in files)
+    assert {p.name: oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o077} == {}
+    for folder in (jobs, jobs / str(job["id"]), worktrees, worktrees / str(job["id"])):
+        assert folder.stat().st_mode & 0o777 == 0o700, folder

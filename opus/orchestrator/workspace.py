@@ -159,6 +159,7 @@ class Workspace:
                     self._git(
                         self.repo_path, "worktree", "add", "-q", "-b", chosen, str(path), base
                     )
+        path.chmod(0o700)  # a state folder (SPEC §8), whatever the umask gave git
         log.debug("worktree %s on branch %s from %s", path, chosen, base[:12])
         return Created(path, chosen, base)
 
@@ -173,6 +174,7 @@ class Workspace:
             self._git(self.repo_path, "worktree", "prune")
             self._git(self.repo_path, "worktree", "add", "-q", str(path), branch)
             base = self._git(path, "merge-base", self._base_ref, "HEAD")
+        path.chmod(0o700)
         log.info("worktree %s re-created on branch %s", path, branch)
         return Created(path, branch, base)
 
@@ -186,6 +188,7 @@ class Workspace:
             self._git(
                 self.repo_path, "worktree", "add", "-q", "--detach", str(path), self.base_commit()
             )
+        path.chmod(0o700)
         return path
 
     def remove(self, path: Path) -> None:

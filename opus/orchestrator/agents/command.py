@@ -338,6 +338,7 @@ class CommandAgent:
             ctx.prompt_file.write_text(ctx.prompt, encoding="utf-8")
         ctx.output_file.parent.mkdir(parents=True, exist_ok=True)
         ctx.output_file.unlink(missing_ok=True)  # a stale answer must not pass for this one
+        ctx.output_file.touch(mode=0o600)  # a state file (SPEC §8); empty means no answer
 
     # -- results ----------------------------------------------------------------------
 
@@ -433,6 +434,7 @@ class CommandAgent:
     def _read_output_file(self, ctx: StageContext) -> str:
         try:
             with open(ctx.output_file, "rb") as f:
+                os.fchmod(f.fileno(), 0o600)  # (an agent may have put its own file there)
                 raw = f.read(MAX_OUTPUT_FILE)
         except OSError:
             return ""
