@@ -633,7 +633,7 @@ control_command(
 control_command(
     "cancel",
     "cancelled",
-    frozenset({"planned", "queued", "in-progress", "paused", "review"}),
+    frozenset({"planned", "queued", "in-progress", "paused", "review", "plan-review"}),
     "Stop the FR now, killing its agent; the branch is kept (status: cancelled).",
 )
 control_command(

@@ -52,16 +52,21 @@ def test_the_plan_gate_hands_the_persons_edited_plan_to_the_coder(vault: Vault) 
 
 
 def test_changes_requested_at_plan_review_re_plans_with_the_feedback(vault: Vault) -> None:
-    vault.script({"FR-1": {"planner": [{"output": "# Plan v1\n"}, {"output": "# Plan v2\n"}]}})
+    plans = [{"output": "# Plan v1\n"}, {"output": "# Plan v2\n"}]
+    vault.script({"FR-1": {"planner": [*plans, *plans]}})
     note = fr(vault, "FR-1", extra="plan_approval: true\n")
     assert opus(vault, "run", "--once")[0] == 0
     assert meta(note)["status"] == "plan-review"
     assert "# Plan v1" in plan_note(vault, "FR-1").read_text()
     code, out = opus(vault, "rework", "FR-1", "-m", "Split it into two steps.")
     assert code == 0, out
-    assert opus(vault, "run", "--once")[0] == 0
-    assert meta(note)["status"] == "plan-review"
-    assert [c["iteration"] for c in vault.runs("planner")] == [1, 2]
+    for text in ("Split it into two steps.", "Smaller steps.", "Smaller still."):
+        if text != "Split it into two steps.":
+            assert opus(vault, "rework", "FR-1", "-m", text)[0] == 0
+        assert opus(vault, "run", "--once")[0] == 0
+        assert meta(note)["status"] == "plan-review"
+        assert meta(note)["iteration"] == 1  # SPEC §2.2: a loop pass, and none has run yet
+    assert [c["iteration"] for c in vault.runs("planner")] == [1, 2, 3, 4]
     prompt = (job_dir(vault) / "prompt-planner-2.md").read_text()
     assert "Split it into two steps." in prompt and "# Plan v1" in prompt
     assert "# Plan v2" in plan_note(vault, "FR-1").read_text()  # rewritten: its planner ran
@@ -85,3 +90,15 @@ def test_plans_off_writes_no_plan_note(vault: Vault) -> None:
     assert opus(vault, "run", "--once")[0] == 0
     assert "plan" not in meta(note)
     assert not (vault.root / "10_features" / "05_plans").exists()
+
+
+def test_opus_cancel_stops_an_fr_in_plan_review_as_a_persons_edit_does(vault: Vault) -> None:
+    note = fr(vault, "FR-1", extra="plan_approval: true\n")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "plan-review"
+    code, out = opus(vault, "cancel", "FR-1")
+    assert code == 0, out
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "cancelled"
+    (job,) = registry(vault)
+    assert job["status"] == "cancelled" and vault.runs("coder") == []

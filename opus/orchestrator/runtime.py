@@ -241,7 +241,7 @@ class Runtime:
         changes: dict[str, object | None] = {
             "status": job.status.value,
             "stage": job.stage.value if job.stage and job.status in WITH_STAGE else None,
-            "iteration": job.iteration or None,  # kept at rest: the pass it ended in
+            "iteration": _note_iteration(job),
             "round": job.round if job.round > 1 else None,
             "plan": f"[[{job.plan_note.removesuffix('.md')}]]" if job.plan_note else None,
             "job_id": job.id,
@@ -277,3 +277,12 @@ class Runtime:
             job_id=job.id,
             details={k: self.redactor(v) for k, v in details.items()},
         )
+
+
+def _note_iteration(job: Job) -> int | None:
+    """The note's ``iteration``: the pass of the coder→tester→reviewer loop (SPEC §2.2),
+    kept at rest (the pass it ended in). Planning and ``plan-review`` come before pass 1:
+    a re-plan numbers its own attempts in the artifacts, not in the note."""
+    if job.stage is Stage.PLANNER or job.status is Status.PLAN_REVIEW:
+        return 1
+    return job.iteration or None
