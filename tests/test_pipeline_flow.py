@@ -98,6 +98,24 @@ def test_coder_that_changes_nothing_fails_the_iteration(vault: Vault) -> None:
     feedback = json.loads(Path(vault.runs("coder")[1]["feedback"]).read_text())
     assert feedback["reason"] == "no_changes"
     assert len(vault.runs("tester")) == 1
+    (job,) = registry(vault)
+    coder = [c for c in job["history"] if c["stage"] == "coder"]  # type: ignore[union-attr]
+    assert [(c["outcome"], c["artifact"]) for c in coder] == [
+        ("rejected", "coder-1.log"),  # SPEC §8: the stage's artifact, a rejected one's too
+        ("ok", "coder-2.log"),
+    ]
+
+
+def test_a_failed_stage_checkpoint_names_its_log(vault: Vault) -> None:
+    vault.script({"FR-1": {"coder": [{"exit": 3, "stdout": "segfault-ish"}]}})
+    note = fr(vault, "FR-1")
+    opus(vault, "run", "--once")
+    assert meta(note)["status"] == "failed"
+    (job,) = registry(vault)
+    last = job["history"][-1]  # type: ignore[index]
+    assert (last["stage"], last["outcome"], last["artifact"]) == ("coder", "error", "coder-1.log")
+    log = vault.state / "jobs" / str(job["id"]) / "coder-1.log"
+    assert "segfault-ish" in log.read_text()
 
 
 def test_auto_approval_by_priority_and_confidence(vault: Vault) -> None:

@@ -322,8 +322,9 @@ class Pipeline:
             job.usage = job.usage + spent
         attempts = getattr(e, "attempts", 1)
         result = StageResult(usage=spent) if spent else None
+        log_name = await self._log_artifact(stage, artifact_tag(job.round, iteration))
         await self._checkpoint(
-            stage, iteration, Outcome.ERROR, started, attempts, None, result, error=str(e)
+            stage, iteration, Outcome.ERROR, started, attempts, log_name, result, error=str(e)
         )
         if isinstance(e, AgentStalled):
             await self._finish(Status.BLOCKED, f"{stage} stalled repeatedly: {e}", "blocked")
@@ -433,7 +434,8 @@ class Pipeline:
             return Outcome.OK, "plan.md"
         if stage is Stage.CODER:
             if not result.passed:
-                return self._reject(
+                return await self._coder_rejected(
+                    tag,
                     "patch_failed",
                     iteration,
                     f"The coder's change could not be applied: {result.output}",
@@ -444,15 +446,16 @@ class Pipeline:
                     lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
                 )
             except ConflictMarkers as e:
-                return self._reject(
+                return await self._coder_rejected(
+                    tag,
                     "conflict_markers",
                     iteration,
                     f"Nothing was committed: {e}. Resolve those conflicts and remove every "
                     "marker line.",
                 )
             if commit is None:
-                return self._reject(
-                    "no_changes", iteration, "The coder changed nothing in the working tree."
+                return await self._coder_rejected(
+                    tag, "no_changes", iteration, "The coder changed nothing in the working tree."
                 )
             self.head = commit
             return Outcome.OK, f"coder-{tag}.log"
@@ -480,6 +483,19 @@ class Pipeline:
             issues=verdict.issues,
         )
         return Outcome.REJECTED, name
+
+    async def _coder_rejected(
+        self, tag: str, reason: str, iteration: int, message: str
+    ) -> tuple[Outcome, str | None]:
+        """A rejected coder iteration; its log is the checkpoint's artifact, if it has one."""
+        outcome, _ = self._reject(reason, iteration, message)
+        return outcome, await self._log_artifact(Stage.CODER, tag)
+
+    async def _log_artifact(self, stage: Stage, tag: str) -> str | None:
+        """``<stage>-<tag>.log`` when the stage's agent left one (a process's output)."""
+        name = f"{stage}-{tag}.log"
+        path = self.rt.registry.job_dir(self.job.id) / name
+        return name if await anyio.to_thread.run_sync(path.exists) else None
 
     def _reject(
         self, reason: str, iteration: int, message: str, **more: object
