@@ -222,6 +222,29 @@ def test_archiving_does_not_reset_the_monthly_budget(vault: Vault) -> None:
     assert meta(second)["status"] == "queued"  # $5 of $1 spent this month
 
 
+def test_opus_show_finds_an_archived_job_and_status_keeps_the_notes_iteration(
+    vault: Vault,
+) -> None:
+    from click.testing import CliRunner
+
+    from opus.cli import main
+
+    vault.write_config(state="keep_days = 0")
+    note = fr(vault, "FR-1", extra="approval: auto\n")
+    run_once(vault)
+    assert meta(note)["status"] == "done"
+    run_once(vault)  # archives the finished job (older than keep_days = 0)
+    assert json.loads((vault.state / "registry.json").read_text())["jobs"] == []
+    config = ["--config", str(vault.config)]
+    shown = CliRunner().invoke(main, ["show", "FR-1", "--json", *config])
+    assert shown.exit_code == 0, shown.output
+    job = json.loads(shown.stdout)["job"]
+    assert job["status"] == "done" and job["history"][-1]["stage"] == "delivery"
+    status = CliRunner().invoke(main, ["status", "--json", *config])
+    (row,) = json.loads(status.stdout)
+    assert (row["status"], row["iteration"], row["job_id"]) == ("done", 1, job["id"])
+
+
 # -- dependencies -----------------------------------------------------------------------------
 
 

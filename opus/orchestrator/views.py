@@ -243,11 +243,12 @@ def status_rows(config: Config, *, now: datetime | None = None) -> list[dict[str
                     and job.status in (Status.IN_PROGRESS, Status.QUEUED, Status.PAUSED)
                     else None
                 ),
-                "iteration": job.iteration if job else None,
+                # an archived job's FR: what its note says (the archive is not read here)
+                "iteration": job.iteration if job else (fr.iteration if fr else None),
                 "round": job.round if job and job.round > 1 else None,
                 "age": round(max(0.0, (now - job.created_at).total_seconds()), 3) if job else None,
                 "branch": job.branch if job else None,
-                "job_id": job.id if job else None,
+                "job_id": job.id if job else (fr.job_id if fr else None),
                 "priority": (fr.priority.value if fr else job.priority.value if job else None),
                 "title": fr.title if fr else job.title if job else "",
                 "error": (job.error if job else None) or (fr.error if fr else None),
@@ -364,11 +365,20 @@ def job_for(config: Config, ref: str) -> tuple[str, Job | None]:
         fr = vault.read(vault.find(ref))
         fr_id = fr.id
     except NoteError:
-        if not any(j.fr_id == ref for j in jobs):
+        if not any(j.fr_id == ref for j in jobs) and _archived_job(config, ref) is None:
             raise
         fr_id = ref
     mine = [j for j in jobs if j.fr_id == fr_id]
-    return fr_id, (mine[-1] if mine else None)
+    return fr_id, (mine[-1] if mine else _archived_job(config, fr_id))
+
+
+def _archived_job(config: Config, fr_id: str) -> Job | None:
+    """The FR's newest archived job (finished over ``keep_days`` ago), if any: read only when
+    the registry holds none, as ``opus show`` of an old FR does."""
+    from .registry import Registry
+
+    archived = [j for j in Registry(config.state_dir).archived() if j.fr_id == fr_id]
+    return max(archived, key=lambda j: j.created_at) if archived else None
 
 
 def show_data(config: Config, ref: str) -> dict[str, Any]:
