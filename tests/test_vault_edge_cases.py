@@ -125,6 +125,20 @@ def test_depends_on_as_one_unquoted_wikilink(v: Vault) -> None:
     assert fr.depends_on == ("FR-100",)
 
 
+# --- an id names files: never a path ------------------------------------------------------
+
+
+@pytest.mark.parametrize("value", ["Weird/Id:*?", "..", "back\\\\slash", '"tab\\there"'])
+def test_an_id_that_would_be_a_path_is_an_input_error_naming_it(v: Vault, value: str) -> None:
+    text = f"---\nid: {value}\n---\nbody\n"
+    path = note(v, "FR-1.md", text)
+    scan = v.scan()
+    assert scan.frs == {}
+    (problem,) = scan.problems
+    assert problem.path == path and "id" in problem.message and "slash" in problem.message
+    assert path.read_text() == text  # left as the person wrote it
+
+
 # --- duplicate ids: a person's copy must not take the FR over ---------------------------------
 
 

@@ -574,6 +574,11 @@ def _fr_id(path: Path, value: object) -> str:
         if isinstance(value, str):
             return path.stem
         raise NoteValueError(path, "id", f"id must be a string or a number, not {value!r}")
+    if text in (".", "..") or any(c in text for c in "/\\") or not text.isprintable():
+        # it names files (the plan note, branches, artifacts): never a path
+        raise NoteValueError(
+            path, "id", f"id {text!r} cannot be . or .., nor hold a slash or a control character"
+        )
     return text
 
 
