@@ -370,7 +370,8 @@ def _ruamel_reference(values: dict[str, object], styles: dict[str, str]) -> str:
     for key, value in values.items():
         if isinstance(value, str):
             tag = yaml.resolver.Resolver().resolve(yaml.ScalarNode, value, (True, False))
-            if styles.get(key) == '"':
+            link = value.startswith("[[") and value.endswith("]]")  # "[[…]]" as Obsidian
+            if styles.get(key) == '"' or (link and key not in styles):
                 value = DoubleQuotedScalarString(value)
             elif styles.get(key) == "'" or tag != "tag:yaml.org,2002:str":
                 value = SingleQuotedScalarString(value)

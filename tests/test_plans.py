@@ -24,6 +24,7 @@ def test_without_a_gate_the_plan_note_is_written_and_linked(vault: Vault) -> Non
     assert opus(vault, "run", "--once")[0] == 0
     m = meta(note)
     assert m["status"] == "review" and m["plan"] == "[[FR-1 plan]]"
+    assert '\nplan: "[[FR-1 plan]]"\n' in note.read_text()  # as SPEC §2.2 and Obsidian write it
     text = plan_note(vault, "FR-1").read_text()
     assert text.startswith('---\nfr: "[[FR-1]]"\n---\n') and "1. Do it." in text
 

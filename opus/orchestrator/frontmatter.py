@@ -458,8 +458,9 @@ def _string_line(key: str, value: str, style: str | None) -> str:
     single quotes where they had those or a plain scalar would read as another type."""
     plain_tag = _RESOLVER.resolve(yaml.ScalarNode, value, (True, False))  # type: ignore[no-untyped-call]
     quote = '"' if style == '"' else "'" if style == "'" or plain_tag != _STR_TAG else ""
+    if value.startswith("[[") and value.endswith("]]"):
+        quote = quote or '"'  # unquoted it would read as a list; Obsidian writes "[[…]]"
     if _SIMPLE_KEY.fullmatch(key) and _WIKI_LINK.fullmatch(value):
-        quote = quote or "'"  # unquoted, it would read as a flow sequence
         return f"{key}: {quote}{value}{quote}\n"
     if _SIMPLE_KEY.fullmatch(key) and _PLAIN_SAFE.fullmatch(value):
         from ruamel.yaml.nodes import ScalarNode
@@ -477,7 +478,8 @@ def _string_line(key: str, value: str, style: str | None) -> str:
 _PLAIN_SAFE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_./-]*")
 """Strings ruamel writes as they are (plain, or inside quotes with no escapes)."""
 _WIKI_LINK = re.compile(r"\[\[[A-Za-z0-9_./-][A-Za-z0-9 _./-]*[A-Za-z0-9_./-]\]\]")
-"""``[[FR-101 plan]]``: ruamel quotes it (single quotes unless the person used double)."""
+"""``[[FR-101 plan]]``: written in double quotes, as Obsidian does and SPEC §2.2 shows
+(single quotes where the person's value had them)."""
 _RESOLVER = yaml.resolver.Resolver()
 
 
