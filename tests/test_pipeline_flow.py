@@ -79,7 +79,12 @@ def test_blocked_after_exactly_max_iterations(vault: Vault) -> None:
         "summary": "Still wrong.",
         "issues": [{"severity": "blocker", "message": "wrong answer"}],
     }
-    vault.script({"FR-1": {"reviewer": [{"verdict": reject}]}})
+    vault.script({"FR-1": {"reviewer": [{"verdict": reject}],
+                           "tester": [{"exit": 0, "stdout": "3 passed in 0.1s"}]}})  # fmt: skip
+    told = vault.root.parent / "told.jsonl"
+    notifier = f"import sys; open({str(told)!r}, 'a').write(sys.stdin.read() + '\\n')"
+    command = json.dumps([sys.executable, "-c", notifier])
+    vault.write_config(**{"[[notify]]": f'kind = "command"\ncommand = {command}'})
     note = fr(vault, "FR-1")
     code, out = opus(vault, "run", "--once")
     assert code == 0, out
@@ -88,6 +93,11 @@ def test_blocked_after_exactly_max_iterations(vault: Vault) -> None:
     assert "reviewer still requests changes after 3 iterations" in str(data["error"])
     assert len(vault.runs("coder")) == 3
     assert "stage" not in data and data["iteration"] == 3  # SPEC §2.2: only stage goes at rest
+    # SPEC §3: the person is told both sides, the last test output and the review issues
+    (blocked,) = [e for e in map(json.loads, told.read_text().split("\n")[:-1])
+                  if e["event"] == "blocked"]  # fmt: skip
+    assert "3 passed in 0.1s" in blocked["details"]["test_output"]
+    assert "wrong answer" in blocked["details"]["review_issues"]
 
 
 def test_coder_that_changes_nothing_fails_the_iteration(vault: Vault) -> None:

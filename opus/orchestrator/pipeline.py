@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
@@ -608,11 +609,30 @@ class Pipeline:
         error = f"{why} after {self.max_iterations} iterations: {reason}"
         details: dict[str, str] = {}
         if feedback is not None:
-            details["test_output"] = feedback.test_output[-4000:]
+            tests = feedback.test_output or await self._last_test_output()
+            details["test_output"] = tests[-4000:]
             details["review_issues"] = json.dumps(
                 [i.model_dump(exclude_none=True) for i in feedback.issues]
             )
         await self._finish(Status.BLOCKED, error.splitlines()[0][:300], "blocked", **details)
+
+    async def _last_test_output(self) -> str:
+        """The last tester run's log (its tests passed; the reviewer still asked for changes):
+        the other side of a block (SPEC §3)."""
+        runs = [c for c in self.job.history if c.stage is Stage.TESTER and c.artifact]
+        if not runs or runs[-1].artifact is None:
+            return ""
+        path = self.rt.registry.job_dir(self.job.id) / runs[-1].artifact
+
+        def tail() -> str:
+            try:
+                with open(path, "rb") as f:
+                    f.seek(max(0, f.seek(0, os.SEEK_END) - 8000))
+                    return self.rt.redactor(f.read().decode("utf-8", "replace"))
+            except OSError:
+                return ""
+
+        return await anyio.to_thread.run_sync(tail)
 
     async def _finish(self, status: Status, error: str | None, event: str, **details: str) -> None:
         job = self.job
