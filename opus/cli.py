@@ -500,6 +500,9 @@ def ideate(category: str | None, as_json: bool) -> None:
 
     setup_logging()
     config = load()
+    if category is not None and category not in config.ideation.categories:
+        known = ", ".join(config.ideation.categories)
+        fail(f"--category {category!r} is not one of [ideation] categories: {known}", 2)
 
     async def one() -> Any:
         async with Orchestrator(config) as orch:

@@ -229,3 +229,23 @@ async def test_the_last_stages_spend_is_told_when_its_pipeline_ends(
     told = [(e["event"], e["fr_id"], e["message"]) for e in events(events_file)]
     assert ("budget", "FR-1", "50 % of the daily budget spent: $6.00 of $10.00") in told
     assert [t for t in told if t[0] == "budget"] == [told[-1]]  # once, after the review
+
+
+@pytest.mark.anyio
+async def test_a_cap_the_last_stage_reaches_is_told_at_once_and_once(
+    vault: Vault, events_file: Path
+) -> None:
+    usage = {"input_tokens": 10, "output_tokens": 10, "cost_usd": 6.0}
+    verdict = {"verdict": "approve", "confidence": 95}
+    vault.script({"*": {"reviewer": [{"verdict": verdict, "usage": usage}]}})
+    config(vault, events_file, daily=5)
+    vault.note("FR-1.md", NOTE.format(id="FR-1", priority="high"))
+    now = clock(DAY)
+    await run_once(vault, now)  # no FR waits afterwards: the pipeline's end tells it
+    assert [e["message"] for e in events(events_file) if reached(e)] == [
+        "daily budget reached: $6.00 of $5.00"
+    ]
+    vault.note("FR-2.md", NOTE.format(id="FR-2", priority="high"))
+    await run_once(vault, now)  # a new process (a restart) tells it once more, FR-2 waiting
+    assert len([e for e in events(events_file) if reached(e)]) == 2
+    assert vault.runs("planner", "FR-2") == []

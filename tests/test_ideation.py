@@ -336,3 +336,15 @@ async def test_ideation_spend_is_told_by_alert_at(vault: Vault) -> None:
     events = [json.loads(line) for line in told.read_text().splitlines() if line.strip()]
     budget = [(e["event"], e["fr_id"], e["title"], e["message"]) for e in events]
     assert budget == [("budget", "", "ideation", "50 % of the daily budget spent: $0.60 of $1.00")]
+    dashboard = (vault.root / "00_system" / "opus-dashboard.md").read_text()
+    assert "today's cost $0.60 (month $0.60)" in dashboard  # counted as toward the budget
+    # the ideator's request is a state file like any other (SPEC §8)
+    ideation = vault.state / "ideation"
+    (request,) = ideation.glob("*/request.md")
+    assert [oct(p.stat().st_mode & 0o777) for p in (ideation, request.parent, request)] == [
+        "0o700",
+        "0o700",
+        "0o600",
+    ]
+    result = await cli("ideate", "--category", "nonsense", "--config", str(vault.config))
+    assert result.exit_code == 2 and "not one of [ideation] categories" in result.output

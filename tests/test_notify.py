@@ -83,6 +83,9 @@ async def test_only_notifiers_listing_the_event_get_it(caplog: pytest.LogCapture
     lines = [r.getMessage() for r in caplog.records if r.name == LOGGER]
     assert len(lines) == 1
     assert "failed" in lines[0] and "FR-1" in lines[0] and "agent crashed" in lines[0]
+    assert caplog.records[-1].levelno == logging.WARNING  # SPEC §20: a failed FR is no info
+    notifier = Notifier([NotifySection(kind="log")], Redactor())
+    await send(notifier, "review")
     assert caplog.records[-1].levelno == logging.INFO
 
 

@@ -155,6 +155,7 @@ def test_every_forbidden_attempt_fails_and_the_fr_reaches_review(
         if path.is_file() and path != vault.config and not path.name.startswith("output-"):
             assert MARKER.encode() not in path.read_bytes(), path
     assert not (vault.root / "new.md").exists()
+    assert (vault.state / "sandbox").stat().st_mode & 0o777 == 0o700  # SPEC §8
     # the coder committed inside the sandbox; opus's checkout of main is untouched
     log = git(vault.repo, "log", "--format=%s", "main..opus/fr-1").splitlines()
     assert log == ["the coder's own commit"]

@@ -223,11 +223,17 @@ SECTIONS: list[Section] = [
 
 
 def render_dashboard(
-    jobs: Sequence[Job], scan: Scan, *, now: datetime, extra: Sequence[str] = ()
+    jobs: Sequence[Job],
+    scan: Scan,
+    *,
+    now: datetime,
+    extra: Sequence[str] = (),
+    other_spend: Sequence[tuple[datetime, float]] = (),
 ) -> str:
     """The note's text; ``extra`` lines (a section of their own, e.g. waiting ideas) go
-    before the notes opus cannot read."""
-    today, month = spent(jobs, now)
+    before the notes opus cannot read. ``other_spend`` (ideation's) counts in the cost, as
+    it does toward the budget."""
+    today, month = spent(jobs, now, other_spend)
     current = latest_per_fr(jobs)
     count = {s: sum(1 for j in current if j.status is s) for s in Status}
     lines = [
@@ -249,10 +255,16 @@ def render_dashboard(
 
 
 def write_dashboard(
-    path: Path, jobs: Sequence[Job], scan: Scan, *, now: datetime, extra: Sequence[str] = ()
+    path: Path,
+    jobs: Sequence[Job],
+    scan: Scan,
+    *,
+    now: datetime,
+    extra: Sequence[str] = (),
+    other_spend: Sequence[tuple[datetime, float]] = (),
 ) -> None:
     """Rewrite the dashboard note atomically (only when its content changed)."""
-    text = render_dashboard(jobs, scan, now=now, extra=extra)
+    text = render_dashboard(jobs, scan, now=now, extra=extra, other_spend=other_spend)
     try:
         old = path.read_text(encoding="utf-8")
     except OSError:

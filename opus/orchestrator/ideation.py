@@ -411,9 +411,14 @@ class Ideation:
             base = await anyio.to_thread.run_sync(ws.head, tree)
             context = await anyio.to_thread.run_sync(repo_files, tree, category, CONTEXT_BYTES)
             prompt = rt.redactor(ideation_prompt(category, repo, context, titles))
-            await anyio.to_thread.run_sync(lambda: folder.mkdir(mode=0o700, parents=True))
             request = folder / "request.md"
-            await anyio.to_thread.run_sync(request.write_text, prompt)
+
+            def write_request() -> None:  # state files 0600 in folders 0700 (SPEC §8)
+                folder.parent.mkdir(mode=0o700, exist_ok=True)
+                folder.mkdir(mode=0o700)
+                atomic_write(request, prompt.encode(), sync=False)
+
+            await anyio.to_thread.run_sync(write_request)
             ctx = StageContext(
                 stage=Stage.PLANNER,  # read-only, as the planner is
                 iteration=1,

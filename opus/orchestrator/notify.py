@@ -127,9 +127,12 @@ class Notifier:
 
     @staticmethod
     def _log(p: Mapping[str, object]) -> None:
-        logger.info(
-            "%s: %s %s [%s] %s", p["event"], p["fr_id"], p["title"], p["status"], p["message"]
-        )
+        bad = p["event"] in ("failed", "blocked", "stuck", "budget")  # SPEC §20: not info
+        logger.log(
+            logging.WARNING if bad else logging.INFO,
+            "%s: %s %s [%s] %s",
+            p["event"], p["fr_id"], p["title"], p["status"], p["message"],
+        )  # fmt: skip
 
     async def _desktop(self, section: NotifySection, p: Mapping[str, object]) -> None:
         env = self._env()

@@ -100,6 +100,8 @@ class Runtime:
 
     _budget_alerts: list[str] = field(default_factory=list)
     """``alert_at`` messages found by ``over_budget``, sent by ``check_budget``."""
+    _budget_reached: str | None = None
+    """The cap ``check_budget`` last told as reached, until spending is under it again."""
 
     def over_budget(self) -> str | None:
         caps = self.config.budget
@@ -129,6 +131,10 @@ class Runtime:
             return None  # no caps: nothing to add up (before every stage of every job)
         why = await anyio.to_thread.run_sync(self.over_budget)
         alerts, self._budget_alerts = self._budget_alerts, []
+        cap = why.split(":")[0] if why else None  # "daily budget reached"
+        if cap is not None and cap != self._budget_reached:
+            alerts.append(why or "")  # told once each time a cap is reached (SPEC §5.2)
+        self._budget_reached = cap
         for message in alerts:
             log.warning("budget: %s", message)
             if job is not None:

@@ -445,7 +445,8 @@ class Sandbox:
         covered = [*hidden, self.home] if home == "private" else hidden
         readable = program_paths(argv, env, ctx.worktree, covered, self.state)
         folder = self.state / "sandbox" / ctx.job_id
-        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        folder.parent.mkdir(mode=0o700, exist_ok=True)  # (state folders 0700: SPEC §8)
+        folder.mkdir(mode=0o700, exist_ok=True)
         tmp = folder / f"tmp-{ctx.stage}-{ctx.iteration}-{secrets.token_hex(3)}"
         tmp.mkdir(mode=0o700)
         private = folder / "home" if home == "private" else None

@@ -423,12 +423,11 @@ class Scheduler:
         waiting = self.waiting(scan)
         if not waiting:
             return []
-        why = await self.rt.check_budget(waiting[0][0])
+        why = await self.rt.check_budget(waiting[0][0])  # (which tells a cap reached)
         if why:
             if why != self._budget_told:
                 self._budget_told = why
                 log.warning("budget: %s; %d FR(s) wait", why, len(waiting))
-                await self.rt.notify("budget", waiting[0][0], why)
             return []
         self._budget_told = None
         return waiting

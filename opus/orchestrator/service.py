@@ -256,6 +256,7 @@ class Orchestrator:
                 scan,
                 now=self._now(),
                 extra=ideas,
+                other_spend=self.rt.other_spend,
             )
 
     def _heartbeat(self) -> None:
