@@ -23,7 +23,7 @@ from opus.orchestrator.agents.base import StageContext, StageResult
 from opus.orchestrator.agents.fake import tests_pass, writes
 from opus.orchestrator.registry import Registry
 
-from .conftest import Vault
+from .conftest import Vault, git
 
 NOTE = "---\nid: {id}\ntitle: Thing {id}\npriority: medium\n---\n# Thing\n\nDo {id}.\n"
 
@@ -139,3 +139,29 @@ async def test_a_stage_whose_end_cannot_be_written_records_no_checkpoint(vault: 
     saved.open()
     reread = saved.get(job.id)
     assert reread is not None and [c.stage.value for c in reread.history] == ["planner", "coder"]
+
+
+@pytest.mark.anyio
+async def test_a_poll_finds_merges_with_one_git_process_however_many_frs_are_in_review(
+    vault: Vault, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each FR's own merge check cost a git process per poll, and held up the tick (a note
+    moved in meanwhile waited: figure 1's p99)."""
+    ids = [f"FR-{i}" for i in range(6)]
+    for fr_id in ids:
+        vault.note(f"{fr_id}.md", NOTE.format(id=fr_id))
+    async with Orchestrator(load_config(vault.config), agents=instant_agents()) as orch:
+        summary = await orch.run_once()
+    assert set(summary.statuses.values()) == {"review"}
+    for fr_id in ("FR-1", "FR-4"):  # a person merges two of them by hand
+        git(vault.repo, "merge", "-q", "--no-ff", "-m", f"merge {fr_id}", f"opus/{fr_id.lower()}")
+    log = tmp_path / "git.log"
+    monkeypatch.setenv("PATH", f"{counting_git(tmp_path, log)}{os.pathsep}{os.environ['PATH']}")
+    async with Orchestrator(load_config(vault.config), agents=instant_agents()) as orch:
+        summary = await orch.run_once()  # its first tick settles what waits on a person
+    done = sorted(fr for fr, status in summary.statuses.items() if status == "done")
+    assert done == ["FR-1", "FR-4"]
+    asked = [
+        line for line in log.read_text().splitlines() if "merged" in line or "ancestor" in line
+    ]
+    assert len(asked) == 1 and "for-each-ref --merged=refs/heads/main" in asked[0], asked

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -156,17 +157,36 @@ class Delivery:
         log.info("%s: merged %s", job.fr_id, job.branch)
         return Status.DONE, None
 
-    async def merged_or_closed(self, job: Job) -> Status | None:
-        """While in review: DONE if a person merged it, CANCELLED if the PR was closed."""
+    async def merged_branches(self, jobs: Iterable[Job]) -> dict[str, frozenset[str]]:
+        """For local delivery: the merged branches of each repository ``jobs`` are in (one
+        git process each), for ``merged_or_closed(job, merged=…)`` over a whole poll."""
+        if self.rt.config.delivery.kind == "github":
+            return {}
+        repos = {j.repo: self.rt.workspace(j) for j in jobs}
+        found: dict[str, frozenset[str]] = {}
+        for repo, ws in repos.items():
+            try:
+                found[repo] = await anyio.to_thread.run_sync(ws.merged_branches)
+            except WorkspaceError as e:  # each job asks on its own, and says why
+                log.debug("%s: cannot list merged branches: %s", repo, e)
+        return found
+
+    async def merged_or_closed(
+        self, job: Job, *, merged: Mapping[str, frozenset[str]] | None = None
+    ) -> Status | None:
+        """While in review: DONE if a person merged it, CANCELLED if the PR was closed.
+        ``merged``: ``merged_branches`` of this poll (local delivery)."""
         rt = self.rt
+        if merged is not None and rt.config.delivery.kind != "github" and job.repo in merged:
+            return Status.DONE if job.branch in merged[job.repo] else None
         if rt.config.delivery.kind == "github" and job.pr_number is not None:
             async with self._github() as gh:
                 pr = await gh.pr_state(job.pr_number)
             if pr.merged:
                 return Status.DONE
             return Status.CANCELLED if pr.state == "closed" else None
-        merged = await anyio.to_thread.run_sync(rt.workspace(job).is_merged, job.branch)
-        return Status.DONE if merged else None
+        done = await anyio.to_thread.run_sync(rt.workspace(job).is_merged, job.branch)
+        return Status.DONE if done else None
 
     async def unmergeable(self, job: Job) -> bool:
         """Whether GitHub says it cannot merge the PR into its base (as ``merged_or_closed``

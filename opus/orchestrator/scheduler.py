@@ -67,6 +67,8 @@ class Scheduler:
         self.finished = anyio.Event()
         """Set (and replaced) whenever a pipeline ends."""
         self._budget_told: str | None = None
+        self._merged: dict[str, frozenset[str]] | None = None
+        """The poll's merged branches by repository, while ``reconcile`` settles reviews."""
         self._archive_seen = -1
         self._done_archived: set[str] = set()
         self.only: set[str] | None = None
@@ -108,6 +110,7 @@ class Scheduler:
         todo = [
             fr for fr in scan.frs.values() if self._unsettled(fr, latest.get(fr.id), settle_reviews)
         ]
+        self._merged = None  # this poll's, asked once when first needed
         for fr in sorted(todo, key=lambda f: (f.priority.rank, f.id)):
             job = latest.get(fr.id)
             try:
@@ -133,12 +136,20 @@ class Scheduler:
             elif settle_reviews and job.status is Status.REVIEW and job.fr_id not in scan.frs:
                 # the person filed the note away; a merge still makes the job done
                 try:
-                    settled = await self.delivery.merged_or_closed(job)
+                    settled = await self._merged_or_closed(job)
                 except OpusError as e:
                     log.warning("%s: %s", job.fr_id, e)
                     continue
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
+
+    async def _merged_or_closed(self, job: Job) -> Status | None:
+        """``Delivery.merged_or_closed``, with the merged branches of every repository that
+        has a job in review read once per poll (one git process each, not one per FR)."""
+        if self._merged is None:
+            reviewed = [j for j in self.rt.registry.jobs() if j.status is Status.REVIEW]
+            self._merged = await self.delivery.merged_branches(reviewed)
+        return await self.delivery.merged_or_closed(job, merged=self._merged)
 
     def _unsettled(self, fr: FeatureRequest, job: Job | None, settle_reviews: bool) -> bool:
         """Whether a reconcile has anything to do for this FR (a tick asks it of every note)."""
@@ -232,7 +243,7 @@ class Scheduler:
             await self._changes_requested(fr, job, run is not None)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
             if settle_reviews and fr.job_id == job.id:
-                settled = await self.delivery.merged_or_closed(job)
+                settled = await self._merged_or_closed(job)
                 if settled is not None:
                     await self._end(job, settled, None, settled.value)
                 elif (trigger := await github_trigger(rt, job)) is not None:

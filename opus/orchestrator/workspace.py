@@ -119,6 +119,16 @@ class Workspace:
         ref = f"refs/heads/{branch}"
         return self._ok(self.repo_path, "merge-base", "--is-ancestor", ref, self._base_ref)
 
+    def merged_branches(self) -> frozenset[str]:
+        """Every local branch that is an ancestor of the base (``is_merged`` of them all, in
+        one git process: a poll asks it of every FR in review)."""
+        out = self._git(
+            self.repo_path,
+            "for-each-ref", f"--merged={self._base_ref}", "--format=%(refname:lstrip=2)",
+            "refs/heads/",
+        )  # fmt: skip
+        return frozenset(line for line in out.splitlines() if line)
+
     def remote_url(self, remote: str) -> str | None:
         """The URL of ``remote`` (may hold credentials: never log it), or None if there is none."""
         status, out = self._call(self.repo_path, ["remote", "get-url", remote], ok=(0, 2))
