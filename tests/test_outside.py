@@ -261,6 +261,7 @@ def test_stop_now_kills_every_agent_and_exits_within_five_seconds(vault: Vault) 
         t0 = time.monotonic()
         code, out, err = cli("stop", "--now", "--config", str(vault.config))
         assert code == 0, out + err
+        assert s.proc.poll() == 0  # "stopped" means exited, not only the lock let go
         assert s.proc.wait(5) == 0
         assert time.monotonic() - t0 < 5
         assert not alive(coder["pgid"])

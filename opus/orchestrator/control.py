@@ -11,6 +11,7 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from .config import Config
 from .errors import OpusError
@@ -51,4 +52,29 @@ def stop_service(
             raise OpusError(f"opus (pid {pid}) still running {timeout:g} s after the signal")
         sleep(pause)
         pause = min(pause * 2, 0.1)
+    # the lock goes first; the process ends a moment later (its interpreter's teardown):
+    # "stopped" means gone, within the same limit (the vault is already free meanwhile)
+    while not _gone(pid) and clock() - start <= timeout:
+        sleep(pause)
     return pid, clock() - start
+
+
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie waiting for its parent to reap it has, once its last
+    thread is gone)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    try:  # a zombie leader with threads still tearing down has not exited yet
+        status = dict(
+            line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines()
+        )
+    except (OSError, ValueError):
+        return False
+    return (
+        status.get("State", "").strip()[:1] in ("Z", "X")
+        and status.get("Threads", "").strip() == "1"
+    )
