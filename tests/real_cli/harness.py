@@ -478,6 +478,23 @@ class World:
     def job_files(self) -> Path:
         return self.vault / ".opus" / "jobs" / self.job()["id"]
 
+    def state_problems(self) -> list[str]:
+        """What the run left against SPEC §8 under the real CLI: a file of the job's folder
+        (the CLI's answer in ``output-*`` included) readable by others, or a checkpoint
+        whose ``artifact`` is missing. Empty when all is well."""
+        folder = self.job_files()
+        loose = [
+            f"{p.name} is {oct(p.stat().st_mode & 0o777)}"
+            for p in sorted(folder.iterdir())
+            if p.is_file() and p.stat().st_mode & 0o077
+        ]
+        missing = [
+            f"{c['stage']} checkpoint names a missing {c['artifact']}"
+            for c in self.job()["history"]
+            if c["artifact"] and not (folder / c["artifact"]).is_file()
+        ]
+        return loose + missing
+
     def branch(self) -> str:
         return str(self.frontmatter().get("branch") or self.job()["branch"])
 

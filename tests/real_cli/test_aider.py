@@ -63,6 +63,7 @@ def test_aider_runs_every_stage_to_review(make_world: Callable[[str], World]) ->
 
     fm = world.frontmatter()
     assert fm["status"] == "review", fm
+    assert world.state_problems() == []  # SPEC §8: modes, artifacts
     # the coder's whole-file edit is committed on the branch; aider's own files are not
     assert "Goodbye" in world.show(FAREWELL_FILE)
     files = world.branch_files()

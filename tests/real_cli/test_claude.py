@@ -71,6 +71,7 @@ def test_claude_runs_every_stage_to_review(
 
     fm = world.frontmatter()
     assert fm["status"] == "review", fm
+    assert world.state_problems() == []  # SPEC §8: modes, artifacts
     # the coder wrote the file, ran the tests and committed it itself
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()
@@ -243,3 +244,16 @@ def test_a_failed_attempt_keeps_what_it_spent(make_world: Callable[[str], World]
     assert checkpoint["usage"]["input_tokens"] == INPUT_TOKENS  # the one answered call
     assert checkpoint["usage"]["output_tokens"] == OUTPUT_TOKENS
     assert world.job()["usage"]["output_tokens"] == OUTPUT_TOKENS
+
+
+def test_a_key_claude_does_not_use_stops_start_up_naming_it(
+    make_world: Callable[[str], World],
+) -> None:
+    """SPEC §14: never silently ignored. Claude Code has no temperature flag."""
+    world = make_world("claude")
+    agent = {"kind": "claude", "base_url": "http://127.0.0.1:9", "temperature": 0.2}
+    world.configure({**agent, "api_key_env": "OPUS_TEST_ANTHROPIC_KEY"})
+    result = world.run_once(env={"OPUS_TEST_ANTHROPIC_KEY": KEY})
+    assert result.returncode == 2, result.stderr
+    assert "kind = 'claude' does not use `temperature`" in result.stderr
+    assert world.frontmatter().get("status") is None  # nothing was started

@@ -44,6 +44,7 @@ def test_codex_runs_every_stage_to_review(make_world: Callable[[str], World], sa
 
     fm = world.frontmatter()
     assert fm["status"] == "review", fm.get("error")
+    assert world.state_problems() == []  # SPEC §8: modes, artifacts
     # the coder wrote the file, ran the tests and committed it itself, through codex's shell
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()

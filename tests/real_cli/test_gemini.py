@@ -46,6 +46,7 @@ def test_gemini_runs_every_stage_to_review(
 
     fm = world.frontmatter()
     assert fm["status"] == "review", fm.get("error")
+    assert world.state_problems() == []  # SPEC §8: modes, artifacts
     # the coder wrote the file (write_file), ran the tests and committed (run_shell_command)
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()

@@ -67,6 +67,7 @@ def test_opencode_runs_every_stage_to_review(make_world: Callable[[str], World])
 
     fm = world.frontmatter()
     assert fm["status"] == "review", fm
+    assert world.state_problems() == []  # SPEC §8: modes, artifacts
     # the coder wrote the file with its write tool, ran the tests and committed (bash tool)
     assert COMMIT_MESSAGE in world.commits()
     assert FAREWELL_FILE in world.branch_files()

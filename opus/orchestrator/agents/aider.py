@@ -34,6 +34,7 @@ import shutil
 from collections.abc import Mapping
 from pathlib import Path
 
+from ..atomic import atomic_write
 from ..errors import AgentCrashed, AgentError, AgentStalled, ConfigError
 from ..models import Usage
 from ..process_output import Counts, output_tail
@@ -175,7 +176,8 @@ class AiderAgent(PresetAgent):
         }
         path = self._metadata_file(ctx)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({self.model: info}, indent=2) + "\n", encoding="utf-8")
+        text = json.dumps({self.model: info}, indent=2) + "\n"
+        atomic_write(path, text.encode(), sync=False)  # a state file: 0600 (SPEC §8)
 
     def progress(self) -> Counts:
         return lambda tag, line: not line.lstrip().startswith(_NOISE)

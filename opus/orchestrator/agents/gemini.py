@@ -41,6 +41,7 @@ from typing import Any
 
 import anyio
 
+from ..atomic import atomic_write
 from ..errors import AgentCrashed, AgentError
 from ..models import Usage
 from ..process_output import Counts, output_tail
@@ -112,7 +113,7 @@ class GeminiAgent(PresetAgent):
     def files(self, ctx: StageContext) -> Path:
         """The stage's folder for the settings and policy files (in the job's artifacts)."""
         folder = ctx.artifacts / f"gemini-{ctx.stage.value}"
-        folder.mkdir(parents=True, exist_ok=True)
+        folder.mkdir(mode=0o700, exist_ok=True)  # (state folders 0700: SPEC §8)
         return folder
 
     def build_argv(self, ctx: StageContext) -> list[str]:
@@ -120,7 +121,7 @@ class GeminiAgent(PresetAgent):
             mode = ["--approval-mode", "plan"]
         else:
             policy = self.files(ctx) / "coder-policy.toml"
-            policy.write_text(CODER_POLICY, encoding="utf-8")
+            atomic_write(policy, CODER_POLICY.encode(), sync=False)
             mode = ["--approval-mode", "auto_edit", "--policy", str(policy)]
         return [
             *self.fill(self.head, ctx),
