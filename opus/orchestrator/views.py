@@ -361,15 +361,16 @@ def job_for(config: Config, ref: str) -> tuple[str, Job | None]:
     latest job."""
     vault = Vault(config)
     jobs = read_jobs(config.state_dir)
+    gone: NoteError | None = None
     try:
-        fr = vault.read(vault.find(ref))
-        fr_id = fr.id
-    except NoteError:
-        if not any(j.fr_id == ref for j in jobs) and _archived_job(config, ref) is None:
-            raise
-        fr_id = ref
+        fr_id = vault.read(vault.find(ref)).id
+    except NoteError as e:
+        fr_id, gone = ref, e  # a gone note: its id still names the job, live or archived
     mine = [j for j in jobs if j.fr_id == fr_id]
-    return fr_id, (mine[-1] if mine else _archived_job(config, fr_id))
+    job = mine[-1] if mine else _archived_job(config, fr_id)
+    if gone is not None and job is None:
+        raise gone
+    return fr_id, job
 
 
 def _archived_job(config: Config, fr_id: str) -> Job | None:
