@@ -353,7 +353,12 @@ def test_sighup_moves_the_watch_to_a_new_planned_folder_and_turns_the_sandbox_on
     )
     s.proc.send_signal(signal.SIGHUP)
     wait(lambda: "configuration reloaded" in s.log.read_text(), "the reload")
-    assert "sandbox: bubblewrap" in s.log.read_text()
+    text = s.log.read_text()
+    assert "sandbox: bubblewrap" in text
+    # reloaded means watched: a note moved in from now on is seen at once (CI once moved
+    # one in while the new watcher was still starting, and it waited for the 30 s poll)
+    watching = text.find(f"watcher: watching {new}")
+    assert -1 < watching < text.index("configuration reloaded")
     old = fr(vault, "FR-OLD")  # the old planned folder: no longer served
     before = old.read_text()
     src = vault.root / "10_features" / "01_inbox" / "FR-NEW.md"

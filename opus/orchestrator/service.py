@@ -90,6 +90,7 @@ class Orchestrator:
         self._stop = anyio.Event()
         self._state_due = anyio.Event()
         self._rewatch = anyio.Event()
+        self._watching: anyio.Event | None = None  # set once the watcher is on the new folder
         self._poll = _adaptive_poll(config)
         self._started_at = now()
         self._last_scan: Scan | None = None
@@ -346,14 +347,14 @@ class Orchestrator:
         self.rt.vault.reconfigure(config)
         if config.polling != old.polling:
             self._poll = _adaptive_poll(config)
-        if config.planned_dir != old.planned_dir or config.polling != old.polling:
-            self._rewatch.set()  # the watcher starts again on the new folder
         self._rescan, self._dirty = True, True
         if self._wake is not None:
             try:
                 self._wake.send_nowait("reload")
             except anyio.WouldBlock:
                 pass
+        if config.planned_dir != old.planned_dir or config.polling != old.polling:
+            await self._restart_watcher()
         for problem in notifier_problems(config, self._environ):
             log.warning("%s", problem)
         log.info(
@@ -361,6 +362,16 @@ class Orchestrator:
             config.source,
             ", ".join(config.repos),
         )
+
+    async def _restart_watcher(self) -> None:
+        """Start the watcher again on the (new) planned folder and wait until it watches:
+        a note moved in once ``reload`` has returned is seen at once, not at the next poll."""
+        if self._watching is None:
+            return  # not serving: ``run`` starts the watcher on the new folder
+        watching = self._watching = anyio.Event()
+        self._rewatch.set()
+        with anyio.move_on_after(10):
+            await watching.wait()
 
     _grace: float | None = None
 
@@ -442,27 +453,33 @@ class Orchestrator:
         task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED,
     ) -> None:
         """The watcher over the planned folder; started again when a reload moves the folder
-        or changes ``[polling]`` (the rescan that follows covers the moment between)."""
-        while True:
-            polling, vault = self.config.polling, self.rt.vault
-            self._rewatch = anyio.Event()
-            watcher = Watcher(
-                vault.planned_dir,
-                is_candidate=vault.is_candidate,
-                debounce=polling.debounce_ms / 1000,
-                enabled=polling.watch,
-            )
-            async with watcher, anyio.create_task_group() as tg:
-                tg.start_soon(self._forward_changes, watcher, wake)
-                task_status.started()
-                task_status = anyio.TASK_STATUS_IGNORED
-                await self._rewatch.wait()
-                tg.cancel_scope.cancel()
-            self._rescan = True
-            try:
-                wake.send_nowait("rewatch")
-            except anyio.WouldBlock:
-                pass
+        or changes ``[polling]`` (a rescan once it watches covers the moment between)."""
+        self._watching, restart = anyio.Event(), False
+        try:
+            while True:
+                polling, vault = self.config.polling, self.rt.vault
+                self._rewatch = anyio.Event()
+                watcher = Watcher(
+                    vault.planned_dir,
+                    is_candidate=vault.is_candidate,
+                    debounce=polling.debounce_ms / 1000,
+                    enabled=polling.watch,
+                )
+                async with watcher, anyio.create_task_group() as tg:
+                    tg.start_soon(self._forward_changes, watcher, wake)
+                    if restart:  # what arrived while no watcher ran is found by a rescan
+                        self._rescan = True
+                        try:
+                            wake.send_nowait("rewatch")
+                        except anyio.WouldBlock:
+                            pass
+                    self._watching.set()
+                    task_status.started()
+                    task_status, restart = anyio.TASK_STATUS_IGNORED, True
+                    await self._rewatch.wait()
+                    tg.cancel_scope.cancel()
+        finally:
+            self._watching = None
 
     async def _forward_changes(self, watcher: Watcher, wake: MemoryObjectSendStream[str]) -> None:
         """Watcher batches (minus opus's own writes) wake the loop with the paths to look at."""
