@@ -119,7 +119,7 @@ class PlanGate:
                 )
         job.plan_gate = False
         job.status = check_transition(job.status, Status.QUEUED)
-        await rt.record(job, "plan_approved")
+        await rt.record(job, "plan_approved", answer=True)
         log.info("%s: plan approved (job %s)", job.fr_id, job.id)
 
     async def replan(self, job: Job, feedback: str) -> None:
@@ -141,5 +141,5 @@ class PlanGate:
         )
         job.status = check_transition(job.status, Status.QUEUED)
         job.error = None
-        await rt.record(job, "replan", revision=job.plan_revision)
+        await rt.record(job, "replan", answer=True, revision=job.plan_revision)
         log.info("%s: re-plan (revision %d) (job %s)", job.fr_id, job.plan_revision, job.id)

@@ -132,13 +132,11 @@ class Rounds:
         job.feedback = Feedback(
             iteration=0, reason="rework", message=feedback, round=number, source=trigger.source
         )
-        was = job.status
         if job.status is not Status.IN_PROGRESS:
             job.status = check_transition(job.status, Status.QUEUED)
         job.stage, job.iteration, job.error = Stage.CODER, 1, None
-        await rt.record(job, "round", round=number, source=trigger.source)
-        if was is Status.APPROVED:
-            await rt.mirror(job, answer=True)  # the approval led to this round: say so
+        # the round answers what started it: a person's changes-requested, or approved
+        await rt.record(job, "round", answer=True, round=number, source=trigger.source)
         log.info("%s: round %d (%s) (job %s)", job.fr_id, number, trigger.summary, job.id)
         return job.status
 

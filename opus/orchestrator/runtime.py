@@ -35,8 +35,11 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-#: Statuses a person sets that opus's progress never overwrites in the note.
-RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED})
+#: Statuses a person sets that opus never overwrites in the note with its progress, nor
+#: with a job coming to rest for a person (``review``, ``plan-review``): an approval or a
+#: request for changes made while the job ran is acted on once it rests (SPEC §2.4). Only
+#: the answer to the edit (``answer=True``) replaces it.
+RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED, Status.CHANGES_REQUESTED})
 
 StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
 T = TypeVar("T")
@@ -160,6 +163,7 @@ class Runtime:
         event: str,
         *,
         note: bool = True,
+        answer: bool = False,
         first: Sequence[Callable[[], object]] = (),
         **data: Any,
     ) -> Status | None:
@@ -168,9 +172,12 @@ class Runtime:
         ``record_then``).
 
         Returns the note's status as it was on disk (a person may have changed it), or None
-        when the note was not touched.
+        when the note was not touched. ``answer``: this is opus's answer to the person's
+        status (see ``RESPECT``), which it replaces.
         """
-        on_disk, _ = await self.record_then(job, event, _nothing, note=note, first=first, **data)
+        on_disk, _ = await self.record_then(
+            job, event, _nothing, note=note, answer=answer, first=first, **data
+        )
         return on_disk
 
     async def record_then(
@@ -180,6 +187,7 @@ class Runtime:
         then: Callable[[], T],
         *,
         note: bool = True,
+        answer: bool = False,
         first: Sequence[Callable[[], object]] = (),
         **data: Any,
     ) -> tuple[Status | None, T]:
@@ -190,7 +198,7 @@ class Runtime:
         if job.status in FINISHED and job.finished_at is None:
             job.finished_at = job.updated_at
         sync = event not in UNSYNCED
-        edit = self._changed_note(job) if note else None
+        edit = self._changed_note(job, answer=answer) if note else None
 
         def boundary() -> tuple[Status | None, T]:
             for step in first:
@@ -218,7 +226,9 @@ class Runtime:
         edit = self._changed_note(job)
         return await anyio.to_thread.run_sync(edit) if edit is not None else None
 
-    def _changed_note(self, job: Job) -> Callable[[], Status | None] | None:
+    def _changed_note(
+        self, job: Job, *, answer: bool = False
+    ) -> Callable[[], Status | None] | None:
         """The note write that brings the note up to ``job``, or None if it shows that."""
         shown = (
             job.status,
@@ -231,10 +241,10 @@ class Runtime:
             job.round,
             job.plan_note,
         )
-        if self._mirrored.get(job.id) == shown:
+        if self._mirrored.get(job.id) == shown and not answer:
             return None
         self._mirrored[job.id] = shown  # (forgotten again if the write fails)
-        return self._mirror_edit(job)
+        return self._mirror_edit(job, answer=answer)
 
     async def mirror(self, job: Job, *, answer: bool = False) -> Status | None:
         """Write the job's status into its note's opus keys; a person's control status wins
@@ -257,9 +267,10 @@ class Runtime:
             "updated_at": self.now(),
         }
         path = self.config.root / job.fr_path
-        # progress never overwrites a person's control; a resting status answers it
-        progress = job.status in (Status.QUEUED, Status.IN_PROGRESS) and not answer
-        respect = RESPECT if progress else frozenset()
+        # progress never overwrites a person's control, nor does a rest that waits for one;
+        # an end (done, failed, blocked, …) answers it
+        waits = job.status in (Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW, Status.PLAN_REVIEW)
+        respect = RESPECT if waits and not answer else frozenset()
 
         def edit() -> Status | None:
             try:

@@ -210,6 +210,14 @@ class Scheduler:
                 if run is not None and run.control.stop == "pause":
                     run.control.stop = None  # resumed before the pause took effect
                 await rt.mirror(job)
+            elif job is not None and job.status in (Status.REVIEW, Status.PLAN_REVIEW):
+                # its branch waits for a person: a second job would leave it behind
+                await self._refuse(
+                    job,
+                    f"status planned (or a value opus does not know) on an FR in {job.status}: "
+                    "set changes-requested with feedback for a rework round, or cancelled "
+                    "and then planned for a fresh job",
+                )
             else:
                 await self._claim(fr, "queued")
         elif status is Status.PAUSED:
@@ -218,6 +226,8 @@ class Scheduler:
             elif job is not None and job.status in (Status.QUEUED, Status.IN_PROGRESS):
                 job.status = Status.PAUSED
                 await rt.record(job, "paused")
+            elif job is not None and job.status is not Status.PAUSED:
+                await self._refuse(job, f"paused: the FR is {job.status}, nothing runs to pause")
         elif status is Status.CANCELLED:
             if run is not None:
                 run.control.request("cancel")
@@ -230,15 +240,21 @@ class Scheduler:
             ):
                 await self._end(job, Status.CANCELLED, None, "cancelled")
         elif status is Status.APPROVED:
-            if job is not None and run is None and job.status is Status.PLAN_REVIEW:
+            if job is None or run is not None:
+                pass  # a running job's approval is acted on when it comes to rest
+            elif job.status is Status.PLAN_REVIEW:
                 await self.plans.approve(job)
-            elif job is not None and run is None and _merge_retries(job):
+            elif _merge_retries(job):
                 log.info("%s: approved again: retrying the merge alone (job %s)", fr.id, job.id)
                 await self._approved(job)
-            elif job is not None and job.status in (Status.DONE, Status.BLOCKED) and run is None:
-                await rt.mirror(job)  # merged (or not) before a crash hid it from the note
-            elif job is not None and job.status is Status.REVIEW:
+            elif job.status is Status.REVIEW:
                 await self._approved(job)
+            elif job.status is Status.DONE:
+                await rt.mirror(job)  # merged before a crash hid it from the note
+            elif job.status in FINISHED:
+                await self._refuse(
+                    job, f"approved: the FR is {job.status}; set planned to retry it"
+                )
         elif status is Status.CHANGES_REQUESTED:
             await self._changes_requested(fr, job, run is not None)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
@@ -265,6 +281,12 @@ class Scheduler:
             elif job is not None and job.status is not status and run is None:
                 await rt.mirror(job)
 
+    async def _refuse(self, job: Job, why: str) -> None:
+        """A person's status opus cannot act on: the note shows the job's status again, and
+        the log says why (the job's own ``error``, if any, is kept)."""
+        log.warning("%s: %s", job.fr_id, why)
+        await self.rt.mirror(job, answer=True)
+
     async def _approved(self, job: Job) -> None:
         """Merge an approved job; a branch that no longer merges cleanly gets a round."""
         job.status = check_transition(job.status, Status.APPROVED)
@@ -283,18 +305,19 @@ class Scheduler:
             if fr.feedback is None:
                 job.error = "changes-requested needs a `feedback` text saying what to change"
                 await self.rt.record(job, "feedback_missing", note=False)
-                await self.rt.mirror(job)
+                await self.rt.mirror(job, answer=True)
                 return
             await self.plans.replan(job, fr.feedback)
         elif job.status is Status.REVIEW:
             if fr.feedback is None:
                 job.error = "changes-requested needs a `feedback` text saying what to change"
                 await self.rt.record(job, "feedback_missing", note=False)
-                await self.rt.mirror(job)  # back to review, with the error
+                await self.rt.mirror(job, answer=True)  # back to review, with the error
                 return
             await self.rounds.start(job, Trigger(source="person", feedback=fr.feedback))
-        else:
-            await self.rt.mirror(job)  # nothing to rework: the note shows the job again
+        elif job.status in FINISHED:
+            await self._refuse(job, f"changes-requested: the FR is {job.status}, nothing to rework")
+        # (a job that has yet to come to rest gets its round when it does)
 
     async def _claim(self, fr: FeatureRequest, event: str) -> Job:
         rt = self.rt
@@ -357,13 +380,13 @@ class Scheduler:
         return self.rt.executor_holds(step[0]) if isinstance(step, tuple) else None
 
     def _done(self, fr_id: str, scan: Scan) -> bool:
-        fr = scan.frs.get(fr_id)
-        if fr is not None and fr.status is Status.DONE:
-            return True
+        """Merged: its job says so; a note says ``done`` only for an FR opus never ran
+        (a person's hand-written ``done`` on a job in review is not a merge)."""
         job = self.rt.registry.latest_for(fr_id)
         if job is not None:
             return job.status is Status.DONE
-        return fr_id in self._archived_done()
+        fr = scan.frs.get(fr_id)
+        return (fr is not None and fr.status is Status.DONE) or fr_id in self._archived_done()
 
     def _archived_done(self) -> set[str]:
         """FR ids whose archived job is done (read again only after an archive run)."""

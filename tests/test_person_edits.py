@@ -1,0 +1,141 @@
+"""A person's status edits (SPEC §2.3, §2.4): an edit made while the job runs is acted on
+once the job comes to rest, never overwritten; an edit opus cannot act on is answered (the
+note shows the job again, the log says why), never a second job beside the first."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from opus.orchestrator import StageContext
+from opus.orchestrator.agents.fake import ScriptedAgent, writes
+from opus.orchestrator.config import load_config
+from opus.orchestrator.lifecycle import Status
+from opus.orchestrator.service import Orchestrator
+
+from .conftest import Vault, git
+from .test_cli_basics import meta, opus
+from .test_pipeline_flow import fr, registry
+from .test_rework import set_keys
+
+
+def approving(edit: dict[str, str] | None = None):  # type: ignore[no-untyped-def]
+    """A reviewer that approves; while it runs, a person edits the note (``edit``)."""
+
+    async def review(ctx: StageContext) -> dict[str, Any]:
+        if edit is not None:
+            set_keys(ctx.fr.path, **edit)
+        return {"verdict": "approve", "confidence": 90, "summary": "ok", "issues": []}
+
+    return review
+
+
+def agents(**over: Any) -> dict[str, Any]:
+    found = {s: ScriptedAgent() for s in ("planner", "tester")}
+    return {
+        "coder": ScriptedAgent(writes({"x.txt": "x\n"})),
+        "reviewer": approving(),
+        **found,
+        **over,
+    }
+
+
+@pytest.mark.anyio
+async def test_approved_while_the_reviewer_runs_is_kept_and_merges(vault: Vault) -> None:
+    note = fr(vault, "FR-1")
+    config = load_config(vault.config)
+    async with Orchestrator(config, agents=agents(reviewer=approving({"status": "approved"}))) as o:
+        job = await o.process("FR-1")
+    # the approval was not overwritten by `review`: opus merged once the job rested
+    assert job.status is Status.DONE and meta(note)["status"] == "done"
+    assert git(vault.repo, "show", "main:x.txt") == "x"
+
+
+@pytest.mark.anyio
+async def test_changes_requested_while_the_job_runs_starts_a_round_when_it_rests(
+    vault: Vault,
+) -> None:
+    note = fr(vault, "FR-1")
+    edit = {"status": "changes-requested", "feedback": "Name it y.txt."}
+
+    feedback: list[str | None] = []
+
+    async def coder(ctx: StageContext) -> None:
+        if ctx.round == 1:
+            set_keys(ctx.fr.path, **edit)  # asked while round 1's coder runs
+        feedback.append(ctx.feedback.message if ctx.feedback else None)
+        (ctx.worktree / "x.txt").write_text(f"round {ctx.round}\n")
+
+    config = load_config(vault.config)
+    async with Orchestrator(config, agents=agents(coder=coder)) as o:
+        job = await o.process("FR-1")
+    # the tester's and reviewer's progress and the delivery kept the person's request:
+    # once round 1 rested in review, round 2 ran with the feedback
+    assert (job.status, job.round) == (Status.REVIEW, 2)
+    assert feedback == [None, "Name it y.txt."]
+    m = meta(note)
+    assert (m["status"], m["round"], m["feedback"]) == ("review", 2, "Name it y.txt.")
+    (only,) = registry(vault)
+    assert only["round"] == 2
+    assert git(vault.repo, "show", "opus/fr-1:x.txt") == "round 2"
+
+
+def test_planned_on_an_fr_in_review_starts_no_second_job(
+    vault: Vault, caplog: pytest.LogCaptureFixture
+) -> None:
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "review"
+    for value in ("planned", "approve"):  # `approve`: a typo, read as planned
+        set_keys(note, status=value)
+        code, out = opus(vault, "run", "--once")
+        assert code == 0, out
+        assert meta(note)["status"] == "review"
+        assert "changes-requested with feedback" in out
+    assert len(registry(vault)) == 1
+    assert len(vault.runs("planner")) == 1
+
+
+def test_a_hand_written_done_does_not_release_a_dependant(vault: Vault) -> None:
+    x = fr(vault, "FR-X")
+    assert opus(vault, "run", "--once")[0] == 0
+    y = fr(vault, "FR-Y", extra="depends_on: [FR-X]\n")
+    set_keys(x, status="done")  # not merged: main holds none of FR-X's work
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(y)["status"] == "queued"
+    assert meta(x)["status"] == "review"  # the job says review: the note shows it again
+    assert [c["fr"] for c in vault.runs("planner")] == ["FR-X"]
+
+
+def test_approved_on_a_failed_fr_is_answered_with_its_status(vault: Vault) -> None:
+    vault.script({"FR-1": {"planner": [{"exit": 127}]}})
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    before = meta(note)
+    assert before["status"] == "failed"
+    set_keys(note, status="approved")
+    _, out = opus(vault, "run", "--once")
+    assert meta(note)["status"] == "failed" and meta(note)["error"] == before["error"]
+    assert "approved: the FR is failed; set planned to retry it" in out
+
+
+@pytest.mark.anyio
+async def test_the_coder_of_an_approved_plan_runs_with_the_note_saying_in_progress(
+    vault: Vault,
+) -> None:
+    vault.write_config(approval="plan = true")
+    note = fr(vault, "FR-1")
+    shown: list[dict[str, Any]] = []
+
+    async def coder(ctx: StageContext) -> None:
+        shown.append(meta(note))
+        (ctx.worktree / "x.txt").write_text("x\n")
+
+    async with Orchestrator(load_config(vault.config), agents=agents(coder=coder)) as o:
+        await o.process("FR-1")
+        assert meta(note)["status"] == "plan-review"
+        set_keys(note, status="approved")
+        await o.run_once()
+    assert [(m["status"], m["stage"]) for m in shown] == [("in-progress", "coder")]
+    assert meta(note)["status"] == "review"
