@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -70,6 +72,13 @@ def test_relative_paths_resolve_against_the_files_folder(tmp_path: Path) -> None
          "kind = 'openai' does not use `env`, `network`"),
         ('[repos.app]\npath = "a"\n[agents.ideator]\nkind = "python"\ncallable = "m:f"\n'
          'max_tokens = 9\n', "agents.ideator", "kind = 'python' does not use `max_tokens`"),
+        # plan notes in the planned folder would each be a new FR, without end
+        ('[repos.app]\npath = "a"\n[vault]\nplans = "10_features/03_planned"\n', "vault",
+         "plans: must be a folder outside the planned folder"),
+        ('[repos.app]\npath = "a"\n[vault]\nplanned = "p"\nplans = "p/plans"\n', "vault",
+         "outside the planned folder"),
+        ('[repos.app]\npath = "a"\nbranch_prefix = "my work/"\n', "repos.app.branch_prefix",
+         "does not start a git branch name"),
     ],
 )  # fmt: skip
 def test_a_bad_file_names_the_key_and_the_file(
@@ -115,3 +124,21 @@ env = { SERVICE_TOKEN = "tok-in-the-file", MODE = "fast" }
     assert sorted(config.secrets(environ)) == sorted(
         ["ghp-1234", "sk-5678", "ak-9", "tok-in-the-file"]
     )
+
+
+@pytest.mark.parametrize(
+    "prefix",
+    ["opus/", "feature-", "a.b/", "my work/", "x..", "-x", "a/.b/", "w.lock/", "a//", "q?", "t~",
+     "c:", "@{", "tab\t", "back\\", "ok_1/", "é/"],
+)  # fmt: skip
+def test_branch_prefix_is_checked_as_git_checks_a_branch_name(tmp_path: Path, prefix: str) -> None:
+    """The prefix is refused exactly when git refuses ``<prefix>fr-1`` as a branch."""
+    git = subprocess.run(["git", "check-ref-format", "--branch", f"{prefix}fr-1"], check=False)
+    path = write(tmp_path, f'[repos.app]\npath = "a"\nbranch_prefix = {json.dumps(prefix)}\n')
+    try:
+        load_config(path)
+        refused = False
+    except ConfigError as e:
+        assert e.key == "repos.app.branch_prefix"
+        refused = True
+    assert refused == (git.returncode != 0)

@@ -310,6 +310,25 @@ def test_a_dependency_that_cannot_come_is_named_in_the_note(vault: Vault) -> Non
     assert "error" not in meta(after_failed)
 
 
+def test_a_dependency_cycle_is_named_in_the_notes_and_by_validate(vault: Vault) -> None:
+    a = fr(vault, "FR-A", extra="depends_on: [FR-B]\n")
+    b = fr(vault, "FR-B", extra="depends_on: [FR-C]\n")
+    c = fr(vault, "FR-C", extra="depends_on: [FR-A]\n")
+    after = fr(vault, "FR-D", extra="depends_on: [FR-A]\n")  # waits on the cycle, not in it
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(a)["error"] == (
+        "depends_on: a cycle, each waits for the next: FR-A → FR-B → FR-C → FR-A"
+    )
+    assert meta(b)["error"].endswith("FR-B → FR-C → FR-A → FR-B")
+    assert meta(c)["status"] == "queued" and "cycle" in meta(c)["error"]
+    assert meta(after)["status"] == "queued" and "error" not in meta(after)
+    assert vault.runs("planner") == []
+    code, out = opus(vault, "validate")
+    assert code == 1, out
+    assert "FR-A.md: depends_on: a cycle: FR-A → FR-B → FR-C → FR-A" in out
+
+
 def test_a_queued_fr_follows_a_new_priority(vault: Vault) -> None:
     vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
     vault.script({"FR-1": {"planner": [{"exit": 1}]}})

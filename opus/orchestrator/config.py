@@ -6,7 +6,7 @@ import os
 import re
 import tomllib
 from collections.abc import Mapping
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -43,6 +43,14 @@ class VaultSection(_Section):
     plans: str = "10_features/05_plans"
     """Folder of plan notes (SPEC §16); "" turns plan notes off."""
 
+    @model_validator(mode="after")
+    def _plans_apart(self) -> VaultSection:
+        # a plan note in the planned folder would be an FR: each plan a new pipeline
+        plans, planned = PurePosixPath(self.plans), PurePosixPath(self.planned)
+        if self.plans and (plans == planned or planned in plans.parents):
+            raise ValueError("plans: must be a folder outside the planned folder")
+        return self
+
 
 class StateSection(_Section):
     dir: str = ".opus"
@@ -53,6 +61,27 @@ class RepoSection(_Section):
     path: Path
     base: str = "main"
     branch_prefix: str = "opus/"
+
+    @field_validator("branch_prefix")
+    @classmethod
+    def _a_ref_prefix(cls, value: str) -> str:
+        problem = _ref_problem(value + "x")
+        if problem:
+            raise ValueError(f"{value!r} does not start a git branch name: {problem}")
+        return value
+
+
+def _ref_problem(name: str) -> str | None:
+    """Why ``name`` is not a branch name git takes (``git check-ref-format --branch``)."""
+    if any(c in name for c in " ~^:?*[\\") or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return "no spaces, control characters or any of ~ ^ : ? * [ \\"
+    if ".." in name or "@{" in name or "//" in name:
+        return "no '..', '@{' or '//'"
+    if name.startswith(("-", "/")):
+        return "it cannot start with '-' or '/'"
+    if any(part.startswith(".") or part.endswith(".lock") for part in name.split("/")):
+        return "no part may start with '.' or end with '.lock'"
+    return None
 
 
 class PollingSection(_Section):

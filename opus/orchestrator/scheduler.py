@@ -19,7 +19,7 @@ from .pr_feedback import github_trigger
 from .reactions import Rounds, Trigger
 from .runtime import Control, Runtime
 from .supervisor import kill_group
-from .vault import Scan
+from .vault import Scan, dependency_cycle
 
 log = logging.getLogger(__name__)
 
@@ -403,7 +403,9 @@ class Scheduler:
             if job.status is not Status.QUEUED or job.id in self.running or fr is None:
                 continue
             why = None
-            for dep in fr.depends_on:
+            if (cycle := dependency_cycle(fr.id, scan.frs)) is not None:
+                why = "depends_on: a cycle, each waits for the next: " + " → ".join(cycle)
+            for dep in () if why else fr.depends_on:
                 if dep == fr.id:
                     why = "depends_on: an FR cannot depend on itself"
                 elif (

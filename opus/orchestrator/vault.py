@@ -448,6 +448,29 @@ def _dedupe(
 # --- mapping a note to a FeatureRequest --------------------------------------------------------
 
 
+def dependency_cycle(fr_id: str, frs: Mapping[str, FeatureRequest]) -> list[str] | None:
+    """The ``depends_on`` cycle through ``fr_id`` as ids (first id last again), if any: such
+    FRs would wait for each other for ever. (An FR depending on itself is its own problem.)"""
+    path: list[str] = []
+    seen: set[str] = set()
+
+    def walk(at: str) -> list[str] | None:
+        fr = frs.get(at)
+        if fr is None or at in seen:
+            return None
+        seen.add(at)
+        path.append(at)
+        for dep in fr.depends_on:
+            if dep == fr_id and at != fr_id:
+                return [*path, dep]
+            if dep != at and (found := walk(dep)) is not None:
+                return found
+        path.pop()
+        return None
+
+    return walk(fr_id)
+
+
 def read_status(value: object) -> Status | None:
     """A note's status: missing → None; a person's unknown value (``draft``) → planned."""
     if isinstance(value, str):

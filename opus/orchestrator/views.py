@@ -20,7 +20,7 @@ from .config import Config
 from .errors import NoteError, OpusError
 from .lifecycle import Stage, Status
 from .models import Job, Priority
-from .vault import Vault
+from .vault import Vault, dependency_cycle
 
 if TYPE_CHECKING:
     from .rollups import Figures
@@ -496,6 +496,8 @@ def validate(config: Config, environ: Mapping[str, str] | None = None) -> list[s
                 problems.append(f"{fr.path}: depends_on: no FR with id {dep!r} in the vault")
             if dep == fr.id:
                 problems.append(f"{fr.path}: depends_on: an FR cannot depend on itself")
+        if (cycle := dependency_cycle(fr.id, scan.frs)) is not None:
+            problems.append(f"{fr.path}: depends_on: a cycle: {' → '.join(cycle)}")
     return list(dict.fromkeys(problems))
 
 
