@@ -51,7 +51,9 @@ class FakeGitHub:
     lock: threading.Lock = field(default_factory=threading.Lock)
     url: str = ""
     fail_create: int | None = None
-    """When set, POST …/pulls answers this status."""
+    """When set, POST …/pulls answers this status ..."""
+    fail_times: int | None = None
+    """... this many times (None: every time)."""
 
     def add(self, head: str, **fields: Any) -> dict[str, Any]:
         number = len(self.prs) + 1
@@ -74,7 +76,10 @@ class FakeGitHub:
         with self.lock:
             self.seen.append(seen)
             path, query = seen.path, parse_qs(urlsplit(seen.target).query)
-            if seen.method == "POST" and path == PULLS and self.fail_create:
+            failing = self.fail_create and (self.fail_times is None or self.fail_times > 0)
+            if seen.method == "POST" and path == PULLS and failing:
+                if self.fail_times is not None:
+                    self.fail_times -= 1
                 return self.fail_create, {"message": "Server Error"}
             if seen.method == "POST" and path == PULLS:
                 data = json.loads(seen.body)
@@ -107,6 +112,8 @@ class FakeGitHub:
                     pr.update(json.loads(seen.body))
                     return 200, pr
                 if seen.method == "PUT" and match.group(2):
+                    if pr["state"] != "open":  # as GitHub answers for a merged or closed PR
+                        return 405, {"message": "Pull Request is not mergeable"}
                     pr.update(state="closed", merged=True)
                     return 200, {"merged": True, "message": "Pull Request successfully merged"}
             return 404, {"message": "Not Found"}
@@ -305,13 +312,24 @@ async def test_auto_approval_merges_the_new_pr_at_once(gh_vault: Vault, github: 
     assert meta(note)["pr_url"] == "https://github.example/acme/app/pull/1"
 
 
+@pytest.fixture
+def quick_retries(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GitHub's backoff in milliseconds instead of seconds (the schedule is unchanged)."""
+    import opus.orchestrator.delivery as delivery
+
+    monkeypatch.setattr(delivery, "RETRY_BASE", 0.01)
+
+
 @pytest.mark.anyio
+@pytest.mark.usefixtures("quick_retries")
 async def test_an_api_failure_fails_the_fr_with_a_clean_error(
     gh_vault: Vault, github: FakeGitHub, remote: Path
 ) -> None:
     github.fail_create = 502
     note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
     assert (await run_once(gh_vault)).statuses == {"FR-1": "failed"}
+    retries = load_config(gh_vault.config).pipeline.retries
+    assert len(github.requests("POST", PULLS)) == 1 + retries  # SPEC §3.2: retried
     data = meta(note)
     assert "delivery failed" in data["error"] and "502" in data["error"]
     assert TOKEN not in note.read_text()
@@ -413,3 +431,71 @@ async def test_a_pr_github_cannot_merge_gets_a_conflict_round_while_in_review(
     assert read_json(Path(coder["feedback"]))["source"] == "conflict"
     assert git(remote, "show", "opus/fr-1:shared.txt") == "upstream was here\nFR-1 was here"
     assert github.requests("PUT") == []  # a person still approves or merges it
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_passing_api_failure_is_retried_and_the_pr_opened(
+    gh_vault: Vault, github: FakeGitHub
+) -> None:
+    github.fail_create, github.fail_times = 502, 1
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    assert len(github.requests("POST", PULLS)) == 2
+    assert meta(note)["pr_url"] == "https://github.example/acme/app/pull/1"
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_retry_after_a_delivery_replaces_its_own_earlier_push(
+    gh_vault: Vault, github: FakeGitHub, remote: Path
+) -> None:
+    """SPEC §7: a retry reuses the branch name, reset to the base. Its push replaces the
+    earlier job's branch on the remote (it was a non-fast-forward, refused for ever)."""
+    github.fail_create = 502
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "failed"}
+    first = git(remote, "rev-parse", "refs/heads/opus/fr-1")
+    github.fail_create = None
+    (gh_vault.repo / "base.txt").write_text("the base moved on\n")  # the retry's commit differs
+    git(gh_vault.repo, "add", "base.txt")
+    git(gh_vault.repo, "commit", "-qm", "base moves")
+    set_status(note, "planned")
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}, meta(note)
+    second = git(remote, "rev-parse", "refs/heads/opus/fr-1")
+    assert second != first
+    assert second == git(gh_vault.repo, "rev-parse", "refs/heads/opus/fr-1")
+    assert meta(note)["branch"] == "opus/fr-1"
+
+
+@pytest.mark.anyio
+@pytest.mark.usefixtures("quick_retries")
+async def test_a_retry_never_replaces_commits_someone_else_pushed(
+    gh_vault: Vault, github: FakeGitHub, remote: Path, tmp_path: Path
+) -> None:
+    github.fail_create = 502
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "failed"}
+    # a colleague adds a commit to the branch on the remote
+    other = tmp_path / "colleague"
+    git(tmp_path, "clone", "-q", "-b", "opus/fr-1", str(remote), str(other))
+    (other / "theirs.txt").write_text("mine\n")
+    git(other, "add", "theirs.txt")
+    git(other, "-c", "user.name=C", "-c", "user.email=c@x", "commit", "-qm", "theirs")
+    git(other, "push", "-q", "origin", "opus/fr-1")
+    theirs = git(remote, "rev-parse", "refs/heads/opus/fr-1")
+    github.fail_create = None
+    set_status(note, "planned")
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "failed"}
+    assert "delivery failed" in meta(note)["error"]
+    assert git(remote, "rev-parse", "refs/heads/opus/fr-1") == theirs  # kept
+
+
+@pytest.mark.anyio
+async def test_approved_on_a_pr_merged_by_hand_is_done(gh_vault: Vault, github: FakeGitHub) -> None:
+    note = gh_vault.note("FR-1.md", NOTE.format(id="FR-1"))
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "review"}
+    github.prs[1].update(state="closed", merged=True)  # merged on GitHub ...
+    set_status(note, "approved")  # ... and approved in the note before opus looked
+    assert (await run_once(gh_vault)).statuses == {"FR-1": "done"}
+    assert meta(note)["status"] == "done"

@@ -418,3 +418,29 @@ async def test_a_rate_limit_backs_off_until_reset(vault: Vault, github: FakeGitH
         await orch.run_once()
     assert registry_job(vault)["round"] == 2
     assert "Rename it." in coder_feedback(vault, 2)
+
+
+@pytest.mark.anyio
+async def test_a_comment_posted_while_a_round_works_starts_the_next_round(
+    vault: Vault, github: FakeGitHub
+) -> None:
+    """SPEC §15: comments "posted since the last delivery" — one posted while round 2's coder
+    worked (before round 2 delivered) is not lost: it starts round 3."""
+    configure(vault, github)
+    vault.script({"FR-1": {"coder@2": [{"sleep": 2.05, "write": {"r2.txt": "two\n"}}]}})
+    await to_review(vault)
+    github.review("CHANGES_REQUESTED", "Please rename it.")
+    async with orchestrator(vault) as orch:
+        assert (await orch.run_once()).statuses == {"FR-1": "review"}
+    job = registry_job(vault)
+    assert job["round"] == 2
+    started = datetime.fromisoformat(job["rounds"][-1]["started_at"]).astimezone(UTC)
+    delivered = datetime.fromisoformat(job["history"][-1]["started_at"]).astimezone(UTC)
+    # a whole second after round 2 began, before its delivery (GitHub's times have seconds)
+    during = started.replace(microsecond=0) + timedelta(seconds=1)
+    assert during < delivered.replace(microsecond=0)
+    github.comment("While you were at it: keep the old name as an alias.", at=stamp(during))
+    async with orchestrator(vault) as orch:
+        assert (await orch.run_once()).statuses == {"FR-1": "review"}
+    assert registry_job(vault)["round"] == 3
+    assert "keep the old name as an alias" in coder_feedback(vault, 3)

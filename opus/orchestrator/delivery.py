@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping
+import random
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import anyio
 
 from .config import Config
 from .errors import DeliveryError, MergeConflict, WorkspaceError
-from .github import GitHub
-from .lifecycle import Outcome, Stage, Status
+from .github import GitHub, GitHubError, RateLimited
+from .lifecycle import FINISHED, Outcome, Stage, Status
 from .models import FeatureRequest, Job, Verdict
 from .reactions import artifact_tag
 
@@ -21,6 +22,10 @@ if TYPE_CHECKING:
     from .runtime import Runtime
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+RETRY_BASE, RETRY_MAX = 1.0, 30.0
+"""Seconds of the first wait before a GitHub request is sent again, and the longest."""
 
 
 def auto_approves(config: Config, fr: FeatureRequest, confidence: int | None) -> bool:
@@ -123,17 +128,25 @@ class Delivery:
             token = rt.environ.get(d.token_env)
             # a rebased branch (a conflict round with update = "rebase") replaces the old one
             force = job.round > 1 and rt.config.reactions.update == "rebase"
-            await anyio.to_thread.run_sync(
-                lambda: ws.push(worktree, job.branch, d.remote, token, force=force)
-            )
+            earlier = self._earlier_commits(job) if job.pr_number is None else set()
+
+            def push() -> None:
+                # a retry's branch was reset to the base: it replaces an earlier job's push,
+                # never commits someone else pushed (then git refuses, and says so)
+                there = ws.remote_head(job.branch, d.remote, token) if earlier else None
+                replaces = there if there in earlier else None
+                ws.push(worktree, job.branch, d.remote, token, force=force, replaces=replaces)
+
+            await anyio.to_thread.run_sync(push)
             base = rt.config.repos[job.repo].base
-            async with self._github() as gh:
-                if job.pr_number is not None:  # a rework round: the same PR, updated
-                    pr = await gh.update_pr(job.pr_number, body=body)
-                else:
-                    pr = await gh.open_pr(
-                        head=job.branch, base=base, title=f"{fr.id}: {fr.title}", body=body
-                    )
+            if job.pr_number is not None:  # a rework round: the same PR, updated
+                number = job.pr_number
+                pr = await self._github_call(lambda gh: gh.update_pr(number, body=body))
+            else:  # (a retry's PR still open for the branch is found, not opened twice)
+                title = f"{fr.id}: {fr.title}"
+                pr = await self._github_call(
+                    lambda gh: gh.open_pr(head=job.branch, base=base, title=title, body=body)
+                )
             job.pr_url, job.pr_number = pr.url, pr.number
             log.info("%s: delivered %s", job.fr_id, pr.url)
         if auto_approves(rt.config, fr, job.confidence):
@@ -145,8 +158,15 @@ class Delivery:
         rt = self.rt
         try:
             if rt.config.delivery.kind == "github" and job.pr_number is not None:
-                async with self._github() as gh:
-                    await gh.merge_pr(job.pr_number)
+                number = job.pr_number
+                try:
+                    await self._github_call(lambda gh: gh.merge_pr(number))
+                except GitHubError as e:
+                    # "not mergeable" for a PR a person merged meanwhile: it is done
+                    pr = await self._github_call(lambda gh: gh.pr_state(number))
+                    if not pr.merged:
+                        raise
+                    log.info("%s: PR #%d was merged on GitHub (%s)", job.fr_id, number, e)
             else:
                 message = f"opus: merge {job.branch} ({job.fr_id}: {job.title})"
                 await anyio.to_thread.run_sync(rt.workspace(job).merge, job.branch, message)
@@ -156,6 +176,35 @@ class Delivery:
             return Status.BLOCKED, f"could not merge: {e}"
         log.info("%s: merged %s", job.fr_id, job.branch)
         return Status.DONE, None
+
+    def _earlier_commits(self, job: Job) -> set[str]:
+        """Commits of the FR's earlier, finished jobs (what a retry's push may replace)."""
+        return {
+            cp.commit
+            for j in self.rt.registry.jobs()
+            if j.fr_id == job.fr_id and j.id != job.id and j.status in FINISHED
+            for cp in j.history
+            if cp.commit
+        }
+
+    async def _github_call(self, call: Callable[[GitHub], Awaitable[T]]) -> T:
+        """One GitHub request, retried with exponential backoff and jitter on a transient
+        failure (HTTP 5xx, a network error: SPEC §3.2) up to ``retries`` times. A rate
+        limit is not waited out here: it fails the call, saying when it lifts."""
+        retries, n = self.rt.config.pipeline.retries, 1
+        while True:
+            try:
+                async with self._github() as gh:
+                    return await call(gh)
+            except RateLimited:
+                raise
+            except GitHubError as e:
+                if not e.retryable or n > retries:
+                    raise
+                delay = min(RETRY_MAX, RETRY_BASE * 2.0 ** (n - 1)) * (0.5 + random.random())
+                log.warning("%s; retrying in %.1f s (%d of %d)", e, delay, n, retries)
+                await anyio.sleep(delay)
+                n += 1
 
     async def merged_branches(self, jobs: Iterable[Job]) -> dict[str, frozenset[str]]:
         """For local delivery: the merged branches of each repository ``jobs`` are in (one

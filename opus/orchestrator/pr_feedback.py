@@ -55,6 +55,17 @@ def last_delivery(job: Job) -> datetime | None:
     return None
 
 
+def reactions_since(job: Job) -> datetime | None:
+    """What counts as new on the PR: posted after the last trigger was read (the current
+    round's start: what was posted while it worked is for the next round), or after the
+    first delivery. None while nothing was delivered. (What a trigger took is known by
+    its key and never taken twice.)"""
+    delivered = last_delivery(job)
+    if delivered is None:
+        return None
+    return min(job.rounds[-1].started_at, delivered) if job.rounds else delivered
+
+
 async def github_trigger(rt: Runtime, job: Job) -> Trigger | None:
     """The new reviews, comments and failing checks on the job's PR as one trigger, or None
     (nothing new, reactions off, not a GitHub PR, or waiting out a rate limit)."""
@@ -63,7 +74,7 @@ async def github_trigger(rt: Runtime, job: Job) -> Trigger | None:
         return None
     if not (reactions.github or reactions.ci):
         return None
-    since = last_delivery(job)
+    since = reactions_since(job)
     if since is None:
         return None
     try:

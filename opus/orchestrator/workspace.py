@@ -346,20 +346,49 @@ class Workspace:
         return new
 
     def push(
-        self, path: Path, branch: str, remote: str, token: str | None, *, force: bool = False
+        self,
+        path: Path,
+        branch: str,
+        remote: str,
+        token: str | None,
+        *,
+        force: bool = False,
+        replaces: str | None = None,
     ) -> None:
         """Push ``branch`` to ``remote``; a token travels in git's environment config only.
-        ``force``: the branch was rewritten (``--force-with-lease``)."""
+        ``force``: the branch was rewritten (``--force-with-lease``). ``replaces``: the commit
+        the remote branch must be at to be replaced (an earlier job's, the branch reset for
+        a retry), and nothing else."""
         env, hidden = _auth(token)
-        refspec = f"refs/heads/{branch}:refs/heads/{branch}"
+        ref = f"refs/heads/{branch}"
+        lease = (
+            [f"--force-with-lease={ref}:{replaces}"]
+            if replaces
+            else ["--force-with-lease"]
+            if force
+            else []
+        )
         self._call(
             path,
-            ["push", "--no-verify", *(["--force-with-lease"] if force else []), remote, refspec],
+            ["push", "--no-verify", *lease, remote, f"{ref}:{ref}"],
             env=env,
             hidden=hidden,
             timeout=PUSH_TIMEOUT,
         )
         log.info("pushed %s to %s", branch, remote)
+
+    def remote_head(self, branch: str, remote: str, token: str | None) -> str | None:
+        """The commit ``branch`` is at on ``remote`` (None: the remote has no such branch)."""
+        env, hidden = _auth(token)
+        ref = f"refs/heads/{branch}"
+        _, out = self._call(
+            self.repo_path, ["ls-remote", remote, ref], env=env, hidden=hidden, timeout=PUSH_TIMEOUT
+        )
+        for line in _text(out).splitlines():
+            sha, _, name = line.partition("\t")
+            if name == ref:
+                return sha
+        return None
 
     # -- internals --------------------------------------------------------------------------
 
