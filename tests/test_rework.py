@@ -59,9 +59,9 @@ def test_a_persons_feedback_runs_a_round_on_the_same_branch(vault: Vault) -> Non
         assert (folder / name).exists(), name
     assert (folder / "review-r2-1.json").exists()
     assert "round 2 · iteration 1 · reviewer: ok" in (folder / "pr.md").read_text()
-    # the same branch, one commit per round
+    # the same branch, one commit per round, each saying which
     assert git(vault.repo, "log", "--format=%s", "main..opus/fr-1").splitlines() == [
-        "opus(FR-1): coder, iteration 1",
+        "opus(FR-1): coder, round 2, iteration 1",
         "opus(FR-1): coder, iteration 1",
     ]
     assert git(vault.repo, "show", "opus/fr-1:FR-1.txt") == "change of round 2, iteration 1"

@@ -20,7 +20,14 @@ import anyio
 from . import prompts
 from .agents.base import StageContext, StageResult
 from .delivery import Delivery, auto_approves
-from .errors import AgentError, AgentStalled, ConflictMarkers, OpusError, WorkspaceError
+from .errors import (
+    AgentError,
+    AgentOutputError,
+    AgentStalled,
+    ConflictMarkers,
+    OpusError,
+    WorkspaceError,
+)
 from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
 from .models import Checkpoint, FeatureRequest, Feedback, Job, Usage
 from .plans import PlanGate
@@ -288,7 +295,13 @@ class Pipeline:
             if stage is Stage.CODER:  # a conflict round: the base comes in first
                 await self.rounds.prepare_coder(job, self.worktree, head)
             try:
-                return await agent.run(ctx)
+                result = await agent.run(ctx)
+                if stage is Stage.PLANNER and not (result.output or "").strip():
+                    # as a reviewer without a verdict: a failed attempt, never an empty plan
+                    empty = AgentOutputError("planner gave no plan (no output file, no output)")
+                    empty.usage = result.usage
+                    raise empty
+                return result
             except AgentError as e:
                 failed = failed + (e.usage or Usage())
                 if isinstance(e, AgentStalled):
@@ -441,10 +454,13 @@ class Pipeline:
                     iteration,
                     f"The coder's change could not be applied: {result.output}",
                 )
-            message = f"opus({job.fr_id}): coder, iteration {iteration}"
+            where = f"round {job.round}, iteration {iteration}" if job.round > 1 else None
+            message = f"opus({job.fr_id}): coder, {where or f'iteration {iteration}'}"
             try:
                 commit = await anyio.to_thread.run_sync(
-                    lambda: rt.workspace(job).commit_all(self.worktree, message, since=head_before)
+                    lambda: rt.workspace(job).commit_all(
+                        self.worktree, message, since=head_before, branch=job.branch
+                    )
                 )
             except ConflictMarkers as e:
                 return await self._coder_rejected(

@@ -217,13 +217,17 @@ class Workspace:
         found = read_head(path)
         return found or self._git(path, "rev-parse", "--verify", "HEAD^{commit}")
 
-    def commit_all(self, path: Path, message: str, *, since: str) -> str | None:
+    def commit_all(
+        self, path: Path, message: str, *, since: str, branch: str | None = None
+    ) -> str | None:
         """Stage everything and commit it if anything is staged (a merge in progress is
         concluded by it).
 
         Returns HEAD when it differs from ``since`` (opus's commit or the agent's own),
         else None: nothing changed. Raises ``ConflictMarkers`` (and commits nothing) when a
-        changed file still holds git's conflict markers.
+        changed file still holds git's conflict markers. ``branch``: the job's branch; an
+        agent that switched to another branch (or detached HEAD) has its work moved onto
+        it, and the worktree back on it — what is delivered is what was judged.
         """
         self._git(path, "add", "-A")
         # one diff for both questions: the index against ``since`` holds what is staged and
@@ -244,7 +248,18 @@ class Workspace:
             head = self.head(path)
         else:
             head = before
+        if branch is not None and self._head_ref(path) != f"refs/heads/{branch}":
+            log.warning("%s: the agent left branch %s; its work is moved onto it", path, branch)
+            self._git(path, "checkout", "-q", "-B", branch, head)
         return head if head != since else None
+
+    def _head_ref(self, path: Path) -> str | None:
+        """The branch ref the worktree's HEAD is on (None: detached)."""
+        found = read_head_ref(path)
+        if found is not None:
+            return found or None
+        _, out = self._call(path, ["symbolic-ref", "-q", "HEAD"], ok=(0, 1))
+        return _text(out).strip() or None
 
     def reset(self, path: Path, commit: str) -> None:
         """Discard work after ``commit``: ``reset --hard``, ``clean -fd`` (ignored files stay)."""
@@ -580,6 +595,21 @@ def read_head(worktree: Path) -> str | None:
     if not head.startswith("ref: refs/"):
         return None
     return _resolve(gitdir, head.removeprefix("ref: "))
+
+
+def read_head_ref(worktree: Path) -> str | None:
+    """The ref a worktree's HEAD is on, from git's files: ``refs/heads/…``, "" when HEAD is
+    detached, None when the files do not say (``git symbolic-ref`` answers then)."""
+    gitdir = _gitdir(worktree)
+    if gitdir is None:
+        return None
+    try:
+        head = (gitdir / "HEAD").read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        return None
+    if _SHA.fullmatch(head):
+        return ""
+    return head.removeprefix("ref: ") if head.startswith("ref: refs/") else None
 
 
 def read_ref(repo: Path, ref: str) -> str | None:

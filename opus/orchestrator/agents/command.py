@@ -362,8 +362,13 @@ class CommandAgent:
         if self.stage is Stage.PLANNER:
             plan = file_text if file_text.strip() else reply.text
             if isinstance(file_json, dict):
+                # {"plan": …} or {"output": …} holds the plan; {"usage": …} alone, none (the
+                # answer is on stdout); any other JSON the agent wrote is its plan, as it is
                 given = file_json.get("plan", file_json.get("output"))
-                plan = given if isinstance(given, str) and given.strip() else reply.text
+                if isinstance(given, str) and given.strip():
+                    plan = given
+                elif set(file_json) <= {"usage", "plan", "output"}:
+                    plan = reply.text
             return StageResult(output=plan, usage=usage)
         if self.stage is Stage.REVIEWER:
             try:
