@@ -191,7 +191,7 @@ def test_conflict_markers_are_never_committed(vault: Vault) -> None:
     assert feedback["reason"] == "conflict_markers"
     assert "conflict markers left in: shared.txt" in feedback["message"]
     log = git(vault.repo, "log", "--format=%s", "main..opus/fr-2").splitlines()
-    assert log[0] == "opus(FR-2): coder, iteration 2"  # iteration 1 committed nothing
+    assert log[0] == "opus(FR-2): coder, round 2, iteration 2"  # iteration 1 committed nothing
     for rev in git(vault.repo, "rev-list", "main..opus/fr-2").split():
         assert "<<<<<<<" not in git(vault.repo, "show", f"{rev}:shared.txt")
     assert git(vault.repo, "show", "opus/fr-2:shared.txt") == "both"

@@ -85,8 +85,9 @@ def main() -> int:
         output.write_text(
             json.dumps({**step["verdict"], **({"usage": step["usage"]} if "usage" in step else {})})
         )
-    elif "usage" in step:
-        output.write_text(json.dumps({"usage": step["usage"]}))
+    elif "usage" in step:  # with the answer, if any (SPEC §5.2's envelope)
+        answer = {"output": step["output"]} if "output" in step else {}
+        output.write_text(json.dumps({**answer, "usage": step["usage"]}))
     if "stdout" in step:
         print(step["stdout"])
     record("end")
