@@ -127,3 +127,35 @@ def test_health_line_says_why_remote_stages_wait(tmp_path: Path) -> None:
                  executor="Ray cluster unreachable at h:1")  # fmt: skip
     ok, line = check_health(path, now=now, max_age=60)
     assert ok and line.endswith("remote stages wait: Ray cluster unreachable at h:1")
+
+
+def test_landed_artifacts_are_private_and_never_overwrite_the_jobs_files(tmp_path: Path) -> None:
+    """A remote agent's ``$OPUS_ARTIFACTS`` comes home beside the job's files: the job's own
+    (its events, plan, prompts) are never replaced, and names that are not plain file
+    names are dropped (SPEC §8, §17)."""
+    from opus.orchestrator.agents.remote import land_artifacts
+    from opus.orchestrator.lifecycle import Stage
+
+    from .test_agent_edge_cases import make_ctx
+
+    ctx = make_ctx(tmp_path, Stage.CODER)
+    (ctx.artifacts / "events.jsonl").write_text('{"event": "claimed"}\n')
+    (ctx.artifacts / "plan.md").write_text("# Plan\n")
+    landed = land_artifacts(
+        ctx,
+        {
+            "events.jsonl": b"HIJACKED",
+            "plan.md": b"HIJACKED",
+            "../../escape.txt": b"x",
+            "..": b"x",
+            "coder-notes.txt": b"notes",
+        },
+    )
+    assert landed == ["coder-notes.txt"]
+    assert (ctx.artifacts / "events.jsonl").read_text() == '{"event": "claimed"}\n'
+    assert (ctx.artifacts / "plan.md").read_text() == "# Plan\n"
+    assert (
+        not (tmp_path / "escape.txt").exists() and not (tmp_path / "state" / "escape.txt").exists()
+    )
+    notes = ctx.artifacts / "coder-notes.txt"
+    assert notes.read_bytes() == b"notes" and notes.stat().st_mode & 0o777 == 0o600

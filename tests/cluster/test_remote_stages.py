@@ -276,6 +276,11 @@ def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) 
         "except OSError:\n    seen = 'hidden'\n"
         "pathlib.Path('vault-was.txt').write_text(seen)\n"
         "pathlib.Path('pid-ns.txt').write_text(str(os.getpid()))\n"
+        # the job's own files, by name: on the node there is nothing there to protect
+        "arts = pathlib.Path(os.environ['OPUS_ARTIFACTS'])\n"
+        "for name in ('events.jsonl', 'plan.md', 'prompt-planner-1.md'):\n"
+        "    (arts / name).write_text('HIJACKED')\n"
+        "(arts / 'coder-notes.txt').write_text('my notes')\n"
     )
     paths = json.dumps([str(vault.calls_file.parent / "calls")])
     (vault.calls_file.parent / "calls").mkdir()
@@ -292,6 +297,15 @@ def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) 
     # on the node, bubblewrap hid the head's vault (this machine is both) and gave a PID ns
     assert git(vault.repo, "show", f"{job.branch}:vault-was.txt") == "hidden"
     assert int(git(vault.repo, "show", f"{job.branch}:pid-ns.txt")) < 10
+    # what the agent left in $OPUS_ARTIFACTS came home, private, overwriting none of the
+    # job's own files (SPEC §8, §17)
+    folder = vault.state / "jobs" / job.id
+    for name in ("events.jsonl", "plan.md", "prompt-planner-1.md"):
+        assert "HIJACKED" not in (folder / name).read_text(), name
+    assert (folder / "coder-notes.txt").read_text() == "my notes"
+    for name in ("coder-notes.txt", "coder-1.log", "output-coder-1"):
+        if (folder / name).exists():
+            assert (folder / name).stat().st_mode & 0o777 == 0o600, name
     # the worker (a subreaper) reaped the sandbox's exited init itself: no REAP_TIMEOUT wait
     coder = next(cp for cp in job.history if cp.stage.value == "coder")
     assert (coder.finished_at - coder.started_at).total_seconds() < REAP_TIMEOUT

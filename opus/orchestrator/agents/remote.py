@@ -457,7 +457,7 @@ class RemoteAgent:
     async def _follow(self, running: Any, ctx: StageContext) -> RemoteOutcome:
         """Read the stage's items until its outcome, appending log chunks to the head's log."""
         outcome: RemoteOutcome | None = None
-        out = await anyio.to_thread.run_sync(open, ctx.log_file, "wb")
+        out = await anyio.to_thread.run_sync(_open_private, ctx.log_file)
         with out, anyio.fail_after(ctx.timeout + ANSWER_MARGIN):
             while True:
                 try:
@@ -476,10 +476,10 @@ class RemoteAgent:
 
     def _land(self, ctx: StageContext, outcome: RemoteOutcome) -> StageResult:
         """Bring the stage home: artifacts, output file, the coder's changes; or its error."""
-        for name, data in outcome.artifacts.items():
-            (ctx.artifacts / name).write_bytes(data)
+        land_artifacts(ctx, outcome.artifacts)
         if outcome.output is not None:
-            ctx.output_file.write_bytes(outcome.output)
+            with _open_private(ctx.output_file) as f:
+                f.write(outcome.output)
         if outcome.error is not None:
             raise outcome.error
         if outcome.changes is not None:
@@ -491,6 +491,38 @@ class RemoteAgent:
         assert outcome.result is not None
         meta = {**outcome.result.meta, "node": outcome.node, "host": outcome.host}
         return replace(outcome.result, meta=meta)
+
+
+def land_artifacts(ctx: StageContext, files: Mapping[str, bytes]) -> list[str]:
+    """Write the files a remote agent left in its ``$OPUS_ARTIFACTS`` into the job's
+    folder, private (SPEC §8), and return their names. A name the job's folder already has
+    (its events, plan, prompts, another stage's log) is never overwritten — on the node
+    those files were not there to protect (SPEC §17) — nor is a name that is not a plain
+    file name."""
+    landed = []
+    for name, data in files.items():
+        target = ctx.artifacts / name
+        if name in ("", ".", "..") or "/" in name or "\0" in name:
+            log.warning("%s: %s left %r: not a file name, not kept", ctx.fr.id, ctx.stage, name)
+            continue
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        except FileExistsError:
+            log.warning(
+                "%s: %s left %s, which the job already has: not taken", ctx.fr.id, ctx.stage, name
+            )
+            continue
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        landed.append(name)
+    return landed
+
+
+def _open_private(path: Path) -> Any:
+    """``path`` opened for writing from its start, mode 0600 whatever the umask."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
 
 
 def _read_note(path: Path) -> str:
