@@ -246,6 +246,33 @@ def test_sigterm_lets_the_running_stage_finish_and_a_restart_carries_on(
     assert len(vault.runs("coder")) == 1 and len(vault.runs("planner")) == 1
 
 
+def test_a_stage_failing_after_sigterm_is_not_retried_and_resumes_on_restart(
+    vault: Vault, service, tmp_path: Path
+) -> None:
+    """SPEC §10: SIGTERM stops taking new work — a new attempt of a failed stage is new work.
+    The stage runs again on the next start instead (the FR does not end failed)."""
+    gate = tmp_path / "gate"
+    vault.script({"FR-1": {"coder": [{"wait_for": str(gate), "exit": 1}]}})
+    s = service()
+    note = fr(vault, "FR-1")
+    wait(started(vault, "coder"), "the coder to start")
+    s.proc.send_signal(signal.SIGTERM)
+    wait(lambda: "SIGTERM: finishing running stages" in s.log.read_text(), "SIGTERM handled")
+    gate.touch()
+    code, err = s.stop()
+    assert code == 0, err
+    assert "coder not retried: opus is stopping" in err
+    assert len([c for c in vault.calls() if c["event"] == "start" and c["stage"] == "coder"]) == 1
+    jobs = json.loads((vault.state / "registry.json").read_text())["jobs"]
+    assert jobs[0]["status"] == "in-progress" and jobs[0]["stage"] == "coder"
+    assert status_of(note) == "in-progress"
+    vault.script({})
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert status_of(note) == "review"
+    assert len(vault.runs("planner")) == 1
+
+
 @pytest.mark.parametrize("stage", ["planner", "coder", "tester", "reviewer"])
 def test_sigkill_mid_stage_then_restart_runs_every_stage_exactly_once(
     vault: Vault, service, tmp_path: Path, stage: str

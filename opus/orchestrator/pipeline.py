@@ -289,6 +289,11 @@ class Pipeline:
 
         async def attempt(n: int) -> StageResult:
             nonlocal failed
+            if n > 1 and self.control.stop == "shutdown" and self.control.scope is not None:
+                # stopping: no new attempt in the grace; the stage runs again on the next start
+                log.info("%s: %s not retried: opus is stopping", job.fr_id, stage)
+                self.control.scope.cancel()
+                await anyio.lowlevel.checkpoint()
             if n > 1:
                 await anyio.to_thread.run_sync(rt.workspace(job).reset, self.worktree, head)
                 ctx.output_file.unlink(missing_ok=True)
