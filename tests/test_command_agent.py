@@ -307,7 +307,35 @@ def test_parse_verdict_normalises_and_explains() -> None:
     with pytest.raises(ValueError, match="no JSON object"):
         parse_verdict("nothing here")
     with pytest.raises(ValueError, match="invalid verdict"):
-        parse_verdict('{"verdict": "approve", "confidence": 400}')
+        parse_verdict('{"verdict": "maybe", "confidence": 90}')
+
+
+@pytest.mark.parametrize(
+    ("given", "confidence"),
+    [("0.9", 90), ('"85%"', 85), ("1", 1), ("1.0", 100), ("150", 0), ("-3", 0), ("null", 0),
+     ('"high"', 0), ("true", 0)],
+)  # fmt: skip
+def test_a_clear_verdict_survives_loosely_written_fields(given: str, confidence: int) -> None:
+    """SPEC §5.3's schema, as models write it: the verdict word decides; a bad optional
+    field is read as well as it can be, never a reason to drop the verdict (and a
+    confidence that says nothing is 0: it never auto-approves)."""
+    text = (
+        '{"verdict": "request_changes", "confidence": ' + given + ', "summary": null,'
+        ' "issues": ["Add a test.", {"severity": "critical", "message": "SQL injection",'
+        ' "file": "db.py", "line": "L12"}, {"severity": "high", "description": "No docs"},'
+        ' {"file": "x.py"}, 7]}'
+    )
+    verdict = parse_verdict(text)
+    assert (verdict.verdict, verdict.confidence, verdict.summary) == (
+        "request_changes",
+        confidence,
+        "",
+    )
+    assert [(i.severity, i.message, i.file, i.line) for i in verdict.issues] == [
+        ("major", "Add a test.", None, None),
+        ("blocker", "SQL injection", "db.py", 12),
+        ("major", "No docs", None, None),
+    ]
 
 
 def test_worktree_fingerprint_sees_changes_but_not_git(tmp_path: Path) -> None:

@@ -128,11 +128,14 @@ def parse_verdict(text: str) -> Verdict:
     if isinstance(data["verdict"], str):
         word = data["verdict"].strip().lower()
         data["verdict"] = _VERDICT_WORDS.get(word, word)
-    confidence = data.get("confidence")
-    if isinstance(confidence, float) and 0 < confidence <= 1:
-        data["confidence"] = round(confidence * 100)
-    elif isinstance(confidence, float):
-        data["confidence"] = round(confidence)
+    # the verdict word decides; the rest is taken as well as it can be, never a reason to
+    # throw away a clear verdict (a model's "critical", "L12", null, 0.9 or 150)
+    data["confidence"] = _confidence(data.get("confidence"))
+    summary = data.get("summary")
+    data["summary"] = "" if summary is None else str(summary)
+    raw_issues = data.get("issues")
+    given = raw_issues if isinstance(raw_issues, list) else []
+    data["issues"] = [i for i in map(_issue, given) if i is not None]
     try:
         return Verdict.model_validate(data)
     except ValidationError as e:
@@ -140,6 +143,57 @@ def parse_verdict(text: str) -> Verdict:
             f"{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors()[:3]
         )
         raise ValueError(f"invalid verdict ({problems})") from e
+
+
+_SEVERITIES = {
+    "blocker": "blocker", "critical": "blocker", "fatal": "blocker", "error": "major",
+    "major": "major", "high": "major", "minor": "minor", "medium": "minor", "moderate": "minor",
+    "warning": "minor", "low": "nit", "nit": "nit", "info": "nit", "trivial": "nit",
+    "suggestion": "nit", "style": "nit",
+}  # fmt: skip
+
+
+def _confidence(value: object) -> int:
+    """0–100 from what a reviewer gave: a share (0.9: 90), a percentage, text. Anything
+    else, or out of range, says nothing: 0 — it never counts toward an auto-approval."""
+    if isinstance(value, str):
+        try:
+            value = float(value.strip().rstrip("%"))
+        except ValueError:
+            return 0
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return 0
+    if isinstance(value, float) and 0 < value <= 1:
+        value *= 100
+    return round(value) if 0 <= value <= 100 else 0
+
+
+def _issue(value: object) -> dict[str, Any] | None:
+    """One review issue as SPEC §5.3 has it, from a string or a loosely written object; None
+    when it says nothing."""
+    if isinstance(value, str):
+        return {"message": value} if value.strip() else None
+    if not isinstance(value, dict):
+        return None
+    text = next(
+        (value[k] for k in ("message", "description", "text", "body", "title", "comment")
+         if isinstance(value.get(k), str) and value[k].strip()),
+        None,
+    )  # fmt: skip
+    if text is None:
+        return None
+    severity = str(value.get("severity") or value.get("level") or "major").strip().lower()
+    file = value.get("file") or value.get("path")
+    line = value.get("line")
+    if isinstance(line, str):
+        digits = re.search(r"\d+", line)
+        line = int(digits.group()) if digits else None
+    return {
+        "severity": _SEVERITIES.get(severity, "major"),
+        "message": text,
+        "file": str(file) if file else None,
+        "line": line if isinstance(line, int) and not isinstance(line, bool) else None,
+    }
 
 
 def priced_usage(
