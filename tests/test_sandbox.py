@@ -25,7 +25,7 @@ from opus.orchestrator.errors import ConfigError
 from opus.orchestrator.sandbox import open_sandbox, sandbox_problems
 
 from .conftest import GIT_ENV, Vault, git
-from .test_cli_basics import meta
+from .test_cli_basics import meta, opus
 from .test_pipeline_flow import fr, registry
 from .test_service import wait
 
@@ -329,3 +329,23 @@ async def test_the_ideator_runs_sandboxed_like_a_planner(vault: Vault, tmp_path:
     assert run.outcome == "failed" and "Read-only file system" in (run.detail or ""), run
     assert idea_notes(vault) == [] and not calls.exists()
     assert git(vault.repo, "status", "--porcelain") == ""
+
+
+def test_a_sandboxed_tester_exiting_130_is_failed_tests_not_a_signal(vault: Vault) -> None:
+    """SPEC §5.1: the tester's non-zero exit is test feedback. bubblewrap reports a signal as
+    128 + N — so does a shell whose test run was killed: the tester's 130 is tests failed,
+    as unsandboxed (it was read as a signal: retried, then the FR failed)."""
+    import json
+
+    if shutil.which("bwrap") is None:
+        pytest.skip("needs bubblewrap")
+    calls = str(vault.calls_file.parent)
+    vault.write_config(sandbox=f'kind = "bwrap"\npaths = [{json.dumps(calls)}]')
+    vault.script({"FR-1": {"tester": [{"exit": 130, "stdout": "3 failed"}, {"exit": 0}]}})
+    note = fr(vault, "FR-1")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0, out
+    assert meta(note)["status"] == "review", meta(note)
+    testers = [c for c in vault.calls() if c["stage"] == "tester" and c["event"] == "start"]
+    assert [c["iteration"] for c in testers] == [1, 2]  # no retry of iteration 1
+    assert [c["iteration"] for c in vault.runs("coder")] == [1, 2]

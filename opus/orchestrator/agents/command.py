@@ -363,7 +363,11 @@ class CommandAgent:
             if isinstance(e.__cause__, FileNotFoundError):
                 raise AgentNotFound(self.not_found(program)) from e.__cause__
             raise
-        sig = exit_signal(result.returncode) if ctx.sandbox is not None else None
+        # bubblewrap reports a signal as 128 + N, as a shell does; for the tester that is
+        # an exit status like any other (a test run's shell whose child was killed): tests
+        # failed, as unsandboxed (SPEC §5.1)
+        sandboxed = ctx.sandbox is not None and self.stage is not Stage.TESTER
+        sig = exit_signal(result.returncode) if sandboxed else None
         if sig is not None and result.signal is None:
             result = replace(result, returncode=-sig, signal=sig)
         return result
