@@ -84,3 +84,20 @@ async def test_an_empty_plan_is_a_failed_attempt_not_a_plan(vault: Vault) -> Non
     assert job.status is Status.REVIEW, meta(note)
     assert job.history[0].attempts == 3
     assert (vault.state / "jobs" / job.id / "plan.md").read_text().startswith("# Plan")
+
+
+def test_a_huge_plan_with_control_characters_is_cut_and_cleaned(vault: Vault) -> None:
+    """The plan goes into every later prompt and into a vault note (which opus refuses to
+    read past 1 MiB): it is cut to MAX_PLAN, and NULs and terminal escapes are left out."""
+    from opus.orchestrator.pipeline import MAX_PLAN
+
+    noisy = "\x1b[1m# Plan\x1b[0m\x00\n" + "1. Do it.\n" * (MAX_PLAN // 5)
+    vault.script({"FR-1": {"planner": [{"output": noisy}]}})
+    fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    (job,) = registry(vault)
+    plan = (vault.state / "jobs" / str(job["id"]) / "plan.md").read_text()
+    assert plan.startswith("# Plan\n1. Do it.\n")
+    assert len(plan) < MAX_PLAN + 100 and "characters of the planner's output cut" in plan
+    note = vault.root / "10_features" / "05_plans" / "FR-1 plan.md"
+    assert note.stat().st_size < 2**20 and "\x00" not in note.read_text()

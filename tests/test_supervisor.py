@@ -358,3 +358,28 @@ async def test_last_retryable_error_propagates_with_attempts() -> None:
         await with_retries(attempt, retries=2, sleep=Sleeps())
     assert info.value.attempts == 3  # type: ignore[attr-defined]
     assert str(info.value) == "stall 2" and attempt.calls == [1, 2, 3]
+
+
+@pytest.mark.anyio
+async def test_a_runaway_output_fills_the_log_only_up_to_its_limit(tmp_path: Path) -> None:
+    """A stage log takes the output's start up to its limit, then only keeps its end —
+    written when the stage ends, with how much was left out (a runaway agent filled the
+    state folder at ~20 MB/s, for all of stage_timeout)."""
+    from opus.orchestrator.process_output import LogSink
+
+    log = tmp_path / "coder-1.log"
+    sink = await LogSink.open(log, Redactor(["s3cr3t"]), limit=2000, tail=500)
+    await sink.note("coder agent started")
+    for n in range(1000):
+        await sink.feed("out", f"line {n:04d} s3cr3t\n".encode())
+    await sink.note("exited with status 0")
+    await sink.aclose()
+    text = log.read_text()
+    assert len(text) < 2000 + 500 + 300
+    assert text.startswith("# coder agent started\nout| line 0000 ***\n")
+    assert "# [the log is full: only the output's end is kept, below]" in text
+    assert "# exited with status 0" in text  # opus's own lines are always written
+    _, _, tail = text.partition("characters of output not logged; the last ")
+    assert tail.endswith("out| line 0999 ***\n") and "line 0500" not in tail
+    assert "s3cr3t" not in text
+    assert log.stat().st_mode & 0o777 == 0o600

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
 from datetime import datetime
 from functools import partial
@@ -42,6 +43,22 @@ Step = tuple[Stage, int]
 BLOCK = "block"
 FINISH = "finish"
 PLAN_REVIEW = "plan-review"
+
+
+MAX_PLAN = 256 * 1024
+"""Characters of a plan kept: it goes into every later prompt and into a vault note, which
+opus itself refuses to read past 1 MiB (SPEC §2.4)."""
+_CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+
+
+def plan_text(output: str) -> str:
+    """The planner's output as the plan: terminal escapes and control characters (a NUL,
+    colour codes) taken out, and no longer than ``MAX_PLAN`` (its start is kept)."""
+    text = _CONTROL.sub("", output)
+    if len(text) > MAX_PLAN:
+        cut = len(text) - MAX_PLAN
+        text = text[:MAX_PLAN] + f"\n\n[… {cut} more characters of the planner's output cut]\n"
+    return text
 
 
 def next_step(job: Job, max_iterations: int) -> Step | str:
@@ -447,7 +464,7 @@ class Pipeline:
         write = rt.registry.write_artifact
         tag = artifact_tag(job.round, iteration)
         if stage is Stage.PLANNER:
-            plan = rt.redactor(result.output)
+            plan = plan_text(rt.redactor(result.output))
             files.append(partial(write, job.id, "plan.md", plan))
             files.extend(self.plans.planned(job, self.fr, plan))  # the plan note (SPEC §16)
             return Outcome.OK, "plan.md"

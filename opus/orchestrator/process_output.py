@@ -9,6 +9,7 @@ parses: its final JSON) and ``MAX_KEPT_ERR`` of stderr.
 
 from __future__ import annotations
 
+import collections
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,12 @@ __all__ = (
 )
 
 MAX_KEPT = 8 * 2**20
-"""Bytes of stdout kept in memory (the tail a preset parses); the log file has everything."""
+"""Bytes of stdout kept in memory (the tail a preset parses); the log file has more."""
+MAX_LOG = 64 * 2**20
+"""Characters of a stage's output its log file takes from the start; beyond them only the
+last ``LOG_TAIL`` are kept, written when the stage ends (a runaway agent printing for the
+whole ``stage_timeout`` must not fill the disk under the registry)."""
+LOG_TAIL = 2**20
 MAX_KEPT_ERR = 2**20
 """Bytes of stderr kept in memory (error messages, the output tail of a failure)."""
 TAIL_LINES = 200
@@ -61,15 +67,20 @@ class Progress:
 class LogSink:
     """Appends a process's output to its log file, one redacted, tagged line at a time."""
 
-    def __init__(self, file: IO[str], redactor: Redactor) -> None:
+    def __init__(
+        self, file: IO[str], redactor: Redactor, *, limit: int = MAX_LOG, tail: int = LOG_TAIL
+    ) -> None:
         self._file = file
         self._redact = redactor
         self._partial: dict[str, bytes] = {}
         self._lock = anyio.Lock()
+        self._room, self._tail_size = limit, tail
+        self._tail: collections.deque[str] = collections.deque()
+        self._tail_len = self._dropped = 0
 
     @classmethod
-    async def open(cls, path: Path, redactor: Redactor) -> LogSink:
-        return cls(await anyio.to_thread.run_sync(_open_log, path), redactor)
+    async def open(cls, path: Path, redactor: Redactor, **limits: int) -> LogSink:
+        return cls(await anyio.to_thread.run_sync(_open_log, path), redactor, **limits)
 
     async def feed(self, tag: str, chunk: bytes) -> None:
         data = self._partial.pop(tag, b"") + chunk
@@ -85,16 +96,34 @@ class LogSink:
         await self._lines(tag, data[:cut])
 
     async def note(self, message: str) -> None:
-        await self._write(f"# {self._redact(message)}\n")
+        await self._write(f"# {self._redact(message)}\n")  # opus's own lines: always
 
     async def aclose(self) -> None:
         for tag in list(self._partial):
             await self._lines(tag, self._partial.pop(tag))
+        if self._dropped:
+            kept = "".join(self._tail)
+            await self._write(
+                f"# [{self._dropped - len(kept)} characters of output not logged; the last "
+                f"{len(kept)} follow]\n{kept}"
+            )
         await anyio.to_thread.run_sync(self._file.close)
 
     async def _lines(self, tag: str, data: bytes) -> None:
         lines = data.decode("utf-8", "replace").removesuffix("\n").split("\n")
-        await self._write("".join(f"{tag}| {self._redact(line)}\n" for line in lines))
+        text = "".join(f"{tag}| {self._redact(line)}\n" for line in lines)
+        if len(text) <= self._room:
+            self._room -= len(text)
+            await self._write(text)
+            return
+        if not self._dropped:
+            await self._write("# [the log is full: only the output's end is kept, below]\n")
+        self._room = 0
+        self._dropped += len(text)
+        self._tail.append(text)
+        self._tail_len += len(text)
+        while self._tail_len - len(self._tail[0]) >= self._tail_size:
+            self._tail_len -= len(self._tail.popleft())
 
     async def _write(self, text: str) -> None:
         async with self._lock:
