@@ -34,10 +34,11 @@ __all__ = (
 
 MAX_KEPT = 8 * 2**20
 """Bytes of stdout kept in memory (the tail a preset parses); the log file has more."""
-MAX_LOG = 64 * 2**20
-"""Characters of a stage's output its log file takes from the start; beyond them only the
-last ``LOG_TAIL`` are kept, written when the stage ends (a runaway agent printing for the
-whole ``stage_timeout`` must not fill the disk under the registry)."""
+MAX_LOG = 256 * 2**20
+"""Characters of a stage's output its log file takes from the start (SPEC §12's 200 MB
+stream in full); beyond them only the last ``LOG_TAIL`` are kept, written when the stage
+ends (a runaway agent printing for the whole ``stage_timeout`` must not fill the disk under
+the registry)."""
 LOG_TAIL = 2**20
 MAX_KEPT_ERR = 2**20
 """Bytes of stderr kept in memory (error messages, the output tail of a failure)."""
