@@ -159,9 +159,19 @@ async def test_a_poll_finds_merges_with_one_git_process_however_many_frs_are_in_
     monkeypatch.setenv("PATH", f"{counting_git(tmp_path, log)}{os.pathsep}{os.environ['PATH']}")
     async with Orchestrator(load_config(vault.config), agents=instant_agents()) as orch:
         summary = await orch.run_once()  # its first tick settles what waits on a person
+        first = log.read_text()
+        log.write_text("")
+        await orch.run_once()  # the next poll: neither the base nor a branch moved
+        second = log.read_text()
+    log.write_text(first)
     done = sorted(fr for fr, status in summary.statuses.items() if status == "done")
     assert done == ["FR-1", "FR-4"]
     asked = [
         line for line in log.read_text().splitlines() if "merged" in line or "ancestor" in line
     ]
     assert len(asked) == 1 and "for-each-ref --merged=refs/heads/main" in asked[0], asked
+    # the base moved under the four still in review: one merge check each (SPEC §7) ...
+    merges = [line for line in log.read_text().splitlines() if "merge-tree" in line]
+    assert len(merges) == 4, merges
+    # ... and none at the next poll, while neither the base nor a branch moves
+    assert [line for line in second.splitlines() if "merge-tree" in line] == []

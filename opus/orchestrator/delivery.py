@@ -17,6 +17,7 @@ from .github import GitHub, GitHubError, RateLimited
 from .lifecycle import FINISHED, Outcome, Stage, Status
 from .models import FeatureRequest, Job, Verdict
 from .reactions import artifact_tag
+from .workspace import read_ref
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -97,6 +98,8 @@ def github_client(rt: Runtime) -> GitHub:
 class Delivery:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
+        self._clean: dict[str, tuple[str | None, str | None]] = {}
+        """Job id → (base, branch) commits last seen to merge cleanly (local delivery)."""
 
     def _github(self) -> GitHub:
         return github_client(self.rt)
@@ -238,9 +241,28 @@ class Delivery:
         return Status.DONE if done else None
 
     async def unmergeable(self, job: Job) -> bool:
-        """Whether GitHub says it cannot merge the PR into its base (as ``merged_or_closed``
-        last read it, from the runtime's cache, when GitHub gave it an ETag)."""
-        if self.rt.config.delivery.kind != "github" or job.pr_number is None:
+        """While in review: whether the branch may no longer merge into its base (SPEC §7),
+        for ``Rounds.conflict`` to confirm. GitHub: what it says of the PR (as
+        ``merged_or_closed`` last read it, from the runtime's cache). Local: git's merge of
+        the two, tried only when the base or the branch moved since it last merged cleanly
+        (read from git's files: a poll with nothing moved runs no git)."""
+        if self.rt.config.delivery.kind != "github":
+            ws = self.rt.workspace(job)
+            moved = (read_ref(ws.repo_path, f"refs/heads/{ws.base}"),
+                     read_ref(ws.repo_path, f"refs/heads/{job.branch}"))  # fmt: skip
+            if None in moved or self._clean.get(job.id) == moved:
+                return False
+            try:
+                paths = await anyio.to_thread.run_sync(
+                    lambda: ws.conflicts_with_base(job.branch, forked_from=job.base_commit)
+                )
+            except WorkspaceError as e:
+                log.debug("%s: cannot check for conflicts: %s", job.fr_id, e)
+                return False
+            if not paths:
+                self._clean[job.id] = moved
+            return bool(paths)
+        if job.pr_number is None:
             return False
         async with self._github() as gh:
             pr = gh.cached_pr(job.pr_number) or await gh.pr_state(job.pr_number)

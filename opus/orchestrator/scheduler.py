@@ -265,7 +265,7 @@ class Scheduler:
                 elif (trigger := await github_trigger(rt, job)) is not None:
                     await self.rounds.start(job, trigger)  # PR reviews, comments, CI
                 elif (
-                    await self.delivery.unmergeable(job)  # the base moved on GitHub under it
+                    await self.delivery.unmergeable(job)  # the base moved under it
                     and (trigger := await self.rounds.conflict(job)) is not None  # confirmed
                 ):
                     await self.rounds.start(job, trigger)
