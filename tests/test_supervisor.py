@@ -383,3 +383,49 @@ async def test_a_runaway_output_fills_the_log_only_up_to_its_limit(tmp_path: Pat
     assert tail.endswith("out| line 0999 ***\n") and "line 0500" not in tail
     assert "s3cr3t" not in text
     assert log.stat().st_mode & 0o777 == 0o600
+
+
+DAEMONS = """\
+import os, subprocess, sys
+out = sys.argv[1]
+setsid = subprocess.Popen(["setsid", "sleep", "777"])  # a session of its own
+if os.fork() == 0:  # a classic daemon: fork, setsid, fork again, parent exits
+    os.setsid()
+    if os.fork() == 0:
+        open(out + ".daemon", "w").write(str(os.getpid()))
+        os.execvp("sleep", ["sleep", "778"])
+    os._exit(0)
+open(out, "w").write(str(setsid.pid))
+while not os.path.exists(out + ".daemon"):
+    pass
+"""
+
+
+@pytest.mark.anyio
+async def test_what_an_agent_started_outside_its_group_dies_with_its_stage(
+    tmp_path: Path,
+) -> None:
+    """An agent's ``setsid`` child and a double-forked daemon leave its process group and
+    session; they still carry its stage's environment, and die when the stage ends (they
+    lived on, unsandboxed, after the stage and after opus)."""
+    script = tmp_path / "daemons.py"
+    script.write_text(DAEMONS)
+    pids = tmp_path / "pids"
+    env = {**ENV, "OPUS_JOB_ID": "job-1", "OPUS_STAGE": "coder", "OPUS_ITERATION": "1"}
+    other = subprocess.Popen(  # the same stage of another job: not this stage's
+        ["sleep", "779"], env={**env, "OPUS_JOB_ID": "job-2"}, start_new_session=True
+    )
+    try:
+        result = await run_process(
+            [sys.executable, str(script), str(pids)], cwd=tmp_path, env=env, stdin=None,
+            timeout=20, stall_timeout=20, log_file=tmp_path / "coder-1.log",
+            redactor=Redactor(),
+        )  # fmt: skip
+        assert result.returncode == 0
+        strays = [int(pids.read_text()), int(Path(f"{pids}.daemon").read_text())]
+        assert all(dead(pid) for pid in strays), [_stat(p) for p in strays]
+        assert "left outside its process group: SIGKILL" in (tmp_path / "coder-1.log").read_text()
+        assert other.poll() is None  # another job's process is left alone
+    finally:
+        other.kill()
+        other.wait()
