@@ -401,10 +401,7 @@ while not os.path.exists(out + ".daemon"):
 """
 
 
-@pytest.mark.anyio
-async def test_what_an_agent_started_outside_its_group_dies_with_its_stage(
-    tmp_path: Path,
-) -> None:
+def test_what_an_agent_started_outside_its_group_dies_with_its_stage(tmp_path: Path) -> None:
     """An agent's ``setsid`` child and a double-forked daemon leave its process group and
     session; they still carry its stage's environment, and die when the stage ends (they
     lived on, unsandboxed, after the stage and after opus)."""
@@ -416,10 +413,12 @@ async def test_what_an_agent_started_outside_its_group_dies_with_its_stage(
         ["sleep", "779"], env={**env, "OPUS_JOB_ID": "job-2"}, start_new_session=True
     )
     try:
-        result = await run_process(
-            [sys.executable, str(script), str(pids)], cwd=tmp_path, env=env, stdin=None,
-            timeout=20, stall_timeout=20, log_file=tmp_path / "coder-1.log",
-            redactor=Redactor(),
+        result = anyio.run(
+            functools.partial(
+                run_process, [sys.executable, str(script), str(pids)], cwd=tmp_path, env=env,
+                stdin=None, timeout=20, stall_timeout=20, log_file=tmp_path / "coder-1.log",
+                redactor=Redactor(),
+            )
         )  # fmt: skip
         assert result.returncode == 0
         strays = [int(pids.read_text()), int(Path(f"{pids}.daemon").read_text())]

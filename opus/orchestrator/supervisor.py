@@ -113,10 +113,11 @@ async def run_process(
             raise _cannot_start(args[0], cwd, e, what) from e
         shown = Path(program or args[0]).name
         name = f"{what} agent `{shown}`" if what else f"`{shown}`"
-        return await _supervise(
+        result = await _supervise(
             proc, name, sink, redactor, stdin, timeout, stall_timeout, activity,
-            on_spawn, on_exit, grace, counts,
+            on_spawn, on_exit, grace, counts, _Strays.of(env, proc.pid),
         )  # fmt: skip
+        return result
     finally:
         with anyio.CancelScope(shield=True):
             await sink.aclose()
@@ -135,6 +136,7 @@ async def _supervise(
     on_exit: Callable[[int], None] | None,
     grace: float,
     counts: Counts | None,
+    strays: _Strays | None = None,
 ) -> ProcessResult:
     pgid = proc.pid
     quiet = "no progress in its output" if counts is not None else "no output"
@@ -162,6 +164,8 @@ async def _supervise(
                     "stall": stalled,
                 }[reason]
                 stopped = await _stop_group(proc, pgid, grace, name, why, sink)
+                if strays is not None:
+                    await strays.stop(name, sink)
                 with anyio.move_on_after(DRAIN_TIMEOUT):
                     await out.done.wait()
                     await err.done.wait()
@@ -170,6 +174,8 @@ async def _supervise(
         with anyio.CancelScope(shield=True):
             if stopped is None:
                 stopped = await _stop_group(proc, pgid, grace, name, "interrupted", sink)
+                if strays is not None:
+                    await strays.stop(name, sink)
             with anyio.move_on_after(KILL_TIMEOUT):
                 await proc.aclose()
             if stopped and on_exit is not None:
@@ -271,6 +277,70 @@ async def _stop_group(
     while _unreaped(pgid, proc.pid) and anyio.current_time() < deadline:  # noqa: ASYNC110
         await anyio.sleep(0.05)
     return True
+
+
+@dataclass(frozen=True)
+class _Strays:
+    """What an agent started outside its process group and session (``setsid``, a
+    double-forked daemon): found by the environment it inherited — its stage's
+    ``OPUS_JOB_ID``, ``OPUS_STAGE`` and ``OPUS_ITERATION`` — among processes started since
+    the agent, and killed when its stage ends."""
+
+    marks: frozenset[bytes]
+    since: int
+    """The agent's start, in clock ticks since boot (/proc/PID/stat)."""
+
+    @classmethod
+    def of(cls, env: Mapping[str, str], pid: int) -> _Strays | None:
+        keys = ("OPUS_JOB_ID", "OPUS_STAGE", "OPUS_ITERATION")
+        if not all(env.get(k) for k in keys):
+            return None  # not an agent (a notifier's command, a test's process)
+        since = _start_ticks(pid)
+        marks = frozenset(f"{k}={env[k]}".encode() for k in keys)
+        return cls(marks, since) if since is not None else None
+
+    def find(self) -> list[int]:
+        me, found = os.getpid(), []
+        try:
+            names = os.listdir("/proc")  # noqa: PTH208 (fast)
+        except OSError:
+            return []
+        for name in names:
+            if not name.isdigit() or int(name) == me:
+                continue
+            started = _start_ticks(int(name))
+            if started is None or started < self.since:
+                continue
+            try:
+                with open(f"/proc/{name}/environ", "rb") as f:
+                    env = set(f.read().split(b"\0"))
+            except OSError:
+                continue
+            if self.marks <= env:
+                found.append(int(name))
+        return found
+
+    async def stop(self, name: str, sink: LogSink) -> None:
+        pids = await anyio.to_thread.run_sync(self.find)
+        if not pids:
+            return
+        log.warning("%s left %d process(es) outside its group: SIGKILL to %s",
+                    name, len(pids), ", ".join(map(str, pids)))  # fmt: skip
+        await sink.note(f"left outside its process group: SIGKILL to {pids}")
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _start_ticks(pid: int) -> int | None:
+    """When process ``pid`` started, in clock ticks since boot; None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            raw = f.read()
+    except OSError:
+        return None
+    fields = raw[raw.rfind(b")") + 2 :].split()
+    return int(fields[19]) if len(fields) > 19 else None
 
 
 def _unreaped(pgid: int, tracked: int | None = None) -> bool:
