@@ -68,7 +68,10 @@ def main() -> int:
                 lambda: socket.create_connection(("127.0.0.1", port), 2).close())  # fmt: skip
         daemon = [sys.executable, "-c", "import time; time.sleep(600)", env["TOKEN"]]
         quiet = subprocess.DEVNULL
-        subprocess.run(["setsid", "--fork", *daemon], check=True, stdout=quiet, stderr=quiet)
+        # with an empty environment: not findable by its stage's OPUS_* variables (what opus
+        # kills unsandboxed), only by the sandbox's PID namespace
+        subprocess.run(["setsid", "--fork", *daemon], check=True, stdout=quiet, stderr=quiet,
+                       env={"PATH": env.get("PATH", "")})  # fmt: skip
         record["leave a setsid daemon"] = "started"
         Path("change.txt").write_text(f"changed by {env['OPUS_FR_ID']}\n")
         subprocess.run(["git", "add", "-A"], check=True)
