@@ -266,15 +266,29 @@ def test_the_stage_log_streams_to_the_head_while_it_runs(
 
 
 def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) -> None:
+    import fcntl
     import json
+    import shutil
     import sys
 
+    from opus.orchestrator.agents.worker import stage_root
+
     secret_note = vault.root / "opus.toml"
+    # another job's stage folder on the node, live (its lock held), and one a killed worker
+    # left behind (no lock): the first is hidden from the agent, the second swept away
+    live, left = stage_root() / "opus-other-job-live", stage_root() / "opus-old-job-left"
+    for folder in (live, left):
+        (folder / "worktree").mkdir(parents=True, exist_ok=True)
+        (folder / "worktree" / "wip.txt").write_text("another job's work in progress")
+    held = os.open(live, os.O_RDONLY | os.O_DIRECTORY)
+    fcntl.flock(held, fcntl.LOCK_EX)
     coder = (
         "import os, pathlib\n"
         f"try:\n    pathlib.Path({str(secret_note)!r}).read_text(); seen = 'visible'\n"
         "except OSError:\n    seen = 'hidden'\n"
         "pathlib.Path('vault-was.txt').write_text(seen)\n"
+        f"other = pathlib.Path({str(live / 'worktree' / 'wip.txt')!r})\n"
+        "pathlib.Path('other-was.txt').write_text('visible' if other.exists() else 'hidden')\n"
         "pathlib.Path('pid-ns.txt').write_text(str(os.getpid()))\n"
         # the job's own files, by name: on the node there is nothing there to protect
         "arts = pathlib.Path(os.environ['OPUS_ARTIFACTS'])\n"
@@ -291,9 +305,15 @@ def test_a_remote_agent_runs_in_the_same_sandbox(worker: Cluster, vault: Vault) 
     )
     vault.config.write_text(text)
     vault.note("FR-10.md", FR.format(id="FR-10"))
-    job = anyio.run(process, vault, environ(worker), "FR-10")
+    try:
+        job = anyio.run(process, vault, environ(worker), "FR-10")
+    finally:
+        os.close(held)
     assert job.status.value == "review", job.error
     assert job.agent_versions["coder.node"]
+    assert git(vault.repo, "show", f"{job.branch}:other-was.txt") == "hidden"
+    assert not left.exists() and (live / "worktree" / "wip.txt").exists()
+    shutil.rmtree(live)
     # on the node, bubblewrap hid the head's vault (this machine is both) and gave a PID ns
     assert git(vault.repo, "show", f"{job.branch}:vault-was.txt") == "hidden"
     assert int(git(vault.repo, "show", f"{job.branch}:pid-ns.txt")) < 10

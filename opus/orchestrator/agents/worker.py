@@ -13,11 +13,13 @@ of the node's pool, not a process per stage).
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import functools
 import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -157,13 +159,32 @@ def run_stage(
     yield outcome
 
 
+def stage_root() -> Path:
+    """The folder (0700) every stage folder of this node's user lives in: the sandbox hides
+    it whole, and gives each agent back only its own stage's parts (SPEC §17: other jobs'
+    checkouts are not visible)."""
+    root = Path(tempfile.gettempdir()) / f"opus-stages-{os.getuid()}"
+    root.mkdir(mode=0o700, exist_ok=True)
+    info = root.lstat()
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid():
+        raise AgentCrashed(f"{root} is not a folder of this user's: stages cannot run here")
+    root.chmod(0o700)
+    return root
+
+
 class _Stage:
     """The stage's private folder on this node, its agent and what it brings back."""
 
     def __init__(self, job: RemoteStage, node: str) -> None:
         self.job = job
         self.node = node
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"opus-{job.job_id}-"))
+        root = stage_root()
+        _sweep(root)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"opus-{job.job_id}-", dir=root))
+        # held while the stage lives: a folder whose lock is free was left by a worker that
+        # was killed (a cancelled stage), and the next stage here removes it
+        self._lock = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         self.log: Path | None = None
 
     def read_log(self, offset: int) -> bytes:
@@ -171,6 +192,8 @@ class _Stage:
 
     def close(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+        shutil.rmtree(self.tmp.parent / "sandbox" / self.job.job_id, ignore_errors=True)
+        os.close(self._lock)
 
     def _receive(self, cache: NodeCache, fetch: Callable[[int], bytes | None]) -> int:
         """Bring the start commit into the node's cache; the bundle bytes that took."""
@@ -274,8 +297,7 @@ class _Stage:
             if section.kind == "bwrap":
                 raise AgentNotFound(f'[sandbox] kind = "bwrap" but this node cannot: {problem}')
             return None
-        state = self.tmp / "state"
-        state.mkdir(mode=0o700, exist_ok=True)
+        state = self.tmp.parent  # hidden whole: every stage folder of this node
         vault = Path(self.job.vault) if self.job.vault and Path(self.job.vault).is_dir() else state
         home = Path.home()
         return Sandbox(
@@ -287,6 +309,29 @@ class _Stage:
             home_binds=tuple(p[2:] if p.startswith("~/") else p for p in section.home_binds),
             memory_max=section.memory_max,
         )
+
+
+def _sweep(root: Path) -> None:
+    """Remove the stage folders no live stage holds (left by a worker that was killed), and
+    the private HOMEs of jobs with no live stage here."""
+    live, stale = set(), []
+    for folder in root.glob("opus-*"):
+        job_id = folder.name.removeprefix("opus-").rsplit("-", 1)[0]
+        try:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            stale.append((folder, job_id))
+        except OSError:
+            live.add(job_id)  # a running stage holds it
+        finally:
+            os.close(fd)
+    for folder, job_id in stale:
+        shutil.rmtree(folder, ignore_errors=True)
+        if job_id not in live:
+            shutil.rmtree(root / "sandbox" / job_id, ignore_errors=True)
 
 
 @functools.cache
