@@ -17,6 +17,7 @@ import yaml
 
 import opus.orchestrator
 from opus.orchestrator import (
+    OpusError,
     Orchestrator,
     ScriptedAgent,
     Stage,
@@ -270,3 +271,13 @@ async def test_readme_example_runs_against_a_vault(vault: Vault) -> None:
         "tester",
         "reviewer",
     ]
+
+
+@pytest.mark.anyio
+async def test_process_of_an_fr_that_cannot_start_says_why(vault: Vault) -> None:
+    vault.note("FR-3.md", "---\nid: FR-3\npriority: urgent\n---\n# Three\n\nDo it.\n")
+    agents = {s: ScriptedAgent() for s in ("planner", "coder", "tester", "reviewer")}
+    async with Orchestrator(load_config(vault.config), agents=dict(agents)) as orch:
+        with pytest.raises(OpusError, match=r"FR-3: no job was started; its note says failed: "):
+            await orch.process("FR-3")
+    assert "priority" in meta(vault.root / "10_features" / "03_planned" / "FR-3.md")["error"]

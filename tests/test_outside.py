@@ -214,6 +214,30 @@ def test_journal_stream_set_means_priorities_even_through_a_pipe(vault: Vault) -
     assert "stage_timeout" in line
 
 
+def test_validate_and_doctor_name_a_callable_that_does_not_import_and_a_missing_remote(
+    vault: Vault,
+) -> None:
+    """Both failed an FR only at its stage (the planner; the push after every agent ran)."""
+    vault.write_config(
+        **{
+            "agents.planner": 'kind = "python"\ncallable = "no_such_module_here:plan"',
+            "delivery": 'kind = "github"\nrepository = "acme/app"\nremote = "nope"',
+        }
+    )
+    env = {**os.environ, "GITHUB_TOKEN": "ghp_x"}
+    result = CliRunner().invoke(main, ["validate", "--config", str(vault.config)], env=env)
+    assert result.exit_code != 0, result.output
+    assert "[agents.planner.callable] cannot load callable 'no_such_module_here:plan'" in (
+        result.output
+    )
+    assert "ModuleNotFoundError" in result.output
+    assert f"[delivery.remote] no remote 'nope' in {vault.repo}" in result.output
+    result = CliRunner().invoke(main, ["doctor", "--config", str(vault.config)], env=env)
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("FAIL  agents.planner (python)") for line in lines), lines
+    assert any(line.startswith("FAIL  repos.app remote") and "'nope'" in line for line in lines)
+
+
 def test_doctor_checks_one_line_each(vault: Vault, tmp_path: Path) -> None:
     vault.write_config(
         **{

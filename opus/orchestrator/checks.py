@@ -12,7 +12,7 @@ import shutil
 from collections.abc import Mapping
 
 from .config import AgentSection, Config, NotifySection
-from .errors import ConfigError, WorkspaceError
+from .errors import AgentError, ConfigError, WorkspaceError
 from .lifecycle import Stage
 
 __all__ = ("agent_problems", "notifier_problems", "repo_problems", "split_argv")
@@ -48,6 +48,13 @@ def agent_problems(config: Config, environ: Mapping[str, str] | None = None) -> 
     if config.agents.ideator is not None:
         sections.append(("ideator", config.agents.ideator))
     for name, section in sections:
+        if section.kind == "python" and section.callable:
+            from .agents.python import load_callable
+
+            try:  # what the stage will import: a typo or a missing module shows now
+                load_callable(section.callable, Stage(name) if name != "ideator" else None)
+            except AgentError as e:
+                problems.append(f"{config.source}: [agents.{name}.callable] {e}")
         if section.kind in ("openai", "python"):
             if section.api_key_env and not env.get(section.api_key_env):
                 problems.append(
@@ -64,6 +71,21 @@ def agent_problems(config: Config, environ: Mapping[str, str] | None = None) -> 
         problems.append(
             f"{config.source}: [delivery.token_env] ${config.delivery.token_env} is not set"
         )
+    if config.delivery.kind == "github":
+        from .workspace import Workspace
+
+        remote = config.delivery.remote
+        for name, repo in config.repos.items():
+            path = config.repo_path(name)
+            try:
+                url = Workspace(path, base=repo.base, worktrees_dir=path).remote_url(remote)
+            except WorkspaceError:
+                continue  # (not a repository: repo_problems says so)
+            if url is None:
+                problems.append(
+                    f"{config.source}: [delivery.remote] no remote {remote!r} in {path} "
+                    "(`git remote -v` lists them)"
+                )
     return problems
 
 

@@ -87,6 +87,16 @@ def check_agents(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
         if section.api_key_env:
             ok = bool(env.get(section.api_key_env))
             yield Check(what, ok, f"${section.api_key_env} {'is set' if ok else 'is not set'}")
+        if section.kind == "python" and section.callable:
+            from .agents.python import load_callable
+            from .errors import AgentError
+
+            try:
+                load_callable(section.callable)
+                yield Check(what, True, f"{section.callable} imports")
+            except AgentError as e:
+                yield Check(what, False, str(e))
+            continue
         if section.kind in ("openai", "python"):
             if not section.api_key_env:
                 yield Check(what, True, "nothing to check locally")
@@ -128,9 +138,11 @@ def check_agents(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
 
 
 def check_repos(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
-    """Each repository a git repository, its base branch present."""
+    """Each repository a git repository, its base branch present; with GitHub delivery, its
+    ``[delivery] remote`` configured (else the push fails only after every agent ran)."""
     from .workspace import Workspace
 
+    remote = config.delivery.remote if config.delivery.kind == "github" else None
     for name, repo in config.repos.items():
         path = config.repo_path(name)
         ws = Workspace(path, base=repo.base, worktrees_dir=config.state_dir / "worktrees")
@@ -138,6 +150,12 @@ def check_repos(config: Config, env: Mapping[str, str]) -> Iterator[Check]:
             ws.check()
         except WorkspaceError as e:
             yield Check(f"repos.{name}", False, str(e))
+            continue
+        if remote is not None and ws.remote_url(remote) is None:
+            yield Check(
+                f"repos.{name} remote", False,
+                f"no remote {remote!r} in {path} ([delivery] remote; `git remote -v` lists them)",
+            )  # fmt: skip
             continue
         yield Check(f"repos.{name}", True, f"git repository {path}, base branch '{repo.base}'")
 

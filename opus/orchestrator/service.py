@@ -549,8 +549,10 @@ class Orchestrator:
         fr = await anyio.to_thread.run_sync(lambda: vault.read(vault.find(ref)))
         await self.run_once(only={fr.id})
         job = self.rt.registry.latest_for(fr.id)
-        if job is None:
-            raise OpusError(f"{fr.id}: no job was started (status {fr.status})")
+        if job is None:  # the note says why: a bad value, a status opus does not act on
+            now = await anyio.to_thread.run_sync(lambda: vault.read(fr.path))
+            why = f": {now.error}" if now.error else ""
+            raise OpusError(f"{fr.id}: no job was started; its note says {now.status}{why}")
         return job
 
 
