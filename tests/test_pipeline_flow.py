@@ -310,6 +310,16 @@ def test_a_dependency_that_cannot_come_is_named_in_the_note(vault: Vault) -> Non
     assert "error" not in meta(after_failed)
 
 
+def test_the_dashboard_says_what_a_queued_fr_waits_for(vault: Vault) -> None:
+    one = fr(vault, "FR-1")
+    two = fr(vault, "FR-2", extra="depends_on: [FR-1]\n")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert (meta(one)["status"], meta(two)["status"]) == ("review", "queued")
+    board = (vault.root / "00_system" / "opus-dashboard.md").read_text()
+    (row,) = [line for line in board.splitlines() if "|FR-2]]" in line and "queued" in line]
+    assert row.rstrip(" |").endswith("FR-1 (review)"), row
+
+
 def test_a_dependency_cycle_is_named_in_the_notes_and_by_validate(vault: Vault) -> None:
     a = fr(vault, "FR-A", extra="depends_on: [FR-B]\n")
     b = fr(vault, "FR-B", extra="depends_on: [FR-C]\n")

@@ -96,11 +96,29 @@ def running(b: Board) -> list[str]:
 def queued(b: Board) -> list[str]:
     jobs = b.current
     rows = [
-        [link(j), j.title, str(j.status), str(j.priority), j.error or ""]
+        [link(j), j.title, str(j.status), str(j.priority), waits_for(j, b)]
         for j in jobs
         if j.status in (Status.QUEUED, Status.PAUSED)
     ]
     return ["## Queued", "", *_table(["FR", "title", "status", "priority", "waiting for"], rows)]
+
+
+def waits_for(job: Job, b: Board) -> str:
+    """What a queued FR waits for: a person, what its ``error`` says (a dependency that
+    cannot come, the budget, the cluster), the FRs it depends on that are not done, else a
+    free slot."""
+    if job.status is Status.PAUSED:
+        return "a person: paused"
+    if job.error:
+        return job.error
+    fr = b.scan.frs.get(job.fr_id)
+    status = {j.fr_id: j.status for j in b.current}
+    pending = []
+    for dep in fr.depends_on if fr is not None else ():
+        now = status.get(dep) or (b.scan.frs[dep].status if dep in b.scan.frs else None)
+        if now is not Status.DONE:
+            pending.append(f"{dep} ({now or 'planned'})")
+    return ", ".join(pending) if pending else "a free slot"
 
 
 def awaiting_review(b: Board) -> list[str]:
