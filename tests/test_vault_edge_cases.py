@@ -125,6 +125,19 @@ def test_depends_on_as_one_unquoted_wikilink(v: Vault) -> None:
     assert fr.depends_on == ("FR-100",)
 
 
+def test_depends_on_a_notes_name_title_or_alias_is_its_id(v: Vault) -> None:
+    """Obsidian links a note by its file name: ``[[login]]`` for ``login.md``, whose ``id``
+    is FR-1 (it read as an FR "login" that is not in the vault, and waited for ever)."""
+    note(v, "login.md", "---\nid: FR-1\ntitle: Login page\naliases: [sign-in]\n---\n")
+    note(v, "a.md", "---\nid: FR-2\ndepends_on: [[login]]\n---\n")
+    note(v, "b.md", '---\nid: FR-3\ndepends_on: ["[[login|the login]]", "login page"]\n---\n')
+    note(v, "c.md", "---\nid: FR-4\ndepends_on: [Sign-In, FR-99]\n---\n")
+    frs = v.scan().frs
+    assert frs["FR-2"].depends_on == ("FR-1",)
+    assert frs["FR-3"].depends_on == ("FR-1", "FR-1")
+    assert frs["FR-4"].depends_on == ("FR-1", "FR-99")  # an unknown id stays as written
+
+
 # --- an id names files: never a path ------------------------------------------------------
 
 

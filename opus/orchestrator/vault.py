@@ -214,7 +214,7 @@ class Vault:
         with self._lock:
             for gone in self._cache.keys() - seen:
                 del self._cache[gone]
-        by_id = _dedupe(frs, problems, self._winners)
+        by_id = _linked(_dedupe(frs, problems, self._winners))
         self._winners = by_id
         problems.sort(key=lambda p: p.path)
         self._log_problems(problems)
@@ -443,6 +443,22 @@ def _dedupe(
             message = f"duplicate id {fr_id}, also in {winner.path.name}"
             problems.append(NoteProblem(loser.path, message))
     return by_id
+
+
+def _linked(by_id: dict[str, FeatureRequest]) -> dict[str, FeatureRequest]:
+    """``depends_on`` entries that name a note rather than an id — Obsidian's
+    ``[[login]]``, its title or an alias — replaced by that FR's id (any case)."""
+    if all(dep in by_id for fr in by_id.values() for dep in fr.depends_on):
+        return by_id  # (almost always: a pass over the FRs, no more)
+    names: dict[str, str] = {}
+    for fr in by_id.values():
+        for name in (fr.path.stem, fr.title, *fr.aliases):
+            names.setdefault(name.casefold(), fr.id)
+    linked = {}
+    for fr_id, fr in by_id.items():
+        deps = tuple(d if d in by_id else names.get(d.casefold(), d) for d in fr.depends_on)
+        linked[fr_id] = fr if deps == fr.depends_on else fr.model_copy(update={"depends_on": deps})
+    return linked
 
 
 # --- mapping a note to a FeatureRequest --------------------------------------------------------
