@@ -139,3 +139,38 @@ async def test_the_coder_of_an_approved_plan_runs_with_the_note_saying_in_progre
         await o.run_once()
     assert [(m["status"], m["stage"]) for m in shown] == [("in-progress", "coder")]
     assert meta(note)["status"] == "review"
+
+
+def test_a_branch_merged_by_hand_then_deleted_is_done_and_one_deleted_unmerged_cancelled(
+    vault: Vault,
+) -> None:
+    """Local delivery (SPEC §7): the merge is seen by the work being in the base, not by
+    the branch's name (an FR whose branch was merged and deleted stayed in review, and
+    `approved` then blocked on "branch not found")."""
+    notes = {fr_id: fr(vault, fr_id) for fr_id in ("FR-1", "FR-2", "FR-3")}
+    assert opus(vault, "run", "--once")[0] == 0
+    jobs = {j["fr_id"]: j for j in registry(vault)}
+
+    def drop(fr_id: str, *, merge: bool) -> None:
+        branch = f"opus/{fr_id.lower()}"
+        if merge:
+            git(vault.repo, "merge", "-q", "--no-ff", "-m", f"merge {fr_id}", branch)
+        git(
+            vault.repo,
+            "worktree",
+            "remove",
+            "--force",
+            str(vault.state / "worktrees" / jobs[fr_id]["id"]),
+        )
+        git(vault.repo, "branch", "-D", branch)
+
+    drop("FR-1", merge=True)
+    drop("FR-2", merge=False)
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(notes["FR-1"])["status"] == "done"
+    assert meta(notes["FR-2"])["status"] == "cancelled"
+    assert meta(notes["FR-3"])["status"] == "review"
+    drop("FR-3", merge=True)
+    set_keys(notes["FR-3"], status="approved")  # approved before opus looked again
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(notes["FR-3"])["status"] == "done", meta(notes["FR-3"])

@@ -29,6 +29,11 @@ RETRY_BASE, RETRY_MAX = 1.0, 30.0
 """Seconds of the first wait before a GitHub request is sent again, and the longest."""
 
 
+def delivered_commit(job: Job) -> str | None:
+    """The commit the job's branch was last delivered at (its last checkpoint's)."""
+    return next((cp.commit for cp in reversed(job.history) if cp.commit), None)
+
+
 def auto_approves(config: Config, fr: FeatureRequest, confidence: int | None) -> bool:
     """The approval rule: the note's ``approval`` first, then the config's."""
     if fr.approval is not None:
@@ -172,7 +177,13 @@ class Delivery:
                     log.info("%s: PR #%d was merged on GitHub (%s)", job.fr_id, number, e)
             else:
                 message = f"opus: merge {job.branch} ({job.fr_id}: {job.title})"
-                await anyio.to_thread.run_sync(rt.workspace(job).merge, job.branch, message)
+                ws, head = rt.workspace(job), delivered_commit(job)
+
+                def merge() -> None:  # a branch merged by hand and deleted: nothing to do
+                    if ws.has_branch(job.branch) or head is None or not ws.in_base(head):
+                        ws.merge(job.branch, message)
+
+                await anyio.to_thread.run_sync(merge)
         except MergeConflict as e:
             return Status.BLOCKED, f"merge conflict in: {', '.join(e.paths)}"
         except (WorkspaceError, DeliveryError) as e:
@@ -230,7 +241,12 @@ class Delivery:
         ``merged``: ``merged_branches`` of this poll (local delivery)."""
         rt = self.rt
         if merged is not None and rt.config.delivery.kind != "github" and job.repo in merged:
-            return Status.DONE if job.branch in merged[job.repo] else None
+            if job.branch in merged[job.repo]:
+                return Status.DONE
+            ws = rt.workspace(job)
+            if read_ref(ws.repo_path, f"refs/heads/{job.branch}") is not None:
+                return None  # (there, not merged: read from git's files)
+            return await anyio.to_thread.run_sync(self._branch_gone, job)
         if rt.config.delivery.kind == "github" and job.pr_number is not None:
             async with self._github() as gh:
                 pr = await gh.pr_state(job.pr_number)
@@ -239,6 +255,20 @@ class Delivery:
             return Status.CANCELLED if pr.state == "closed" else None
         done = await anyio.to_thread.run_sync(rt.workspace(job).is_merged, job.branch)
         return Status.DONE if done else None
+
+    def _branch_gone(self, job: Job) -> Status | None:
+        """A local branch a person deleted while its FR was in review: DONE when its work
+        is in the base (merged, then deleted), else CANCELLED (thrown away, as a PR closed
+        unmerged); None while it is there after all (a ref git's files did not show)."""
+        ws = self.rt.workspace(job)
+        if ws.has_branch(job.branch):
+            return None
+        head = delivered_commit(job)
+        if head is not None and ws.in_base(head):
+            log.info("%s: %s was merged and deleted", job.fr_id, job.branch)
+            return Status.DONE
+        log.warning("%s: %s was deleted without being merged", job.fr_id, job.branch)
+        return Status.CANCELLED
 
     async def unmergeable(self, job: Job) -> bool:
         """While in review: whether the branch may no longer merge into its base (SPEC §7),

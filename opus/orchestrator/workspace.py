@@ -119,6 +119,20 @@ class Workspace:
         ref = f"refs/heads/{branch}"
         return self._ok(self.repo_path, "merge-base", "--is-ancestor", ref, self._base_ref)
 
+    def has_branch(self, branch: str) -> bool:
+        """Whether the repository has ``branch`` (loose, packed or in a reftable)."""
+        status, _ = self._call(
+            self.repo_path, ["rev-parse", "--verify", "-q", f"refs/heads/{branch}"], ok=(0, 1)
+        )
+        return status == 0
+
+    def in_base(self, commit: str) -> bool:
+        """Whether ``commit`` is in the base's history (a branch merged, then deleted)."""
+        status, _ = self._call(
+            self.repo_path, ["merge-base", "--is-ancestor", commit, self._base_ref], ok=(0, 1, 128)
+        )
+        return status == 0
+
     def merged_branches(self) -> frozenset[str]:
         """Every local branch that is an ancestor of the base (``is_merged`` of them all, in
         one git process: a poll asks it of every FR in review)."""
