@@ -174,3 +174,18 @@ def test_a_branch_merged_by_hand_then_deleted_is_done_and_one_deleted_unmerged_c
     set_keys(notes["FR-3"], status="approved")  # approved before opus looked again
     assert opus(vault, "run", "--once")[0] == 0
     assert meta(notes["FR-3"])["status"] == "done", meta(notes["FR-3"])
+
+
+def test_opus_approve_refuses_an_fr_blocked_by_its_pipeline(vault: Vault) -> None:
+    """`opus approve` retries a refused merge; on an FR the loop blocked it printed
+    "blocked → approved", and the next run quietly put it back."""
+    verdict = {"verdict": "request_changes", "confidence": 40, "summary": "Not yet."}
+    vault.script({"FR-1": {"reviewer": [{"verdict": verdict}]}})
+    note = fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "blocked"
+    code, out = opus(vault, "approve", "FR-1")
+    assert code == 1, out
+    assert "FR-1 is blocked by its pipeline, not by a refused merge" in out
+    assert "`opus retry FR-1` runs it again" in out
+    assert meta(note)["status"] == "blocked"

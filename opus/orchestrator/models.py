@@ -228,3 +228,15 @@ class Job(BaseModel):
     @property
     def last(self) -> Checkpoint | None:
         return self.history[-1] if self.history else None
+
+    @property
+    def merge_refused(self) -> bool:
+        """Blocked after its pipeline delivered: the merge was refused, and ``approved``
+        retries the merge alone (SPEC §7)."""
+        last = self.last
+        return (
+            self.status is Status.BLOCKED
+            and last is not None
+            and last.stage is Stage.DELIVERY
+            and last.outcome is Outcome.OK
+        )

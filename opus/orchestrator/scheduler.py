@@ -11,7 +11,7 @@ from anyio.abc import TaskGroup
 
 from .delivery import Delivery
 from .errors import OpusError, WorkspaceError
-from .lifecycle import FINISHED, Outcome, Stage, Status, check_transition
+from .lifecycle import FINISHED, Status, check_transition
 from .models import FeatureRequest, Job, slug
 from .pipeline import Pipeline, next_step
 from .plans import PlanGate
@@ -22,17 +22,6 @@ from .supervisor import kill_group
 from .vault import Scan, dependency_cycle
 
 log = logging.getLogger(__name__)
-
-
-def _merge_retries(job: Job) -> bool:
-    """A blocked job whose pipeline delivered: its merge was refused, ``approved`` retries it."""
-    last = job.last
-    return (
-        job.status is Status.BLOCKED
-        and last is not None
-        and last.stage is Stage.DELIVERY
-        and last.outcome is Outcome.OK
-    )
 
 
 #: Statuses opus writes into a note; a mismatch with the registry is repaired from it.
@@ -244,7 +233,7 @@ class Scheduler:
                 pass  # a running job's approval is acted on when it comes to rest
             elif job.status is Status.PLAN_REVIEW:
                 await self.plans.approve(job)
-            elif _merge_retries(job):
+            elif job.merge_refused:
                 log.info("%s: approved again: retrying the merge alone (job %s)", fr.id, job.id)
                 await self._approved(job)
             elif job.status is Status.REVIEW:

@@ -515,6 +515,13 @@ def set_status(
             f"{fr.id} is {current}; this needs one of: "
             + ", ".join(sorted(s.value for s in allowed))
         )
+    if target is Status.APPROVED and current is Status.BLOCKED:
+        _, job = job_for(config, str(path))
+        if job is not None and not job.merge_refused:  # blocked before there was a merge
+            raise OpusError(
+                f"{fr.id} is blocked by its pipeline, not by a refused merge"
+                f"{': ' + job.error if job.error else ''}; `opus retry {fr.id}` runs it again"
+            )
     vault.update(
         path, {"status": target.value, "updated_at": datetime.now().replace(microsecond=0)}
     )
