@@ -91,6 +91,12 @@ def test_plans_off_writes_no_plan_note(vault: Vault) -> None:
     assert opus(vault, "run", "--once")[0] == 0
     assert "plan" not in meta(note)
     assert not (vault.root / "10_features" / "05_plans").exists()
+    # at the gate, the person is told where the plan is: its artifact's full path
+    gated = fr(vault, "FR-2", extra="plan_approval: true\n")
+    code, out = opus(vault, "run", "--once")
+    assert code == 0 and meta(gated)["status"] == "plan-review", out
+    job = next(j for j in registry(vault) if j["fr_id"] == "FR-2")
+    assert f"plan ready for review: {vault.state / 'jobs' / job['id'] / 'plan.md'}" in out
 
 
 def test_opus_cancel_stops_an_fr_in_plan_review_as_a_persons_edit_does(vault: Vault) -> None:

@@ -100,7 +100,11 @@ class PlanGate:
         job.status = check_transition(job.status, Status.PLAN_REVIEW)
         job.stage = None
         await rt.record(job, "plan-review")
-        where = f"[[{job.plan_note.removesuffix('.md')}]]" if job.plan_note else "plan.md"
+        where = (
+            f"[[{job.plan_note.removesuffix('.md')}]]"
+            if job.plan_note
+            else str(rt.config.state_dir / "jobs" / job.id / "plan.md")  # (no plan notes)
+        )
         log.info("%s: the plan waits for a person: %s (job %s)", job.fr_id, where, job.id)
         await rt.notify("plan-review", job, f"plan ready for review: {where}")
 
