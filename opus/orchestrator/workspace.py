@@ -597,13 +597,10 @@ def _auth(token: str | None) -> tuple[dict[str, str], list[str]]:
 def read_head(worktree: Path) -> str | None:
     """The commit a worktree's (or checkout's) HEAD names, from git's files; None when that
     takes more than plain files (``git rev-parse`` answers then)."""
-    gitdir = _gitdir(worktree)
-    if gitdir is None:
+    found = _head_file(worktree)
+    if found is None:
         return None
-    try:
-        head = (gitdir / "HEAD").read_text(encoding="ascii").strip()
-    except (OSError, UnicodeDecodeError):
-        return None
+    gitdir, head = found
     if _SHA.fullmatch(head):
         return head
     if not head.startswith("ref: refs/"):
@@ -614,16 +611,24 @@ def read_head(worktree: Path) -> str | None:
 def read_head_ref(worktree: Path) -> str | None:
     """The ref a worktree's HEAD is on, from git's files: ``refs/heads/…``, "" when HEAD is
     detached, None when the files do not say (``git symbolic-ref`` answers then)."""
+    found = _head_file(worktree)
+    if found is None:
+        return None
+    head = found[1]
+    if _SHA.fullmatch(head):
+        return ""
+    return head.removeprefix("ref: ") if head.startswith("ref: refs/") else None
+
+
+def _head_file(worktree: Path) -> tuple[Path, str] | None:
+    """The worktree's git folder and what its ``HEAD`` file says, or None."""
     gitdir = _gitdir(worktree)
     if gitdir is None:
         return None
     try:
-        head = (gitdir / "HEAD").read_text(encoding="ascii").strip()
+        return gitdir, (gitdir / "HEAD").read_text(encoding="ascii").strip()
     except (OSError, UnicodeDecodeError):
         return None
-    if _SHA.fullmatch(head):
-        return ""
-    return head.removeprefix("ref: ") if head.startswith("ref: refs/") else None
 
 
 def read_ref(repo: Path, ref: str) -> str | None:
