@@ -365,3 +365,23 @@ def test_every_state_file_is_0600_and_every_state_folder_0700(vault: Vault) -> N
     assert {p.name: oct(p.stat().st_mode & 0o777) for p in files if p.stat().st_mode & 0o077} == {}
     for folder in (jobs, jobs / str(job["id"]), worktrees, worktrees / str(job["id"])):
         assert folder.stat().st_mode & 0o777 == 0o700, folder
+
+
+def test_a_retried_fr_keeps_its_place_in_the_queue(vault: Vault) -> None:
+    """SPEC §4: priority, then the time opus first saw the FR — a retry is not new work to
+    put behind everything that came since."""
+    vault.write_config(pipeline="concurrency = 1\nstage_timeout = 60\nretries = 0")
+    vault.script({"FR-1": {"planner": [{"exit": 1}]}})
+    zero, one = fr(vault, "FR-0"), fr(vault, "FR-1")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert (meta(zero)["status"], meta(one)["status"]) == ("review", "failed")
+    # seen later, and queued (waiting for FR-0) before FR-1 is retried
+    later = [fr(vault, f"FR-{n}", extra="depends_on: [FR-0]\n") for n in (2, 3)]
+    assert opus(vault, "run", "--once")[0] == 0
+    assert [meta(n)["status"] for n in later] == ["queued", "queued"]
+    vault.script({})
+    opus(vault, "retry", "FR-1")
+    opus(vault, "approve", "FR-0")
+    assert opus(vault, "run", "--once")[0] == 0
+    order = [c["fr"] for c in vault.runs("planner")][2:]
+    assert order == ["FR-1", "FR-2", "FR-3"], order

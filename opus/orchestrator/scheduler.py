@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from datetime import datetime
 
 import anyio
 from anyio.abc import TaskGroup
@@ -358,7 +359,12 @@ class Scheduler:
                 continue
             if all(self._done(dep, scan) for dep in fr.depends_on) and not self._held(job):
                 ready.append((job, fr))
-        ready.sort(key=lambda pair: (pair[0].priority.rank, pair[0].created_at))
+        if len(ready) > 1:  # priority, then when opus first saw the FR (SPEC §4): a retry
+            first: dict[str, datetime] = {}  # keeps the place its FR had
+            for j in self.rt.registry.jobs():
+                if j.fr_id not in first or j.created_at < first[j.fr_id]:
+                    first[j.fr_id] = j.created_at
+            ready.sort(key=lambda pair: (pair[0].priority.rank, first[pair[0].fr_id]))
         return ready
 
     def _held(self, job: Job) -> str | None:
