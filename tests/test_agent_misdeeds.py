@@ -101,3 +101,32 @@ def test_a_huge_plan_with_control_characters_is_cut_and_cleaned(vault: Vault) ->
     assert len(plan) < MAX_PLAN + 100 and "characters of the planner's output cut" in plan
     note = vault.root / "10_features" / "05_plans" / "FR-1 plan.md"
     assert note.stat().st_size < 2**20 and "\x00" not in note.read_text()
+
+
+def test_a_secret_split_by_a_terminal_escape_is_redacted_in_the_plan() -> None:
+    from opus.orchestrator.pipeline import plan_text
+    from opus.orchestrator.redact import Redactor
+
+    redact = Redactor(["ghp_SECRETTOKEN123"])
+    assert plan_text("token ghp_SECRET\x1b[0mTOKEN123 here\x00", redact) == "token *** here"
+
+
+@pytest.mark.anyio
+async def test_a_coder_on_someone_elses_branch_leaves_that_branch_alone(vault: Vault) -> None:
+    """opus's commit goes onto the job's branch, never onto a branch the coder switched to."""
+    git(vault.repo, "branch", "persons-branch")
+    theirs = git(vault.repo, "rev-parse", "persons-branch")
+    note = fr(vault, "FR-1")
+
+    def coder(ctx: StageContext) -> None:
+        subprocess.run(["git", "checkout", "-q", "persons-branch"], cwd=ctx.worktree,
+                       check=True, env=GIT_ENV_FULL)  # fmt: skip
+        (ctx.worktree / "work.txt").write_text("uncommitted work\n")
+
+    agents = {s: ScriptedAgent() for s in ("planner", "tester")}
+    agents.update(coder=coder, reviewer=review)  # type: ignore[dict-item]
+    async with Orchestrator(load_config(vault.config), agents=dict(agents)) as orch:
+        job = await orch.process("FR-1")
+    assert job.status is Status.REVIEW and meta(note)["branch"] == "opus/fr-1"
+    assert git(vault.repo, "rev-parse", "persons-branch") == theirs
+    assert git(vault.repo, "show", "opus/fr-1:work.txt") == "uncommitted work"

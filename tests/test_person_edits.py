@@ -189,3 +189,71 @@ def test_opus_approve_refuses_an_fr_blocked_by_its_pipeline(vault: Vault) -> Non
     assert "FR-1 is blocked by its pipeline, not by a refused merge" in out
     assert "`opus retry FR-1` runs it again" in out
     assert meta(note)["status"] == "blocked"
+
+
+@pytest.mark.anyio
+async def test_an_approval_given_before_the_plan_exists_does_not_pass_the_plan_gate(
+    vault: Vault,
+) -> None:
+    """SPEC §16: the job stops at plan-review; a person *then* approves the plan."""
+    vault.write_config(approval="plan = true")
+    note = fr(vault, "FR-1")
+    coders: list[int] = []
+
+    async def planner(ctx: StageContext) -> str:
+        set_keys(ctx.fr.path, status="approved")  # before any plan was there to see
+        return "# Plan\n\n1. Do x.\n"
+
+    async def coder(ctx: StageContext) -> None:
+        coders.append(ctx.iteration)
+        (ctx.worktree / "x.txt").write_text("x\n")
+
+    config = load_config(vault.config)
+    async with Orchestrator(config, agents=agents(planner=planner, coder=coder)) as o:
+        job = await o.process("FR-1")
+        await o.run_once()
+    assert (job.status, meta(note)["status"], coders) == (Status.PLAN_REVIEW, "plan-review", [])
+
+
+@pytest.mark.anyio
+async def test_a_conflict_round_keeps_the_persons_request_made_while_the_job_ran(
+    vault: Vault,
+) -> None:
+    """The base moved under round 1, so delivery started a conflict round; the person's
+    changes-requested written meanwhile is acted on after it, not overwritten by it."""
+    fr(vault, "FR-1")
+    seen: list[tuple[int, str | None]] = []
+
+    async def coder(ctx: StageContext) -> None:
+        seen.append((ctx.round, ctx.feedback.reason if ctx.feedback else None))
+        if ctx.round == 1:
+            set_keys(ctx.fr.path, status="changes-requested", feedback="Name it y.txt.")
+            (vault.repo / "x.txt").write_text("main's\n")  # meanwhile, main changes x.txt
+            git(vault.repo, "add", "x.txt")
+            git(vault.repo, "commit", "-qm", "main moves")
+        (ctx.worktree / "x.txt").write_text(f"round {ctx.round}\n")
+
+    async with Orchestrator(load_config(vault.config), agents=agents(coder=coder)) as o:
+        job = await o.process("FR-1")
+    assert [r.source for r in job.rounds] == ["conflict", "person"], seen
+    assert seen[-1] == (3, "rework") and job.status is Status.REVIEW
+
+
+@pytest.mark.anyio
+async def test_changes_requested_or_approved_on_a_paused_fr_is_answered(
+    vault: Vault, caplog: pytest.LogCaptureFixture
+) -> None:
+    note = fr(vault, "FR-1")
+
+    async def coder(ctx: StageContext) -> None:
+        set_keys(ctx.fr.path, status="paused")  # it pauses at the next stage boundary
+        (ctx.worktree / "x.txt").write_text("x\n")
+
+    async with Orchestrator(load_config(vault.config), agents=agents(coder=coder)) as o:
+        job = await o.process("FR-1")
+        assert job.status is Status.PAUSED and meta(note)["status"] == "paused"
+        for value in ("changes-requested", "approved"):
+            set_keys(note, status=value, feedback="More.")
+            await o.run_once()
+            assert meta(note)["status"] == "paused", value  # answered, not kept for ever
+            assert f"{value}: the FR is paused" in caplog.text

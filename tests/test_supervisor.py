@@ -428,3 +428,19 @@ def test_what_an_agent_started_outside_its_group_dies_with_its_stage(tmp_path: P
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.anyio
+async def test_the_log_limit_counts_what_earlier_attempts_wrote(tmp_path: Path) -> None:
+    """Each attempt appends to the stage's log: the limit is the file's, not an attempt's."""
+    from opus.orchestrator.process_output import LogSink
+
+    log = tmp_path / "coder-1.log"
+    log.write_text("x" * 1500)  # attempt 1
+    sink = await LogSink.open(log, Redactor(), limit=2000, tail=100)
+    for n in range(100):
+        await sink.feed("out", f"line {n:03d}\n".encode())
+    await sink.aclose()
+    text = log.read_text()
+    assert len(text) < 2000 + 100 + 200 and "the log is full" in text
+    assert text.endswith("out| line 099\n")

@@ -51,10 +51,11 @@ opus itself refuses to read past 1 MiB (SPEC §2.4)."""
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
 
 
-def plan_text(output: str) -> str:
+def plan_text(output: str, redact: Callable[[str], str] = str) -> str:
     """The planner's output as the plan: terminal escapes and control characters (a NUL,
-    colour codes) taken out, and no longer than ``MAX_PLAN`` (its start is kept)."""
-    text = _CONTROL.sub("", output)
+    colour codes) taken out, then ``redact``-ed (a secret split by an escape is whole
+    again by then), and no longer than ``MAX_PLAN`` (its start is kept)."""
+    text = redact(_CONTROL.sub("", output))
     if len(text) > MAX_PLAN:
         cut = len(text) - MAX_PLAN
         text = text[:MAX_PLAN] + f"\n\n[… {cut} more characters of the planner's output cut]\n"
@@ -464,7 +465,7 @@ class Pipeline:
         write = rt.registry.write_artifact
         tag = artifact_tag(job.round, iteration)
         if stage is Stage.PLANNER:
-            plan = plan_text(rt.redactor(result.output))
+            plan = plan_text(result.output, rt.redactor)
             files.append(partial(write, job.id, "plan.md", plan))
             files.extend(self.plans.planned(job, self.fr, plan))  # the plan note (SPEC §16)
             return Outcome.OK, "plan.md"

@@ -80,8 +80,13 @@ class LogSink:
         self._tail_len = self._dropped = 0
 
     @classmethod
-    async def open(cls, path: Path, redactor: Redactor, **limits: int) -> LogSink:
-        return cls(await anyio.to_thread.run_sync(_open_log, path), redactor, **limits)
+    async def open(
+        cls, path: Path, redactor: Redactor, *, limit: int = MAX_LOG, tail: int = LOG_TAIL
+    ) -> LogSink:
+        """Append to ``path``; what earlier attempts wrote there counts toward ``limit``."""
+        file = await anyio.to_thread.run_sync(_open_log, path)
+        used = await anyio.to_thread.run_sync(lambda: os.fstat(file.fileno()).st_size)
+        return cls(file, redactor, limit=max(limit - used, 0), tail=tail)
 
     async def feed(self, tag: str, chunk: bytes) -> None:
         data = self._partial.pop(tag, b"") + chunk

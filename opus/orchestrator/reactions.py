@@ -91,10 +91,13 @@ class Rounds:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
 
-    async def start(self, job: Job, trigger: Trigger) -> Status | None:
+    async def start(self, job: Job, trigger: Trigger, *, answer: bool = False) -> Status | None:
         """Start the job's next round from ``trigger``; return the job's new status
         (``queued``, ``in-progress`` or ``blocked`` when ``max_rounds`` is used up), or None
-        when the trigger was acted on already (every key known) and nothing changed."""
+        when the trigger was acted on already (every key known) and nothing changed.
+        ``answer``: the round answers the person's status in the note (their
+        ``changes-requested``, or the ``approved`` that found the conflict); a round from
+        anything else leaves a person's status there to be acted on when it rests."""
         rt = self.rt
         if job.status not in STARTS_FROM:
             raise ValueError(f"{job.fr_id}: a round cannot start from {job.status}")
@@ -135,8 +138,7 @@ class Rounds:
         if job.status is not Status.IN_PROGRESS:
             job.status = check_transition(job.status, Status.QUEUED)
         job.stage, job.iteration, job.error = Stage.CODER, 1, None
-        # the round answers what started it: a person's changes-requested, or approved
-        await rt.record(job, "round", answer=True, round=number, source=trigger.source)
+        await rt.record(job, "round", answer=answer, round=number, source=trigger.source)
         log.info("%s: round %d (%s) (job %s)", job.fr_id, number, trigger.summary, job.id)
         return job.status
 

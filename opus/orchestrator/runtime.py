@@ -36,9 +36,10 @@ from .workspace import Workspace
 log = logging.getLogger(__name__)
 
 #: Statuses a person sets that opus never overwrites in the note with its progress, nor
-#: with a job coming to rest for a person (``review``, ``plan-review``): an approval or a
-#: request for changes made while the job ran is acted on once it rests (SPEC §2.4). Only
-#: the answer to the edit (``answer=True``) replaces it.
+#: with a job coming to rest in ``review``: an approval or a request for changes made while
+#: the job ran is acted on once it rests (SPEC §2.4). Only the answer to the edit
+#: (``answer=True``) replaces it. At ``plan-review`` only a pause or a cancel stays: the
+#: plan is approved (or re-planned) once it is there to see (SPEC §16).
 RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED, Status.CHANGES_REQUESTED})
 
 StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
@@ -269,8 +270,11 @@ class Runtime:
         path = self.config.root / job.fr_path
         # progress never overwrites a person's control, nor does a rest that waits for one;
         # an end (done, failed, blocked, …) answers it
-        waits = job.status in (Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW, Status.PLAN_REVIEW)
+        waits = job.status in (Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW)
         respect = RESPECT if waits and not answer else frozenset()
+        if job.status is Status.PLAN_REVIEW and not answer:
+            # an approval or a request made before the plan existed is not about it (§16)
+            respect = RESPECT - {Status.APPROVED, Status.CHANGES_REQUESTED}
 
         def edit() -> Status | None:
             try:

@@ -245,6 +245,8 @@ class Scheduler:
                 await self._refuse(
                     job, f"approved: the FR is {job.status}; set planned to retry it"
                 )
+            elif job.status is Status.PAUSED:
+                await self._refuse(job, "approved: the FR is paused; set planned to resume it")
         elif status is Status.CHANGES_REQUESTED:
             await self._changes_requested(fr, job, run is not None)
         elif status is Status.REVIEW and job is not None and job.status is Status.REVIEW:
@@ -282,7 +284,7 @@ class Scheduler:
         job.status = check_transition(job.status, Status.APPROVED)
         trigger = await self.rounds.conflict(job)
         if trigger is not None:
-            await self.rounds.start(job, trigger)
+            await self.rounds.start(job, trigger, answer=True)  # the approval led to it
             return
         result, error = await self.delivery.merge(job)
         await self._end(job, result, error, result.value)
@@ -304,8 +306,10 @@ class Scheduler:
                 await self.rt.record(job, "feedback_missing", note=False)
                 await self.rt.mirror(job, answer=True)  # back to review, with the error
                 return
-            await self.rounds.start(job, Trigger(source="person", feedback=fr.feedback))
-        elif job.status in FINISHED:
+            await self.rounds.start(
+                job, Trigger(source="person", feedback=fr.feedback), answer=True
+            )
+        elif job.status in FINISHED or job.status is Status.PAUSED:
             await self._refuse(job, f"changes-requested: the FR is {job.status}, nothing to rework")
         # (a job that has yet to come to rest gets its round when it does)
 
@@ -398,7 +402,8 @@ class Scheduler:
             if job.status is not Status.QUEUED or job.id in self.running or fr is None:
                 continue
             why = None
-            if (cycle := dependency_cycle(fr.id, scan.frs)) is not None:
+            cycle = dependency_cycle(fr.id, scan.frs)
+            if cycle is not None and not any(self._done(dep, scan) for dep in cycle):
                 why = "depends_on: a cycle, each waits for the next: " + " → ".join(cycle)
             for dep in () if why else fr.depends_on:
                 if dep == fr.id:

@@ -243,6 +243,12 @@ class Workspace:
         agent that switched to another branch (or detached HEAD) has its work moved onto
         it, and the worktree back on it — what is delivered is what was judged.
         """
+        if branch is not None and self._head_ref(path) != f"refs/heads/{branch}":
+            # the agent left the branch: the job's branch takes what HEAD is at, and HEAD goes
+            # back onto it before anything is committed (a branch it switched to is not ours)
+            log.warning("%s: the agent left branch %s; its work is moved onto it", path, branch)
+            self._git(path, "update-ref", f"refs/heads/{branch}", "HEAD")
+            self._git(path, "symbolic-ref", "HEAD", f"refs/heads/{branch}")
         self._git(path, "add", "-A")
         # one diff for both questions: the index against ``since`` holds what is staged and
         # what the agent committed itself (the files to search for conflict markers)
@@ -262,9 +268,6 @@ class Workspace:
             head = self.head(path)
         else:
             head = before
-        if branch is not None and self._head_ref(path) != f"refs/heads/{branch}":
-            log.warning("%s: the agent left branch %s; its work is moved onto it", path, branch)
-            self._git(path, "checkout", "-q", "-B", branch, head)
         return head if head != since else None
 
     def _head_ref(self, path: Path) -> str | None:

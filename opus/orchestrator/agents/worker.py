@@ -179,12 +179,17 @@ class _Stage:
         self.job = job
         self.node = node
         root = stage_root()
-        _sweep(root)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f"opus-{job.job_id}-", dir=root))
-        # held while the stage lives: a folder whose lock is free was left by a worker that
-        # was killed (a cancelled stage), and the next stage here removes it
-        self._lock = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
-        fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        guard = os.open(root / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:  # one stage at a time sweeps, or makes its folder and locks it
+            fcntl.flock(guard, fcntl.LOCK_EX)
+            _sweep(root)
+            self.tmp = Path(tempfile.mkdtemp(prefix=f"opus-{job.job_id}-", dir=root))
+            # held while the stage lives: a folder whose lock is free was left by a worker
+            # that was killed (a cancelled stage), and the next stage here removes it
+            self._lock = os.open(self.tmp, os.O_RDONLY | os.O_DIRECTORY)
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(guard)
         self.log: Path | None = None
 
     def read_log(self, offset: int) -> bytes:
