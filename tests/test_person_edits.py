@@ -42,14 +42,25 @@ def agents(**over: Any) -> dict[str, Any]:
 
 
 @pytest.mark.anyio
-async def test_approved_while_the_reviewer_runs_is_kept_and_merges(vault: Vault) -> None:
+async def test_an_approval_written_while_the_job_runs_merges_nothing_and_is_answered(
+    vault: Vault, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A manual approval must never merge work no person could see (SPEC §7): `approved`
+    written while the job runs stays in the note while it runs, then the job's `review`
+    replaces it and the log says to approve again (it merged, unreviewed, before)."""
     note = fr(vault, "FR-1")
     config = load_config(vault.config)
     async with Orchestrator(config, agents=agents(reviewer=approving({"status": "approved"}))) as o:
         job = await o.process("FR-1")
-    # the approval was not overwritten by `review`: opus merged once the job rested
-    assert job.status is Status.DONE and meta(note)["status"] == "done"
-    assert git(vault.repo, "show", "main:x.txt") == "x"
+    assert job.status is Status.REVIEW and meta(note)["status"] == "review"
+    assert "`approved`, written before there was a result to judge, is not acted on" in (
+        caplog.text
+    )
+    assert git(vault.repo, "branch", "--list", "main", "--contains", "opus/fr-1") == ""
+    set_keys(note, status="approved")  # now there is a branch to see
+    async with Orchestrator(config, agents=agents()) as o:
+        await o.run_once()
+    assert meta(note)["status"] == "done" and git(vault.repo, "show", "main:x.txt") == "x"
 
 
 @pytest.mark.anyio
@@ -257,3 +268,31 @@ async def test_changes_requested_or_approved_on_a_paused_fr_is_answered(
             await o.run_once()
             assert meta(note)["status"] == "paused", value  # answered, not kept for ever
             assert f"{value}: the FR is paused" in caplog.text
+
+
+@pytest.mark.anyio
+async def test_approving_a_merge_that_is_refused_again_shows_blocked_again(vault: Vault) -> None:
+    """In a service (one process, polling), the second `approved` of a merge-blocked FR was
+    retried at every poll, each time a `blocked` notification, while the note went on
+    saying `approved`."""
+    note = fr(vault, "FR-1")
+    async with Orchestrator(load_config(vault.config), agents=agents()) as o:
+        await o.run_once()
+        (vault.repo / "README.md").write_text("# a person's unsaved work\n")
+        for attempt in (1, 2):
+            set_keys(note, status="approved")
+            await o.run_once()
+            m = meta(note)
+            assert (m["status"], attempt) == ("blocked", attempt)
+            assert "uncommitted changes" in str(m["error"])
+
+
+def test_planned_or_a_typo_on_a_done_fr_starts_no_second_pipeline(vault: Vault) -> None:
+    note = fr(vault, "FR-1", extra="approval: auto\n")
+    assert opus(vault, "run", "--once")[0] == 0
+    assert meta(note)["status"] == "done"
+    for value in ("planned", "aproved"):
+        set_keys(note, status=value)
+        _, out = opus(vault, "run", "--once")
+        assert meta(note)["status"] == "done" and "it is merged" in out, out
+    assert len(vault.runs("planner")) == 1 and len(registry(vault)) == 1

@@ -112,7 +112,7 @@ class Rounds:
             job.status = check_transition(job.status, Status.BLOCKED)
             job.stage = None
             job.error = rt.redactor(f"max_rounds ({cap}) used up; {trigger.summary}")
-            await rt.record(job, "blocked", source=trigger.source)
+            await rt.record(job, "blocked", answer=True, source=trigger.source)
             log.warning("%s: blocked: %s (job %s)", job.fr_id, job.error, job.id)
             await rt.notify("blocked", job, job.error, feedback=feedback)
             return job.status

@@ -35,11 +35,12 @@ from .workspace import Workspace
 
 log = logging.getLogger(__name__)
 
-#: Statuses a person sets that opus never overwrites in the note with its progress, nor
-#: with a job coming to rest in ``review``: an approval or a request for changes made while
-#: the job ran is acted on once it rests (SPEC §2.4). Only the answer to the edit
-#: (``answer=True``) replaces it. At ``plan-review`` only a pause or a cancel stays: the
-#: plan is approved (or re-planned) once it is there to see (SPEC §16).
+#: Statuses a person sets that opus never overwrites in the note with its progress: a
+#: request for changes made while the job ran is acted on once it rests in ``review``
+#: (SPEC §2.4). Only the answer to the edit (``answer=True``) replaces it. An approval
+#: written while the job ran is kept while it runs but not acted on: at rest the job's
+#: status replaces it and the log says so — only what is there to see can be approved
+#: (the branch at ``review``, the plan at ``plan-review``: SPEC §7, §16).
 RESPECT = frozenset({Status.PAUSED, Status.CANCELLED, Status.APPROVED, Status.CHANGES_REQUESTED})
 
 StopReason = Literal["pause", "preempt", "shutdown", "cancel"]
@@ -270,15 +271,29 @@ class Runtime:
         path = self.config.root / job.fr_path
         # progress never overwrites a person's control, nor does a rest that waits for one;
         # an end (done, failed, blocked, …) answers it
-        waits = job.status in (Status.QUEUED, Status.IN_PROGRESS, Status.REVIEW)
-        respect = RESPECT if waits and not answer else frozenset()
-        if job.status is Status.PLAN_REVIEW and not answer:
-            # an approval or a request made before the plan existed is not about it (§16)
-            respect = RESPECT - {Status.APPROVED, Status.CHANGES_REQUESTED}
+        respect: frozenset[Status] = frozenset()
+        if answer:
+            pass  # opus answers the person's status: its own replaces it
+        elif job.status in (Status.QUEUED, Status.IN_PROGRESS):
+            respect = RESPECT
+        elif job.status is Status.REVIEW:
+            # an approval given before the branch was there to see approves nothing (a
+            # manual approval must never merge unreviewed work); a request for changes does
+            respect = RESPECT - {Status.APPROVED}
+        elif job.status is Status.PLAN_REVIEW:
+            respect = RESPECT - {Status.APPROVED, Status.CHANGES_REQUESTED}  # (no plan yet)
 
         def edit() -> Status | None:
             try:
-                return self.vault.update(path, changes, respect=respect)
+                on_disk = self.vault.update(path, changes, respect=respect)
+                person = on_disk in (Status.APPROVED, Status.CHANGES_REQUESTED)
+                if person and not answer and on_disk not in respect and on_disk is not job.status:
+                    log.warning(
+                        "%s: `%s`, written before there was a result to judge, is not "
+                        "acted on: the FR is %s; set it again now",
+                        job.fr_id, on_disk, job.status,
+                    )  # fmt: skip
+                return on_disk
             except NoteError as e:
                 log.warning("%s: cannot update the note: %s", job.fr_id, e.problem)
             except FileNotFoundError:

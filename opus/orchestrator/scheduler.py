@@ -45,6 +45,15 @@ class Running:
     control: Control
 
 
+_INSTEAD = {
+    Status.REVIEW: "set changes-requested with feedback for a rework round, or cancelled "
+    "and then planned for a fresh job",
+    Status.PLAN_REVIEW: "set approved to start the coder on the plan, or changes-requested "
+    "with feedback to re-plan",
+    Status.DONE: "it is merged; a new FR asks for more",
+}
+
+
 class Scheduler:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
@@ -200,14 +209,11 @@ class Scheduler:
                 if run is not None and run.control.stop == "pause":
                     run.control.stop = None  # resumed before the pause took effect
                 await rt.mirror(job)
-            elif job is not None and job.status in (Status.REVIEW, Status.PLAN_REVIEW):
-                # its branch waits for a person: a second job would leave it behind
-                await self._refuse(
-                    job,
-                    f"status planned (or a value opus does not know) on an FR in {job.status}: "
-                    "set changes-requested with feedback for a rework round, or cancelled "
-                    "and then planned for a fresh job",
-                )
+            elif job is not None and job.status in (Status.REVIEW, Status.PLAN_REVIEW, Status.DONE):
+                # its branch waits for a person (or is merged): a second job would leave it
+                # behind (or merge the same work again)
+                what = "status planned (or a value opus does not know)"
+                await self._refuse(job, f"{what} on an FR in {job.status}: {_INSTEAD[job.status]}")
             else:
                 await self._claim(fr, "queued")
         elif status is Status.PAUSED:
@@ -335,7 +341,9 @@ class Scheduler:
     async def _end(self, job: Job, status: Status, error: str | None, event: str) -> None:
         job.status = check_transition(job.status, status)
         job.stage, job.error = None, error
-        await self.rt.record(job, event)
+        # written even when the note showed this before: a person's approved that led here
+        # (a merge refused again) is answered, not retried at every poll
+        await self.rt.record(job, event, answer=True)
         level = logging.WARNING if status in (Status.FAILED, Status.BLOCKED) else logging.INFO
         log.log(
             level, "%s: %s%s (job %s)", job.fr_id, status, f": {error}" if error else "", job.id
