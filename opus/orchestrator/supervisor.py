@@ -113,11 +113,10 @@ async def run_process(
             raise _cannot_start(args[0], cwd, e, what) from e
         shown = Path(program or args[0]).name
         name = f"{what} agent `{shown}`" if what else f"`{shown}`"
-        result = await _supervise(
+        return await _supervise(
             proc, name, sink, redactor, stdin, timeout, stall_timeout, activity,
             on_spawn, on_exit, grace, counts, _Strays.of(env, proc.pid),
         )  # fmt: skip
-        return result
     finally:
         with anyio.CancelScope(shield=True):
             await sink.aclose()
